@@ -1,0 +1,80 @@
+"""The ``metaunlearn`` command line: one command per stage, ``run`` for a whole config, ``demo``, ``toy``.
+
+Every command module exposes ``register(app)``; this file only assembles them and turns a
+:class:`~metaunlearn.errors.UserError` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from metaunlearn.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+app = typer.Typer(
+    name="metaunlearn",
+    help="Make unlearned diffusion models resist relearning (Meta-Unlearning).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+COMMAND_MODULES = [
+    "metaunlearn.commands.generate",
+    "metaunlearn.commands.unlearn",
+    "metaunlearn.commands.attack",
+    "metaunlearn.commands.report",
+    "metaunlearn.commands.run",
+    "metaunlearn.commands.demo",
+    "metaunlearn.commands.toy",
+]
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(_name)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != _name:  # a real missing dependency, not a command still being written
+            raise
+        continue
+    _module.register(app)
+
+
+def _quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Typed configuration: YAML in, pydantic-validated, fully resolved JSON out.
+
+Every section model derives from :class:`StrictModel`, so an unknown or mistyped key is an error naming the key
+and the file rather than something silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from metaunlearn.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors; values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping, or a one-line :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def validation_message(exc: ValidationError, source: str) -> str:
+    """One line naming the first offending key (dotted path) and what is wrong with it."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    if err["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    return f"{source}: bad value for '{key}': {err['msg']}"
+
+
+def validate(model_cls: type[M], data: dict, source: str) -> M:
+    """``model_cls(**data)`` with a one-line :class:`UserError` naming the key and ``source`` on failure."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(validation_message(exc, source)) from None
+
+
+def load_config(model_cls: type[M], path: str | Path) -> M:
+    """Read and validate a YAML config file."""
+    return validate(model_cls, read_yaml(path), str(path))
+
+
+def write_resolved(config: BaseModel, path: str | Path) -> Path:
+    """Write the fully resolved config (defaults filled in) as JSON next to a run's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    tmp.replace(path)
+    return path
