@@ -18,6 +18,7 @@ from metaunlearn.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time warnings come before _quiet_libraries runs
 
 app = typer.Typer(
     name="metaunlearn",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metaunlearn.backbones.base import Cond, cond_index
@@ -74,7 +74,7 @@ class CachedSet:
 
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{path} is not a readable safetensors cache: {exc}") from None
         texts = json.loads(metadata.get("texts", "[]"))
         meta = {k[5:]: v for k, v in metadata.items() if k.startswith("meta.")}

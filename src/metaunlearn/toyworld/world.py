@@ -92,8 +92,8 @@ def _shape_mask(shape: str, n: int, rng: np.random.Generator) -> np.ndarray:
         arm, width = 1.0 * r, 0.36 * r
         return ((np.abs(u) <= width) & (np.abs(v) <= arm)) | ((np.abs(v) <= width) & (np.abs(u) <= arm))
     if shape == "triangle":
-        # Equilateral, apex up, circumradius 1.15 r, centred on its centroid.
-        big = 1.15 * r
+        # Equilateral, apex up, circumradius 1.3 r, centred on its centroid.
+        big = 1.3 * r
         bottom = v <= big / 2
         slope = np.sqrt(3.0)
         left = slope * u - v <= big  # edges through the apex (0, -big)

@@ -36,4 +36,5 @@ def denoising_loss(
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     x_t = add_noise(backbone, x0, noise, t)
     pred = backbone.predict_noise(x_t, t, cond, unet=unet)
-    return F.mse_loss(pred.float(), noise.float())
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # half precision upcast; float64 stays float64
+    return F.mse_loss(pred.to(dtype), noise.to(dtype))

@@ -1,0 +1,30 @@
+# Two entry points, each doing its own set-up in a local virtual environment:
+#   make demo   the main job (the whole pipeline on the embedded concept world)
+#   make test   the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned and installed first so nothing pulls an unpinned (CUDA) build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/metaunlearn demo $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/meta_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,205 @@
+"""A relearning attack: finetune a released model on a data set and evaluate it at snapshot steps, in memory.
+
+Two modes, as an attacker would choose them:
+
+* ``full`` — ordinary finetuning of a UNet parameter subset (``full``/``xattn``/``noxattn``/``selfattn``);
+* ``lora`` — a peft ``LoraConfig`` injected into the UNet attention projections (diffusers' ``add_adapter``).
+
+Snapshots are evaluated through a callback ``evaluate(backbone, step) -> {metric: value}`` while the attacked
+weights are live; nothing is written to disk. Afterwards the model is restored exactly: full finetuning copies the
+saved original weights back, LoRA is unloaded (``unet.unload_lora()`` removes every peft layer). Each snapshot
+also records ``attack_loss``: the denoising loss on a fixed probe of the attack data with fixed timesteps and noise,
+so the falling training objective is measured on the same draws at every step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from metaunlearn.attacks.config import AttackSpec
+from metaunlearn.backbones.base import Backbone
+from metaunlearn.data.cache import CachedSet
+from metaunlearn.errors import UserError
+from metaunlearn.runs import progress_bar
+from metaunlearn.training.denoise import denoising_loss
+
+EvalCallback = Callable[[Backbone, int], Mapping[str, float]]
+"""``(backbone with the attacked weights live, step) -> metrics``; called under ``torch.no_grad`` in eval mode."""
+
+LORA_ADAPTER = "metaunlearn_attack"
+PROBE_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class Snapshot:
+    """Metrics of the attacked model after ``step`` optimizer steps."""
+
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class AttackResult:
+    """Training losses of every step and the evaluated snapshots of one attack run."""
+
+    spec: AttackSpec
+    losses: list[float] = field(default_factory=list)
+    snapshots: list[Snapshot] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def metric(self, name: str) -> list[float]:
+        """``name`` at every snapshot step, in step order."""
+        return [s.metrics[name] for s in self.snapshots]
+
+
+class _BatchSampler:
+    """Epochs of seeded random permutations of ``range(n)``, cut into batches (wrapping across epochs)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.queue = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        while self.queue.numel() < self.batch_size:
+            self.queue = torch.cat([self.queue, torch.randperm(self.n, generator=self.generator)])
+        batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
+        return batch
+
+
+class _Probe:
+    """A fixed loss probe: the same examples, timesteps and noise at every snapshot."""
+
+    def __init__(self, backbone: Backbone, data: CachedSet, size: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed + PROBE_SEED_OFFSET)
+        index = torch.arange(min(size, len(data)))
+        self.x0, self.cond = data.batch(index)
+        self.t = torch.randint(0, backbone.num_train_timesteps, (len(index),), generator=gen).to(backbone.device)
+        self.noise = torch.randn(self.x0.shape, generator=gen).to(self.x0.device, self.x0.dtype)
+
+    @torch.no_grad()
+    def loss(self, backbone: Backbone) -> float:
+        return float(denoising_loss(backbone, self.x0, self.cond, t=self.t, noise=self.noise))
+
+
+def _lora_config(spec: AttackSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.lora.rank,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules),
+        init_lora_weights=True,
+    )
+
+
+def _attach(backbone: Backbone, spec: AttackSpec) -> tuple[list[torch.nn.Parameter], Callable[[], None]]:
+    """Make the attacked parameters trainable; return them and a function that restores the original model."""
+    unet = backbone.unet
+    if spec.mode == "full":
+        saved = {name: p.detach().to("cpu", copy=True) for name, p in backbone.named_trainable(spec.subset)}
+        params = backbone.set_trainable(spec.subset)
+
+        def restore() -> None:
+            current = dict(backbone.named_trainable(spec.subset))
+            with torch.no_grad():
+                for name, value in saved.items():
+                    current[name].copy_(value.to(current[name].device))
+            unet.requires_grad_(False)
+
+        return params, restore
+
+    if getattr(unet, "_hf_peft_config_loaded", False):
+        raise UserError(f"{backbone.source}: the UNet already carries a LoRA adapter; attack a plain model")
+    try:
+        unet.add_adapter(_lora_config(spec), adapter_name=LORA_ADAPTER)
+    except ValueError as exc:
+        targets = ", ".join(spec.lora.target_modules)
+        raise UserError(f"LoRA targets [{targets}] do not fit the UNet of {backbone.source}: {exc}") from None
+    params = [p for name, p in unet.named_parameters() if f".{LORA_ADAPTER}." in name]
+    for p in params:
+        p.requires_grad_(True)
+
+    def restore_lora() -> None:
+        unet.unload_lora()
+        unet.requires_grad_(False)
+
+    return params, restore_lora
+
+
+def _optimizer(params: list[torch.nn.Parameter], spec: AttackSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    raise ValueError(f"Unknown optimizer: {spec.optimizer}")
+
+
+def _evaluate(backbone: Backbone, step: int, probe: _Probe, evaluate: EvalCallback | None) -> Snapshot:
+    unet = backbone.unet
+    unet.eval()
+    metrics: dict[str, float] = {"attack_loss": probe.loss(backbone)}
+    if evaluate is not None:
+        with torch.no_grad():
+            metrics.update({k: float(v) for k, v in evaluate(backbone, step).items()})
+    unet.train()
+    return Snapshot(step, metrics)
+
+
+def run_attack(
+    backbone: Backbone,
+    data: CachedSet,
+    spec: AttackSpec,
+    evaluate: EvalCallback | None = None,
+    *,
+    progress: bool = True,
+    description: str = "attack",
+) -> AttackResult:
+    """Finetune ``backbone`` on ``data`` for ``spec.steps`` steps, evaluating at ``spec.snapshot_steps``.
+
+    The backbone is returned to its original weights (and module structure) afterwards, even on error.
+    """
+    if len(data) == 0:
+        raise UserError("the attack data set is empty")
+    data = data.to(backbone.device)
+    generator = torch.Generator().manual_seed(spec.seed)
+    sampler = _BatchSampler(len(data), spec.batch_size, generator)
+    probe = _Probe(backbone, data, spec.probe_size, spec.seed)
+    snapshot_steps = set(spec.snapshot_steps)
+    result = AttackResult(spec=spec)
+    was_training = backbone.unet.training
+    start = time.perf_counter()
+
+    params, restore = _attach(backbone, spec)
+    try:
+        optimizer = _optimizer(params, spec)
+        backbone.unet.train()
+        if 0 in snapshot_steps:
+            result.snapshots.append(_evaluate(backbone, 0, probe, evaluate))
+        with progress_bar("step", enabled=progress) as bar:
+            task = bar.add_task(description, total=spec.steps, info="")
+            for step in range(1, spec.steps + 1):
+                x0, cond = data.batch(sampler.next())
+                loss = denoising_loss(backbone, x0, cond, generator=generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if spec.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                optimizer.step()
+                value = float(loss.detach())
+                result.losses.append(value)
+                if step in snapshot_steps:
+                    result.snapshots.append(_evaluate(backbone, step, probe, evaluate))
+                bar.update(task, advance=1, info=f"loss {value:.4f}" if math.isfinite(value) else "loss nan")
+    finally:
+        for p in params:
+            p.grad = None
+        restore()
+        backbone.unet.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,244 @@
+"""Sweeps of relearning attacks (attack sets × modes × learning rates × seeds), their result rows and aggregates.
+
+Run-dir layout written here (and read by :mod:`metaunlearn.experiment.report`)::
+
+    RUN_DIR/
+      attacks/<model>/<attack_set>/<mode>_lr<lr>_s<seed>.jsonl    one JSON row per snapshot step
+      grids/<model>/<attack_set>/<mode>_lr<lr>_s<seed>/step<k>.png sample grid of the eval grid set at step k
+
+A row is ``{model, method, variant, attack_set, mode, lr, seed, step, grid, <metric>: value, …}`` where ``grid``
+is the grid PNG's path relative to RUN_DIR (or null) and the metrics are those of
+:mod:`metaunlearn.metrics.evaluate` plus ``attack_loss``. A run's file is written atomically when the run
+finishes, so an existing file means a complete run: a repeated sweep skips it (resume).
+
+Aggregation over seeds gives mean, sample standard deviation (ddof=1; 0 for one seed), min, max and count per
+snapshot step; the worst case takes the maximum of a metric over every mode × lr × seed of the sweep and names the
+run that reached it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from metaunlearn.attacks.config import AttackSpec, AttackSuiteConfig
+from metaunlearn.attacks.finetune import run_attack
+from metaunlearn.backbones.base import Backbone
+from metaunlearn.data.cache import CachedSet
+from metaunlearn.errors import UserError
+from metaunlearn.runs import atomic_write_text
+
+ATTACKS_DIR = "attacks"
+GRIDS_DIR = "grids"
+KEY_FIELDS = ("model", "method", "variant", "attack_set", "mode", "lr", "seed", "step")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """How a model appears in results: its name, the base method and the variant (base / unlearn / meta)."""
+
+    name: str
+    method: str
+    variant: str
+
+    @classmethod
+    def infer(cls, name: str, method: str | None = None, variant: str | None = None) -> ModelInfo:
+        """Fill ``method``/``variant`` from a name like ``esd-meta`` / ``esd`` / ``base`` unless given."""
+        check_name(name, "model name")
+        lowered = name.lower()
+        if variant is None:
+            if lowered in ("base", "original", "sd", "sdxl"):
+                variant = "base"
+            elif re.search(r"[-_.]meta$", lowered):
+                variant = "meta"
+            else:
+                variant = "unlearn"
+        if method is None:
+            method = re.sub(r"[-_.](meta|unlearn|plain)$", "", name) if variant != "base" else "base"
+        return cls(name=name, method=method, variant=variant)
+
+
+def check_name(name: str, what: str) -> str:
+    """A name used as a folder: letters, digits, ``._+-``."""
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"{what} {name!r} must be letters, digits, '.', '_', '+' or '-' (it names a folder)")
+    return name
+
+
+def run_file(run_dir: Path, model: str, attack_set: str, spec: AttackSpec) -> Path:
+    return Path(run_dir) / ATTACKS_DIR / model / attack_set / f"{spec.run_name}.jsonl"
+
+
+def grid_file(run_dir: Path, model: str, attack_set: str, spec: AttackSpec, step: int) -> Path:
+    return Path(run_dir) / GRIDS_DIR / model / attack_set / spec.run_name / f"step{step}.png"
+
+
+def write_jsonl(rows: Sequence[Mapping], path: Path) -> Path:
+    """Write rows as JSON lines atomically (NaN/inf as null)."""
+    return atomic_write_text(path, "".join(json.dumps(_json_safe(row)) + "\n" for row in rows))
+
+
+def _json_safe(row: Mapping) -> dict:
+    """NaN/inf (e.g. a diverged attack) as null, so every file is strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def read_rows(run_dir: str | Path) -> list[dict]:
+    """Every result row under ``RUN_DIR/attacks`` (a one-line :class:`UserError` on a malformed file)."""
+    root = Path(run_dir) / ATTACKS_DIR
+    if not root.is_dir():
+        raise UserError(f"{run_dir} has no '{ATTACKS_DIR}' folder of attack results")
+    rows = []
+    for path in sorted(root.glob("*/*/*.jsonl")):
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            missing = [k for k in KEY_FIELDS if k not in row]
+            if not isinstance(row, dict) or missing:
+                raise UserError(f"{path}:{n}: result row lacks {', '.join(missing) or 'an object'}")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"no result rows under {root}")
+    return rows
+
+
+def _save_grid(images: torch.Tensor, path: Path, pixelated: bool) -> None:
+    from metaunlearn.experiment.plots import image_grid, pixelate, save_png
+
+    if pixelated:
+        images = pixelate(images)
+    save_png(image_grid(images, ncol=min(len(images), 4)), path)
+
+
+def run_sweep(
+    backbone: Backbone,
+    sets: Mapping[str, CachedSet],
+    suite: AttackSuiteConfig,
+    run_dir: str | Path,
+    model: ModelInfo,
+    evaluator=None,
+    *,
+    progress: bool = True,
+    resume: bool = True,
+) -> list[dict]:
+    """Attack ``backbone`` with every spec of ``suite`` on every set; write and return the result rows.
+
+    ``evaluator`` is a :class:`metaunlearn.metrics.evaluate.Evaluator` (or ``None``: only ``attack_loss``). The
+    step-0 evaluation (the unattacked model) is computed once and shared by every run of the sweep.
+    """
+    run_dir = Path(run_dir)
+    check_name(model.name, "model name")
+    rows: list[dict] = []
+    step0: dict = {}
+    for set_name, data in sets.items():
+        check_name(set_name, "attack set name")
+        for spec in suite.specs():
+            path = run_file(run_dir, model.name, set_name, spec)
+            if resume and path.is_file():
+                done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                if sorted(r["step"] for r in done) == spec.snapshot_steps:
+                    rows.extend(done)
+                    continue
+
+            def evaluate(bb: Backbone, step: int, _set=set_name, _spec=spec) -> dict[str, float]:
+                if evaluator is None:
+                    return {}
+                grid = grid_file(run_dir, model.name, _set, _spec, step)
+                if step == 0 and step0:
+                    if "grid_bytes" in step0:
+                        grid.parent.mkdir(parents=True, exist_ok=True)
+                        grid.write_bytes(step0["grid_bytes"])
+                    return dict(step0["metrics"])
+                outcome = evaluator.evaluate(bb)
+                images = outcome.images.get(evaluator.grid_set)
+                if suite.grid_images and images is not None and len(images):
+                    _save_grid(images[: suite.grid_images], grid, evaluator.config.grid_pixelate)
+                if step == 0:
+                    step0["metrics"] = dict(outcome.metrics)
+                    if grid.is_file():
+                        step0["grid_bytes"] = grid.read_bytes()
+                return outcome.metrics
+
+            result = run_attack(
+                backbone, data, spec, evaluate, progress=progress,
+                description=f"{model.name} {set_name} {spec.run_name}",
+            )
+            run_rows = []
+            for snap in result.snapshots:
+                grid = grid_file(run_dir, model.name, set_name, spec, snap.step)
+                run_rows.append({
+                    "model": model.name,
+                    "method": model.method,
+                    "variant": model.variant,
+                    "attack_set": set_name,
+                    "mode": spec.mode,
+                    "lr": spec.lr,
+                    "seed": spec.seed,
+                    "step": snap.step,
+                    "grid": str(grid.relative_to(run_dir)) if grid.is_file() else None,
+                    **snap.metrics,
+                })
+            write_jsonl(run_rows, path)
+            rows.extend(run_rows)
+    return rows
+
+
+# ---- aggregation ------------------------------------------------------------------------------------------------
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _value(row: Mapping, metric: str) -> float | None:
+    v = row.get(metric)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
+
+
+def aggregate(
+    rows: Iterable[Mapping],
+    metric: str = "forget_rate",
+    by: Sequence[str] = ("model", "method", "variant", "attack_set", "mode", "lr", "step"),
+) -> list[dict]:
+    """Per group of ``by``: ``mean``, ``std`` (ddof=1), ``min``, ``max``, ``n`` of ``metric`` over the rest (seeds)."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        value = _value(row, metric)
+        if value is not None:
+            groups.setdefault(tuple(row[k] for k in by), []).append(value)
+    out = []
+    for key, values in groups.items():
+        mean, std = _mean_std(values)
+        out.append({**dict(zip(by, key)), "metric": metric, "mean": mean, "std": std,
+                    "min": min(values), "max": max(values), "n": len(values)})
+    return sorted(out, key=lambda r: tuple(str(r[k]) if not isinstance(r[k], (int, float)) else r[k] for k in by))
+
+
+def worst_case(
+    rows: Iterable[Mapping],
+    metric: str = "forget_rate",
+    by: Sequence[str] = ("model", "method", "variant", "attack_set", "step"),
+) -> list[dict]:
+    """Per group of ``by``: the maximum of ``metric`` over every other field (mode × lr × seed) and where it was."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        value = _value(row, metric)
+        if value is None:
+            continue
+        key = tuple(row[k] for k in by)
+        if key not in best or value > best[key]["worst"]:
+            best[key] = {**dict(zip(by, key)), "metric": metric, "worst": value,
+                         "at": {k: row[k] for k in ("mode", "lr", "seed") if k in row and k not in by}}
+    return sorted(best.values(), key=lambda r: tuple(str(r[k]) if not isinstance(r[k], (int, float)) else r[k] for k in by))

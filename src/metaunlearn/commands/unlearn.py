@@ -1,0 +1,50 @@
+"""``metaunlearn unlearn CONFIG``: erase a concept with ESD, SDD, UCE or RECE, optionally with the meta objective.
+
+See :mod:`metaunlearn.unlearn` for the config (standalone, or an experiment file's ``unlearn:`` section) and the
+outputs (``model/``, ``config.json``, ``train_log.jsonl``, ``checkpoint/``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("unlearn")
+    def unlearn(
+        config: Path = typer.Argument(..., help="YAML config (the unlearn stage's, or one with an 'unlearn' section)."),
+        method: Optional[str] = typer.Option(None, "--method", help="Override the method: esd, sdd, uce or rece."),
+        meta: Optional[bool] = typer.Option(
+            None, "--meta/--no-meta", help="Add the meta objective (config's 'meta' or defaults) / run plain."
+        ),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: config 'out')."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the output folder's checkpoint."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Unlearn a concept; writes a diffusers model folder, the resolved config and a JSONL training log."""
+        from metaunlearn.methods import get_method
+        from metaunlearn.unlearn import describe, load_unlearn_config, run_unlearn
+
+        console = Console()
+        overrides: dict = {}
+        if method is not None:
+            get_method(method)  # one-line error for an unknown name
+            overrides["method_name"] = method
+        if meta is not None:
+            overrides["meta"] = meta
+        if out is not None:
+            overrides["out"] = out
+        cfg = load_unlearn_config(config, overrides)
+        if dry_run:
+            for line in describe(cfg):
+                console.print(line, markup=False, highlight=False)
+            return
+        result = run_unlearn(cfg, resume=resume, progress=not quiet)
+        summary = " ".join(f"{k} {v:.4g}" for k, v in {**result.edit_stats, **result.terms}.items())
+        console.print(f"{cfg.variant}: {result.steps} steps {summary}".rstrip(), markup=False, highlight=False)
+        console.print(f"model: {result.model}", markup=False, highlight=False)

@@ -1,0 +1,135 @@
+"""Encode an image folder once per backbone: latents + text conditioning, cached as a :class:`CachedSet`.
+
+The cache key combines
+
+* a **model fingerprint** of exactly what the encoding depends on: the VAE, text encoders and tokenizers (not the
+  UNet, so an unlearned copy of a model shares its base model's cache), the pipeline class, the pixel-space marker,
+  the resolution and the dtype. Files up to :data:`SMALL_FILE` bytes are hashed by content; larger weight files by
+  size and modification time (hashing gigabytes per call would cost more than it saves).
+* a **data fingerprint**: the content of ``metadata.jsonl`` and the name, size and mtime of every image it lists.
+
+Changing either gives a new key, so a stale cache is never read. A backbone built in memory (no model folder)
+is fingerprinted by hashing its encoder weights and tokenizer vocabularies directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from metaunlearn.backbones.base import MARKER_FILE, Backbone, cond_cat
+from metaunlearn.data.cache import CachedSet
+from metaunlearn.data.imagefolder import METADATA_FILE, load_images, read_metadata
+from metaunlearn.errors import UserError
+from metaunlearn.runs import ensure_dir, progress_bar
+
+SMALL_FILE = 1 << 20
+ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def _hash_file_or_stat(h: hashlib._Hash, path: Path, rel: str) -> None:
+    stat = path.stat()
+    h.update(rel.encode() + b"\0")
+    if stat.st_size <= SMALL_FILE:
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    else:
+        h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+
+
+def folder_fingerprint(model_dir: str | Path, components: tuple[str, ...] | None = ENCODER_COMPONENTS) -> str:
+    """Hash of a diffusers folder's ``model_index.json``, marker file and the files of ``components``
+    (all subfolders when ``components`` is None)."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    for name in ("model_index.json", MARKER_FILE):
+        if (model_dir / name).is_file():
+            _hash_file_or_stat(h, model_dir / name, name)
+    folders = sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
+        if components is not None and folder.name not in components:
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                _hash_file_or_stat(h, path, str(path.relative_to(model_dir)))
+    return h.hexdigest()
+
+
+def _module_fingerprint(backbone: Backbone) -> str:
+    h = hashlib.sha256()
+    for name in ENCODER_COMPONENTS:
+        part = getattr(backbone.pipe, name, None)
+        if part is None:
+            continue
+        h.update(name.encode())
+        if isinstance(part, torch.nn.Module):
+            for key, tensor in sorted(part.state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif hasattr(part, "get_vocab"):
+            h.update(json.dumps(part.get_vocab(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def encoder_fingerprint(backbone: Backbone) -> str:
+    """What a backbone's encodings depend on: encoder weights, tokenizers, family, resolution, dtype."""
+    source = Path(backbone.source)
+    base = folder_fingerprint(source) if (source / "model_index.json").is_file() else _module_fingerprint(backbone)
+    extra = f"{backbone.family}|{backbone.pixel_space}|{backbone.resolution}|{backbone.dtype}"
+    return hashlib.sha256(f"{base}|{extra}".encode()).hexdigest()
+
+
+def data_fingerprint(folder: str | Path) -> str:
+    """Hash of ``metadata.jsonl`` and the name, size and mtime of every image it lists (validates the folder)."""
+    folder = Path(folder)
+    records = read_metadata(folder)
+    h = hashlib.sha256((folder / METADATA_FILE).read_bytes())
+    for r in records:
+        stat = (folder / r.file_name).stat()
+        h.update(f"{r.file_name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cache_file(backbone: Backbone, folder: str | Path, cache_dir: str | Path) -> Path:
+    """Where the cache of ``folder`` encoded by ``backbone`` lives (name: ``<role>-<split>-<key>.safetensors``)."""
+    folder = Path(folder).resolve()
+    key = hashlib.sha256(f"{encoder_fingerprint(backbone)}|{data_fingerprint(folder)}".encode()).hexdigest()[:24]
+    label = "-".join(p for p in (folder.parent.name, folder.name) if p)
+    return Path(cache_dir) / f"{label}-{key}.safetensors"
+
+
+@torch.no_grad()
+def encode_folder(backbone: Backbone, folder: str | Path, batch_size: int = 16, progress: bool = True) -> CachedSet:
+    """Encode every image (at the backbone's resolution) and caption of a validated image folder."""
+    folder = Path(folder)
+    records = read_metadata(folder)
+    latents, conds = [], []
+    with progress_bar("img", enabled=progress) as bar:
+        task = bar.add_task(f"encoding {folder.parent.name}/{folder.name}", total=len(records), info="")
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            images = load_images(folder, chunk, size=backbone.resolution)
+            latents.append(backbone.encode_images(images).float().cpu())
+            conds.append({k: v.float().cpu() for k, v in backbone.encode_prompts([r.text for r in chunk]).items()})
+            bar.advance(task, len(chunk))
+    meta = {"folder": str(folder), "model": backbone.source, "family": backbone.family}
+    return CachedSet(torch.cat(latents), cond_cat(conds), [r.text for r in records], meta)
+
+
+def cached_set(
+    backbone: Backbone, folder: str | Path, cache_dir: str | Path, batch_size: int = 16, progress: bool = True
+) -> CachedSet:
+    """The :class:`CachedSet` of ``folder`` under ``backbone``: loaded from ``cache_dir`` when the cache is current,
+    otherwise computed and saved there. Tensors are float32 on the CPU."""
+    path = cache_file(backbone, folder, cache_dir)
+    if path.is_file():
+        try:
+            return CachedSet.load(path)
+        except UserError:
+            path.unlink(missing_ok=True)  # unreadable (e.g. truncated by a crash elsewhere): rebuild it
+    ensure_dir(path.parent)
+    data = encode_folder(backbone, folder, batch_size=batch_size, progress=progress)
+    data.save(path)
+    return data

@@ -1,0 +1,230 @@
+"""Make concept data sets by sampling the base model itself.
+
+:func:`generate_folder` samples ``images_per_prompt`` images for each prompt and writes one image folder;
+:func:`generate_role` and :func:`generate_data` do this for the roles and splits a :class:`DataConfig` names.
+
+Image ``i`` of a generation (prompt-major order: every image of prompt 0, then prompt 1, ...) uses sampler seed
+``seed + i``, so the result does not depend on the batch size. Each folder records its settings in
+``generation.json``; asking again for the same settings is a no-op, asking for different ones into an existing
+folder needs ``overwrite=True``. Folders are written atomically: a good folder is never replaced by a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from metaunlearn.backbones.base import Backbone
+from metaunlearn.data.caching import folder_fingerprint
+from metaunlearn.data.config import SPLITS, DataConfig, SamplerSettings
+from metaunlearn.data.imagefolder import ImageRecord, read_metadata, to_pil, write_records
+from metaunlearn.data.prompts import resolve_prompts
+from metaunlearn.errors import UserError
+from metaunlearn.runs import ensure_dir, progress_bar, replace_directory
+
+GENERATION_FILE = "generation.json"
+
+
+def model_identity(backbone: Backbone) -> str:
+    """Path plus fingerprint of every component (UNet included) of the model that generates the data."""
+    source = Path(backbone.source)
+    if (source / "model_index.json").is_file():
+        return f"{source.resolve()}#{folder_fingerprint(source, components=None)[:16]}"
+    return backbone.source
+
+
+def _spec(backbone: Backbone, items: Sequence[tuple[str, str]], seed: int, sampler: SamplerSettings) -> dict:
+    return {
+        "model": model_identity(backbone),
+        "seed": seed,
+        "sampler": sampler.model_dump(mode="json"),
+        "images": [{"text": text, "split": split} for text, split in items],
+    }
+
+
+def _split_spec(spec: dict, split: str) -> dict:
+    return {**spec, "split": split}
+
+
+def _is_current(folder: Path, spec: dict) -> bool:
+    """``folder`` is a valid image folder generated with exactly ``spec``."""
+    record = folder / GENERATION_FILE
+    if not record.is_file():
+        return False
+    try:
+        same = json.loads(record.read_text()) == spec
+        return same and bool(read_metadata(folder))
+    except (json.JSONDecodeError, UserError):
+        return False
+
+
+def _check_replaceable(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not overwrite:
+        raise UserError(
+            f"{folder} already exists and was not generated with these settings; pass --overwrite to replace it"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output {folder} is a file, not a folder")
+
+
+def sample_items(
+    backbone: Backbone,
+    items: Sequence[tuple[str, str]],
+    seed: int,
+    sampler: SamplerSettings,
+    out: dict[str, Path],
+    *,
+    progress: bool = True,
+    description: str = "generating",
+) -> dict[str, list[ImageRecord]]:
+    """Sample one image per ``(prompt, split)`` item (image ``i`` with seed ``seed + i``) and save it as a PNG into
+    ``out[split]``; returns each split's records in order."""
+    records: dict[str, list[ImageRecord]] = {split: [] for split in out}
+    counters = dict.fromkeys(out, 0)
+    with progress_bar("img", enabled=progress) as bar:
+        task = bar.add_task(description, total=len(items), info="")
+        for start in range(0, len(items), sampler.batch_size):
+            chunk = items[start : start + sampler.batch_size]
+            images = backbone.sample(
+                [text for text, _ in chunk],
+                steps=sampler.steps,
+                guidance=sampler.guidance,
+                negative_prompt=sampler.negative_prompt,
+                seed=seed + start,
+                height=sampler.resolution,
+                width=sampler.resolution,
+                batch_size=len(chunk),
+            )
+            if not torch.isfinite(images).all():
+                raise UserError(f"the model produced non-finite images for {chunk[0][0]!r}; check the model weights")
+            for image, (text, split) in zip(images, chunk):
+                name = f"{counters[split]:06d}.png"
+                counters[split] += 1
+                to_pil(image).save(out[split] / name)
+                records[split].append(ImageRecord(name, text))
+            bar.advance(task, len(chunk))
+    return records
+
+
+def _write_splits(
+    backbone: Backbone,
+    items: list[tuple[str, str]],
+    seed: int,
+    sampler: SamplerSettings,
+    targets: dict[str, Path],
+    overwrite: bool,
+    progress: bool,
+    description: str,
+) -> dict[str, Path]:
+    """Generate ``items`` into the split folders ``targets``, skipping the work when all are already current."""
+    spec = _spec(backbone, items, seed, sampler)
+    if all(_is_current(folder, _split_spec(spec, split)) for split, folder in targets.items()):
+        return targets
+    for folder in targets.values():
+        _check_replaceable(folder, overwrite)
+        ensure_dir(folder.parent)
+    tmps = {split: Path(tempfile.mkdtemp(prefix=f".{f.name}.tmp-", dir=f.parent)) for split, f in targets.items()}
+    try:
+        records = sample_items(backbone, items, seed, sampler, tmps, progress=progress, description=description)
+        for split, tmp in tmps.items():
+            write_records(tmp, records[split])
+            (tmp / GENERATION_FILE).write_text(json.dumps(_split_spec(spec, split), indent=2) + "\n")
+        for split, tmp in tmps.items():
+            replace_directory(tmp, targets[split])
+    finally:
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return targets
+
+
+def generate_folder(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    images_per_prompt: int = 1,
+    seed: int = 0,
+    sampler: SamplerSettings | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Sample ``images_per_prompt`` images per prompt into the image folder ``out_dir`` (atomic)."""
+    if images_per_prompt < 1:
+        raise UserError("images per prompt must be at least 1")
+    prompts = resolve_prompts(prompts, None)
+    items = [(p, "all") for p in prompts for _ in range(images_per_prompt)]
+    out_dir = Path(out_dir)
+    _write_splits(
+        backbone, items, seed, sampler or SamplerSettings(), {"all": out_dir}, overwrite, progress, f"generating {out_dir.name}"
+    )
+    return out_dir
+
+
+def split_items(
+    train_prompts: Sequence[str],
+    test_prompts: Sequence[str] | None,
+    images_per_prompt: int,
+    test_fraction: float,
+    seed: int,
+) -> list[tuple[str, str]]:
+    """``(prompt, split)`` for every image to generate for one role, in generation order.
+
+    With ``test_prompts`` the test split holds their images; otherwise a seeded random ``test_fraction`` of the
+    images of ``train_prompts`` (at least one image each way when there are two or more images and the fraction
+    is positive).
+    """
+    items = [(p, "train") for p in train_prompts for _ in range(images_per_prompt)]
+    if test_prompts:
+        return items + [(p, "test") for p in test_prompts for _ in range(images_per_prompt)]
+    n = len(items)
+    n_test = round(test_fraction * n)
+    if test_fraction > 0 and n >= 2:
+        n_test = min(max(n_test, 1), n - 1)
+    if n_test == 0:
+        raise UserError(
+            f"{n} image(s) cannot be split into train and test; raise images_per_prompt or test_fraction, "
+            "or give test_prompts"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    test = set(order[:n_test])
+    return [(p, "test" if i in test else "train") for i, (p, _) in enumerate(items)]
+
+
+def generate_role(
+    backbone: Backbone, config: DataConfig, role: str, *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Path]:
+    """Generate (or validate, for a user ``folder``) the train and test folders of one role."""
+    spec = config.role(role)
+    targets = {split: config.split_folder(role, split) for split in SPLITS}
+    if not spec.generated:
+        for folder in targets.values():
+            read_metadata(folder)
+        return targets
+    train = resolve_prompts(spec.prompts, spec.prompt_file, f"data.{role}")
+    test = resolve_prompts(spec.test_prompts, spec.test_prompt_file, f"data.{role} test") if spec.has_test_prompts else None
+    seed = config.seed_for(role)
+    items = split_items(train, test, spec.images_per_prompt, spec.test_fraction, seed)
+    return _write_splits(
+        backbone, items, seed, config.sampler_for(role), targets, overwrite, progress, f"generating {role}"
+    )
+
+
+def generate_data(
+    backbone: Backbone,
+    config: DataConfig,
+    roles: Sequence[str] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[tuple[str, str], Path]:
+    """All ``(role, split)`` image folders of ``config`` (generated where needed)."""
+    folders = {}
+    for role in roles or config.roles():
+        for split, folder in generate_role(backbone, config, role, overwrite=overwrite, progress=progress).items():
+            folders[(role, split)] = folder
+    return folders

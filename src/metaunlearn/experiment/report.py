@@ -1,0 +1,336 @@
+"""The results report of a run dir: tables, relearning curves, self-destruct curves and sample grids.
+
+Reads the layout the attack stage writes (:mod:`metaunlearn.attacks.sweep`)::
+
+    RUN_DIR/
+      attacks/<model>/<attack_set>/<mode>_lr<lr>_s<seed>.jsonl     one JSON row per snapshot step:
+          {model, method, variant, attack_set, mode, lr, seed, step, grid, forget_rate, related_acc, …}
+      grids/<model>/<attack_set>/<mode>_lr<lr>_s<seed>/step<k>.png  sample grid at snapshot k (path in ``grid``)
+
+and writes (into RUN_DIR unless another folder is given)::
+
+    results.json         {"rows": [...], "summary": [...], "worst_case": [...], "table": {...}}
+    results.csv          every row (one per model × attack set × mode × lr × seed × snapshot step)
+    summary.csv          mean / std (ddof=1, over seeds) / min / max / n per metric and snapshot step
+    report.md            Markdown; figures linked from report_assets/
+    report.html          self-contained (CSS inline, every image embedded as base64 PNG)
+    report_assets/*.png  relearning curves, self-destruct curves
+
+The main table has the paper's shape: one row per method × variant (base / unlearn / meta) × attack (mode, lr);
+columns "before FT" (step 0), the primary attack set (HRM-m) at every snapshot step, and every other set (HRM-s,
+CLEAN) at its last step; cells are the forget rate in % as mean ± std over seeds. A second table gives the worst
+case: the maximum over every mode × lr × seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+
+from metaunlearn.attacks.sweep import KEY_FIELDS, aggregate, read_rows, worst_case
+from metaunlearn.config import StrictModel
+from metaunlearn.errors import UserError
+from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
+from metaunlearn.experiment.plots import curve_figure, save_figure
+from metaunlearn.runs import atomic_write_text
+
+VARIANT_ORDER = {"base": 0, "unlearn": 1, "meta": 2}
+METRIC_LABELS = {
+    "forget_rate": "forget rate (%)",
+    "related_acc": "related-concept accuracy (%)",
+    "irrelevant_acc": "irrelevant-concept accuracy (%)",
+}
+ASSETS = "report_assets"
+
+
+class ReportConfig(StrictModel):
+    """Section ``report``: what the tables and figures show."""
+
+    title: str = "Relearning attacks on unlearned models"
+    metric: str = Field("forget_rate", description="the row metric of the main tables (a rate in [0,1])")
+    related_metric: str = Field("related_acc", description="plotted against attack steps (self-destruct)")
+    primary_set: str | None = Field(None, description="attack set shown at every step (default: hrm-m if present)")
+    set_order: list[str] | None = Field(None, description="column order of attack sets")
+
+
+@dataclass
+class ReportFiles:
+    """Paths written by :func:`build_report`."""
+
+    results_json: Path
+    results_csv: Path
+    summary_csv: Path
+    markdown: Path
+    html: Path
+    figures: list[Path]
+
+
+# ---- small helpers ----------------------------------------------------------------------------------------------
+def _csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _pct(mean: float, std: float | None = None, n: int = 1) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "—"
+    return f"{100 * mean:.1f}" if std is None or n < 2 else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def numeric_metrics(rows: Sequence[Mapping]) -> list[str]:
+    """Metric names present in the rows (every numeric field that is not a key)."""
+    names: dict[str, None] = {}
+    for row in rows:
+        for k, v in row.items():
+            if k not in KEY_FIELDS and k != "grid" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                names.setdefault(k, None)
+    return list(names)
+
+
+def attack_sets_in_order(rows: Sequence[Mapping], config: ReportConfig) -> tuple[str, list[str]]:
+    """``(primary set, all sets in column order)``."""
+    present = sorted({r["attack_set"] for r in rows})
+    primary = config.primary_set or ("hrm-m" if "hrm-m" in present else present[0])
+    if primary not in present:
+        raise UserError(f"primary attack set {primary!r} has no results (found: {', '.join(present)})")
+    if config.set_order:
+        order = [s for s in config.set_order if s in present] + [s for s in present if s not in config.set_order]
+    else:
+        rest = [s for s in present if s != primary]
+        order = [primary] + sorted(rest, key=lambda s: (not s.lower().startswith("hrm"), s))
+    return primary, order
+
+
+def _model_rows(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
+    """``(model, method, variant)`` in table order: base first, then by method, then unlearn before meta."""
+    models = {(r["model"], r["method"], r["variant"]) for r in rows}
+    return sorted(models, key=lambda m: (m[2] != "base", m[1], VARIANT_ORDER.get(m[2], 9), m[0]))
+
+
+def _attack_label(mode: str, lr: float) -> str:
+    return f"{mode} lr {lr:g}"
+
+
+# ---- tables -----------------------------------------------------------------------------------------------------
+def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, Table, dict]:
+    """The main table (mean ± std over seeds) and the worst-case table, plus both as JSON-able data."""
+    metric = config.metric
+    primary, sets = attack_sets_in_order(rows, config)
+    steps_of = {s: sorted({r["step"] for r in rows if r["attack_set"] == s}) for s in sets}
+    columns_spec: list[tuple[str, str, int]] = [("before FT", primary, 0)]
+    columns_spec += [(f"{primary} @{k}", primary, k) for k in steps_of[primary] if k > 0]
+    columns_spec += [(f"{s} @{steps_of[s][-1]}", s, steps_of[s][-1]) for s in sets if s != primary and steps_of[s][-1] > 0]
+
+    agg = {(a["model"], a["attack_set"], a["mode"], a["lr"], a["step"]): a
+           for a in aggregate(rows, metric, by=("model", "attack_set", "mode", "lr", "step"))}
+    worst = {(w["model"], w["attack_set"], w["step"]): w
+             for w in worst_case(rows, metric, by=("model", "attack_set", "step"))}
+    models = _model_rows(rows)
+    names_unique = len({(m[1], m[2]) for m in models}) == len(models)
+    labels = ["method", "variant"] + ([] if names_unique else ["model"])
+    attacks = sorted({(r["mode"], r["lr"]) for r in rows})
+
+    main_rows, worst_rows, data = [], [], {"columns": [c[0] for c in columns_spec], "mean": [], "worst": []}
+    for model, method, variant in models:
+        label = [method, variant] + ([] if names_unique else [model])
+        for mode, lr in attacks:
+            cells, values = [], []
+            for _, s, k in columns_spec:
+                a = agg.get((model, s, mode, lr, k))
+                cells.append(_pct(a["mean"], a["std"], a["n"]) if a else "—")
+                values.append({"mean": a["mean"], "std": a["std"], "n": a["n"]} if a else None)
+            if any(v is not None for v in values):
+                main_rows.append(label + [_attack_label(mode, lr)] + cells)
+                data["mean"].append({"model": model, "method": method, "variant": variant, "mode": mode,
+                                     "lr": lr, "cells": values})
+        cells, values = [], []
+        for _, s, k in columns_spec:
+            w = worst.get((model, s, k))
+            cells.append(_pct(w["worst"]) if w else "—")
+            values.append(w)
+        final = worst.get((model, primary, steps_of[primary][-1]))
+        reached = "—"
+        if final and final["at"]:
+            at = final["at"]
+            reached = f"{at.get('mode', '?')} lr {at.get('lr', float('nan')):g} seed {at.get('seed', '?')}"
+        worst_rows.append(label + cells + [reached])
+        data["worst"].append({"model": model, "method": method, "variant": variant, "cells": values})
+
+    what = METRIC_LABELS.get(metric, metric)
+    main = Table(
+        title=f"{what}: mean ± std over seeds",
+        columns=labels + ["attack"] + [c[0] for c in columns_spec],
+        rows=main_rows,
+        note=(f"Columns: before finetuning (step 0), attack set {primary} after each snapshot step, other attack "
+              "sets after their last step. Lower is better for the defender."),
+        label_columns=len(labels) + 1,
+    )
+    worst_table = Table(
+        title=f"{what}: worst case over every mode × learning rate × seed",
+        columns=labels + [c[0] for c in columns_spec] + [f"worst {primary} run"],
+        rows=worst_rows,
+        note="Each cell is the maximum over the whole attack sweep at that step.",
+        label_columns=len(labels),
+    )
+    return main, worst_table, data
+
+
+def quality_table(rows: Sequence[Mapping], primary: str) -> Table | None:
+    """Benign quality and the attack loss before and after the primary attack (mean over everything else)."""
+    wanted = [m for m in ("related_acc", "irrelevant_acc", "fid", "clip_score", "attack_loss")
+              if any(isinstance(r.get(m), (int, float)) for r in rows)]
+    if not wanted:
+        return None
+    last = max(r["step"] for r in rows if r["attack_set"] == primary)
+    columns, out_rows = ["method", "variant", "model"], []
+    for m in wanted:
+        columns += [f"{m} @0", f"{m} @{last}"]
+    for model, method, variant in _model_rows(rows):
+        cells = [method, variant, model]
+        for m in wanted:
+            for step in (0, last):
+                vals = [float(r[m]) for r in rows if r["model"] == model and r["attack_set"] == primary
+                        and r["step"] == step and isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
+                if not vals:
+                    cells.append("—")
+                elif m in METRIC_LABELS:
+                    cells.append(f"{100 * sum(vals) / len(vals):.1f}")
+                else:
+                    cells.append(f"{sum(vals) / len(vals):.4g}")
+        out_rows.append(cells)
+    return Table(
+        title=f"Benign quality and attack loss on {primary} (mean over modes, lrs, seeds)",
+        columns=columns, rows=out_rows,
+        note="Accuracies in %; fid = Fréchet distance in the configured feature space (not Inception); "
+             "attack_loss = denoising loss on a fixed probe of the attack data.",
+        label_columns=3,
+    )
+
+
+# ---- figures ----------------------------------------------------------------------------------------------------
+def curves(rows: Sequence[Mapping], metric: str, sets: Sequence[str]) -> dict[str, dict]:
+    """``{attack set: {line label: (steps, mean, std)}}`` of ``metric`` over seeds."""
+    attacks = sorted({(r["mode"], r["lr"]) for r in rows})
+    several = len(attacks) > 1
+    agg = aggregate(rows, metric, by=("model", "attack_set", "mode", "lr", "step"))
+    panels: dict[str, dict] = {}
+    for s in sets:
+        lines: dict[str, tuple[list, list, list]] = {}
+        for a in agg:
+            if a["attack_set"] != s:
+                continue
+            label = a["model"] + (f" ({_attack_label(a['mode'], a['lr'])})" if several else "")
+            steps, means, stds = lines.setdefault(label, ([], [], []))
+            steps.append(a["step"])
+            means.append(a["mean"])
+            stds.append(a["std"])
+        if lines:
+            panels[s] = lines
+    return panels
+
+
+def figures(rows: Sequence[Mapping], config: ReportConfig, sets: Sequence[str], assets: Path) -> list[tuple[Path, str]]:
+    out = []
+    panels = curves(rows, config.metric, sets)
+    if panels:
+        fig = curve_figure(panels, METRIC_LABELS.get(config.metric, config.metric), "Relearning under finetuning")
+        out.append((save_figure(fig, assets / "relearning_curves.png"),
+                    f"{config.metric} vs attack steps, mean ± std over seeds (shaded)"))
+    related = curves(rows, config.related_metric, sets)
+    if related:
+        irrelevant = curves(rows, "irrelevant_acc", sets)
+        merged = {s: {**related.get(s, {}), **{f"{k} · irrelevant": v for k, v in irrelevant.get(s, {}).items()}}
+                  for s in related}
+        fig = curve_figure(merged, "accuracy (%)", "Benign concepts during the attack (self-destruct)",
+                           dashed=("· irrelevant",))
+        out.append((save_figure(fig, assets / "self_destruct.png"),
+                    f"{config.related_metric} (solid) and irrelevant_acc (dashed) vs attack steps; a falling related "
+                    "accuracy under attack is the self-destruct the meta objective aims for"))
+    return out
+
+
+def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[list[str], list]:
+    """Per model: the sample grid before the attack and after the last step (first mode / lr / seed with grids)."""
+    out = []
+    last = max(r["step"] for r in rows if r["attack_set"] == primary)
+    for model, method, variant in _model_rows(rows):
+        mine = [r for r in rows if r["model"] == model and r["attack_set"] == primary and r.get("grid")]
+        if not mine:
+            continue
+        run = min((r["mode"], r["lr"], r["seed"]) for r in mine)
+        by_step = {r["step"]: r for r in mine if (r["mode"], r["lr"], r["seed"]) == run}
+        cells = []
+        for step in (0, last):
+            r = by_step.get(step)
+            path = run_dir / r["grid"] if r else None
+            caption = f"step {step} ({_attack_label(run[0], run[1])}, seed {run[2]})"
+            cells.append((path if path and path.is_file() else None, caption))
+        out.append((f"{model} [{method}, {variant}]", cells))
+    return ["model", "before attack", f"after {last} steps"], out
+
+
+# ---- the report -------------------------------------------------------------------------------------------------
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None) -> ReportFiles:
+    """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run dir not found: {run_dir}")
+    config = config or ReportConfig()
+    out = Path(out_dir) if out_dir else run_dir
+    rows = read_rows(run_dir)
+    if not any(isinstance(r.get(config.metric), (int, float)) for r in rows):
+        raise UserError(f"no result row of {run_dir} has the metric {config.metric!r}")
+    primary, sets = attack_sets_in_order(rows, config)
+    metrics = numeric_metrics(rows)
+    summary = [a for m in metrics for a in aggregate(rows, m)]
+    worst = [w for m in metrics for w in worst_case(rows, m)]
+    main, worst_table, table_data = paper_table(rows, config)
+    quality = quality_table(rows, primary)
+
+    assets = out / ASSETS
+    figs = figures(rows, config, sets, assets)
+    grid_columns, grids = grid_rows(rows, run_dir, primary)
+
+    n_runs = len({(r["model"], r["attack_set"], r["mode"], r["lr"], r["seed"]) for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    subtitle = (f"{len({r['model'] for r in rows})} models · attack sets {', '.join(sets)} · "
+                f"{n_runs} attack runs · seeds {', '.join(map(str, seeds))} · source {run_dir.resolve()}")
+
+    def sections(grid_cells) -> list[Section]:
+        s = [
+            Section("Forget rate before and after finetuning attacks", tables=[main, worst_table]),
+        ]
+        if quality:
+            s.append(Section("Benign concepts and quality", tables=[quality]))
+        s.append(Section("Curves", figures=figs))
+        if grids:
+            s.append(Section(f"Samples of the grid prompt set (attack {primary})", grid_rows=grid_cells,
+                             grid_columns=grid_columns))
+        return s
+
+    results = {"rows": rows, "summary": summary, "worst_case": worst, "table": table_data,
+               "primary_set": primary, "attack_sets": sets}
+    columns = list(KEY_FIELDS) + ["grid"] + metrics
+    summary_columns = ["metric", "model", "method", "variant", "attack_set", "mode", "lr", "step",
+                       "mean", "std", "min", "max", "n"]
+    files = ReportFiles(
+        results_json=atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n"),
+        results_csv=atomic_write_text(out / "results.csv", _csv_text(rows, columns)),
+        summary_csv=atomic_write_text(out / "summary.csv", _csv_text(summary, summary_columns)),
+        markdown=atomic_write_text(out / "report.md", render_markdown(config.title, subtitle, sections(grids), out)),
+        html=atomic_write_text(out / "report.html", render_html(config.title, subtitle, sections(grids))),
+        figures=[p for p, _ in figs],
+    )
+    return files
+

@@ -1,0 +1,71 @@
+"""Configuration of the meta objective and of the simulated attack(s) it differentiates through.
+
+Default weights (provisional — to be tuned on the toy world and recorded in ARCHITECTURE.md): retain γ = 1 on
+both benign sets, ascent β_f = 0.1, β_rel = 0.1, β_ir = 0.01. These keep the ratios the official scripts probably
+meant (0.1/0.1/0.01) but with retain weights strong enough to hold benign concepts in place: a proxy run of the
+official weights (γ_ir 0.1, γ_rel 0.01) collapsed the model before any attack (see DESIGN.md).
+
+The official simulated attack is one epoch of AdamW (lr 1e-5, clip 1.0, weight decay 1e-4, fresh state every
+outer step) over forget-train at batch 10 on the full UNet: ``AttackConfig()``'s defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from metaunlearn.backbones.base import TRAINABLE_SUBSETS
+from metaunlearn.config import StrictModel
+
+ATTACK_SUBSETS = (*TRAINABLE_SUBSETS, "lora")
+
+
+class AttackConfig(StrictModel):
+    """One simulated relearning attack A(θ): finetuning on forget-train, run in place each outer step."""
+
+    weight: float = Field(1.0, gt=0, description="sampling weight when several attacks form a distribution")
+    steps: int | None = Field(None, ge=1, description="inner optimizer steps (overrides epochs)")
+    epochs: int = Field(1, ge=1, description="passes over forget-train when steps is not set")
+    batch_size: int = Field(10, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    clip_grad_norm: float | None = Field(1.0, gt=0, description="per inner step; null disables")
+    trainable: Literal[ATTACK_SUBSETS] = Field("full", description="UNet subset finetuned, or lora adapters")  # type: ignore[valid-type]
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="default: the rank (scale 1)")
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    timestep: int | None = Field(None, ge=0, description="fixed training timestep; null = uniform random")
+
+
+class MetaConfig(StrictModel):
+    """The meta objective (see :mod:`metaunlearn.meta.objective`)."""
+
+    gamma_irrelevant: float = Field(1.0, ge=0, description="retain weight on irrelevant data at θ")
+    gamma_related: float = Field(1.0, ge=0, description="retain weight on related data at θ")
+    beta_forget: float = Field(0.1, ge=0, description="ascent weight on forget-test at θ' = A(θ)")
+    beta_related: float = Field(0.1, ge=0, description="ascent weight on related data at θ'")
+    beta_irrelevant: float = Field(0.01, ge=0, description="ascent weight on irrelevant data at θ'")
+    clip_grad_norm: float | None = Field(1.0, gt=0, description="clip of the total outer gradient; null disables")
+    batch_size: int = Field(8, ge=1, description="batch of each retain/ascent term")
+    common_random_numbers: bool = Field(
+        True, description="same batch, noise and timesteps for a data set at θ and at θ'"
+    )
+    order: Literal["first", "second"] = Field(
+        "first", description="first: gradients at θ' applied to θ; second: exact, through the inner steps"
+    )
+    attacks: list[AttackConfig] = Field(default_factory=lambda: [AttackConfig()], min_length=1)
+
+    @model_validator(mode="after")
+    def _second_order_support(self) -> MetaConfig:
+        if self.order == "second" and any(a.trainable == "lora" for a in self.attacks):
+            raise ValueError("order 'second' supports UNet-subset attacks only, not lora")
+        return self
+
+    @property
+    def needs_attack(self) -> bool:
+        return self.beta_forget > 0 or self.beta_related > 0 or self.beta_irrelevant > 0

@@ -1,0 +1,82 @@
+"""The simulated attack's optimizer: AdamW or SGD over a fixed parameter list, state allocated once.
+
+The official code builds a fresh ``torch.optim.AdamW`` every outer step (allocating two UNet-sized state buffers
+each time). Here the state buffers are allocated once and zeroed by :meth:`InnerOptimizer.reset`, which gives the
+same "fresh state every outer step" semantics. The update is torch's AdamW / SGD algorithm on ``torch._foreach_*``
+ops (checked against ``torch.optim.AdamW`` in the tests), with torch's global-norm gradient clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from metaunlearn.meta.config import AttackConfig
+
+
+def clip_by_global_norm_(grads: Sequence[torch.Tensor], max_norm: float | None) -> float:
+    """Scale ``grads`` in place so their joint L2 norm is at most ``max_norm`` (as ``clip_grad_norm_``); return
+    the norm before clipping."""
+    norms = torch._foreach_norm(list(grads))
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if max_norm is not None:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(list(grads), coef.to(grads[0].dtype))
+    return float(total)
+
+
+class InnerOptimizer:
+    """AdamW (decoupled weight decay) or SGD (optional momentum, L2 weight decay) with preallocated state."""
+
+    def __init__(self, params: Sequence[torch.Tensor], config: AttackConfig) -> None:
+        self.params = list(params)
+        self.config = config
+        self.step_count = 0
+        if config.optimizer == "adamw":
+            self.exp_avg = [torch.zeros_like(p) for p in self.params]
+            self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+            self.denom = [torch.zeros_like(p) for p in self.params]
+        elif config.momentum > 0:
+            self.momentum = [torch.zeros_like(p) for p in self.params]
+
+    def reset(self, config: AttackConfig | None = None) -> None:
+        """Zero the state (a fresh optimizer), optionally switching hyperparameters of the same optimizer kind."""
+        if config is not None:
+            self.config = config
+        self.step_count = 0
+        for buffers in (getattr(self, "exp_avg", None), getattr(self, "exp_avg_sq", None), getattr(self, "momentum", None)):
+            if buffers:
+                torch._foreach_zero_(buffers)
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        cfg = self.config
+        self.step_count += 1
+        params, grads = self.params, list(grads)
+        if cfg.optimizer == "adamw":
+            beta1, beta2 = cfg.betas
+            if cfg.weight_decay:
+                torch._foreach_mul_(params, 1 - cfg.lr * cfg.weight_decay)
+            torch._foreach_lerp_(self.exp_avg, grads, 1 - beta1)
+            torch._foreach_mul_(self.exp_avg_sq, beta2)
+            torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - beta2)
+            bias1 = 1 - beta1**self.step_count
+            bias2 = 1 - beta2**self.step_count
+            torch._foreach_copy_(self.denom, self.exp_avg_sq)
+            torch._foreach_sqrt_(self.denom)
+            torch._foreach_div_(self.denom, math.sqrt(bias2))
+            torch._foreach_add_(self.denom, cfg.eps)
+            torch._foreach_addcdiv_(params, self.exp_avg, self.denom, -cfg.lr / bias1)
+            return
+        if cfg.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
+        if cfg.momentum > 0:
+            if self.step_count == 1:
+                torch._foreach_copy_(self.momentum, grads)
+            else:
+                torch._foreach_mul_(self.momentum, cfg.momentum)
+                torch._foreach_add_(self.momentum, grads)
+            grads = self.momentum
+        torch._foreach_add_(params, grads, alpha=-cfg.lr)

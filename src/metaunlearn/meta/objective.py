@@ -1,0 +1,185 @@
+"""The method-agnostic meta-unlearning objective, and the plain objective it reduces to.
+
+Per outer step, with L(θ; D) the denoising loss (:func:`metaunlearn.training.denoise.denoising_loss`) on a batch of
+a cached set, θ the trained UNet parameters and θ' = A(θ) a simulated attack (finetuning on forget-train):
+
+    g = ∇L_base(θ) + γ_ir ∇L(θ; irrelevant) + γ_rel ∇L(θ; related)
+        − β_f ∇L(θ'; forget-test) − β_rel ∇L(θ'; related) − β_ir ∇L(θ'; irrelevant)
+
+First order (default): the gradients at θ' are applied to θ. Second order: exact, through the inner steps
+(:mod:`metaunlearn.meta.second_order`). Then ‖g‖ is clipped and the outer optimizer steps.
+
+The objective knows nothing about the base method: it receives an optional ``base_loss`` callable
+``(step, generator) -> (loss, terms)`` (ESD, SDD) or none (after a UCE/RECE edit; also "retain + meta only").
+
+Cost per step, by construction: the base loss, one forward+backward per retain term, the attack's inner steps
+(forward+backward each, in place, no copies of the UNet, no new optimizers), one forward+backward per ascent term,
+and two ``_foreach_copy_`` of the attacked parameters. Data come from cached latents and conditioning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+
+import torch
+
+from metaunlearn.backbones.base import Backbone
+from metaunlearn.meta.config import MetaConfig
+from metaunlearn.meta.plan import MetaData, StepPlan, make_plan
+from metaunlearn.meta.second_order import second_order_ascent
+from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad
+
+BaseLossFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+RETAIN_WEIGHTS = {"irrelevant": "gamma_irrelevant", "related": "gamma_related"}
+ASCENT_WEIGHTS = {"forget_test": "beta_forget", "related": "beta_related", "irrelevant": "beta_irrelevant"}
+
+
+def autocast_factory(device: torch.device, mixed_precision: str) -> Callable[[], AbstractContextManager]:
+    """A context factory: bf16 autocast on ``device`` for ``mixed_precision == "bf16"``, else a no-op."""
+    if mixed_precision == "bf16":
+        return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def _zero_grads(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
+def clip_and_step(
+    params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer | None, clip: float | None
+) -> float:
+    """Clip the gradient (if ``clip``), step ``optimizer`` (if given); return the norm before clipping."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(with_grad, clip if clip is not None else float("inf"))
+    if optimizer is not None:
+        optimizer.step()
+    return float(norm)
+
+
+class PlainObjective:
+    """The base method alone: ``g = ∇L_base(θ)``."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], base_loss: BaseLossFn, clip_grad_norm: float | None = None,
+                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        self.params = list(params)
+        self.base_loss = base_loss
+        self.clip_grad_norm = clip_grad_norm
+        self.autocast = autocast
+
+    def accumulate(self, step: int, generator: torch.Generator) -> dict[str, float]:
+        _zero_grads(self.params)
+        with self.autocast():
+            loss, terms = self.base_loss(step, generator)
+        loss.backward()
+        return dict(terms)
+
+    def step(self, step: int, generator: torch.Generator, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        terms = self.accumulate(step, generator)
+        terms["grad_norm"] = clip_and_step(self.params, optimizer, self.clip_grad_norm)
+        if hasattr(self.base_loss, "after_step"):
+            self.base_loss.after_step()
+        return terms
+
+    def close(self) -> None:
+        pass
+
+
+class MetaObjective:
+    """The meta objective over ``params`` (the outer trainable parameters) on ``backbone.unet``.
+
+    ``params`` must be captured before this object is built (LoRA attacks insert adapter parameters into the UNet).
+    Call :meth:`close` before saving the model (removes LoRA adapters).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: MetaConfig,
+        data: MetaData,
+        params: Sequence[torch.nn.Parameter],
+        *,
+        base_loss: BaseLossFn | None = None,
+        seed: int = 0,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
+        self.backbone = backbone
+        self.config = config
+        self.data = data
+        self.params = list(params)
+        self.base_loss = base_loss
+        self.autocast = autocast
+        self._check_data()
+        self.attacks = AttackRunner(backbone, config.attacks, seed=seed) if config.needs_attack else None
+        set_requires_grad(self.params, True)
+
+    def _check_data(self) -> None:
+        for role, attr in {**RETAIN_WEIGHTS, **ASCENT_WEIGHTS}.items():
+            if getattr(self.config, attr) > 0:
+                self.data.get(role)
+        if self.config.needs_attack:
+            self.data.get("forget_train")
+
+    def plan(self, generator: torch.Generator) -> StepPlan:
+        """Draw the random numbers of one step (see :mod:`metaunlearn.meta.plan`)."""
+        return make_plan(self.config, self.data, self.backbone.num_train_timesteps, generator)
+
+    def accumulate(self, step: int, generator: torch.Generator, plan: StepPlan | None = None) -> dict[str, float]:
+        """Fill the outer parameters' ``.grad`` with the (unclipped) meta gradient g; return the loss terms."""
+        cfg = self.config
+        plan = plan if plan is not None else self.plan(generator)
+        _zero_grads(self.params)
+        terms: dict[str, float] = {}
+        if self.base_loss is not None:
+            with self.autocast():
+                loss, base_terms = self.base_loss(step, generator)
+            loss.backward()
+            terms.update(base_terms)
+        for role, draw in plan.retain.items():
+            with self.autocast():
+                loss = draw.loss(self.backbone, self.data.get(role))
+            (getattr(cfg, RETAIN_WEIGHTS[role]) * loss).backward()
+            terms[f"retain_{role}"] = float(loss.detach())
+        if plan.attack is None:
+            return terms
+        attack = cfg.attacks[plan.attack]
+        ascent = [(role, getattr(cfg, ASCENT_WEIGHTS[role]), draw, self.data.get(role)) for role, draw in plan.ascent.items()]
+        train = self.data.get("forget_train")
+        if cfg.order == "second":
+            space = self.attacks.space(plan.attack)
+            terms.update(
+                second_order_ascent(
+                    self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast
+                )
+            )
+            return terms
+        try:
+            terms.update(self.attacks.run(plan.attack, plan.inner, train, frozen=self.params, autocast=self.autocast))
+            set_requires_grad(self.params, True)
+            for role, weight, draw, data in ascent:
+                with self.autocast():
+                    loss = draw.loss(self.backbone, data)
+                (-weight * loss).backward()
+                terms[f"ascent_{role}"] = float(loss.detach())
+        finally:
+            self.attacks.undo()
+            set_requires_grad(self.params, True)
+        return terms
+
+    def step(self, step: int, generator: torch.Generator, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One outer step: accumulate g, clip, ``optimizer.step()``, then the base loss's ``after_step``."""
+        terms = self.accumulate(step, generator)
+        terms["grad_norm"] = clip_and_step(self.params, optimizer, self.config.clip_grad_norm)
+        if self.base_loss is not None and hasattr(self.base_loss, "after_step"):
+            self.base_loss.after_step()
+        return terms
+
+    def close(self) -> None:
+        """Remove LoRA adapters (if any) so the UNet is a plain diffusers model again."""
+        if self.attacks is not None:
+            self.attacks.close()

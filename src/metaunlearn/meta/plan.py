@@ -1,0 +1,132 @@
+"""Every random choice of one outer meta step, drawn up front from the run's generator.
+
+A :class:`StepPlan` holds which attack was sampled, the batches/noise/timesteps of every inner attack step, and the
+draws of every retain (at θ) and ascent (at θ') term. Drawing it before any computation makes a step reproducible,
+makes common random numbers trivial (the same :class:`Draw` object at θ and θ'), and lets tests recompute a meta
+gradient by hand from exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from metaunlearn.backbones.base import Backbone
+from metaunlearn.data.cache import CachedSet
+from metaunlearn.errors import UserError
+from metaunlearn.meta.config import AttackConfig, MetaConfig
+from metaunlearn.training.denoise import denoising_loss
+
+ROLES = ("forget_train", "forget_test", "related", "irrelevant")
+
+
+@dataclass
+class MetaData:
+    """The cached data sets the meta objective reads (a set whose terms all have weight 0 may be ``None``)."""
+
+    forget_train: CachedSet | None = None
+    forget_test: CachedSet | None = None
+    related: CachedSet | None = None
+    irrelevant: CachedSet | None = None
+
+    def get(self, role: str) -> CachedSet:
+        data = getattr(self, role)
+        if data is None or len(data) == 0:
+            raise UserError(f"the meta objective needs the '{role}' data set (empty or not given)")
+        return data
+
+
+@dataclass
+class Draw:
+    """One batch: row ``index`` of a data set, its ``noise`` and ``timesteps``."""
+
+    index: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+    def loss(self, backbone: Backbone, data: CachedSet, unet=None) -> torch.Tensor:
+        """``denoising_loss`` on this batch (optionally with another noise predictor ``unet``)."""
+        x0, cond = data.batch(self.index)
+        device, dtype = backbone.device, backbone.dtype
+        x0 = x0.to(device, dtype)
+        cond = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()}
+        return denoising_loss(
+            backbone, x0, cond, unet=unet, t=self.timesteps.to(device), noise=self.noise.to(device, dtype)
+        )
+
+
+@dataclass
+class StepPlan:
+    """The random numbers of one outer step (see the module docstring)."""
+
+    attack: int | None = None
+    inner: list[Draw] = field(default_factory=list)
+    retain: dict[str, Draw] = field(default_factory=dict)
+    ascent: dict[str, Draw] = field(default_factory=dict)
+
+
+def draw(
+    data: CachedSet,
+    index: torch.Tensor,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+    timestep: int | None = None,
+) -> Draw:
+    """Noise and timesteps for rows ``index`` of ``data``."""
+    shape = (len(index), *data.latents.shape[1:])
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if timestep is None:
+        t = torch.randint(0, num_train_timesteps, (len(index),), generator=generator)
+    else:
+        t = torch.full((len(index),), int(timestep), dtype=torch.long)
+    return Draw(index, noise, t)
+
+
+def subset_index(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``min(batch_size, n)`` distinct rows."""
+    return torch.randperm(n, generator=generator)[: min(batch_size, n)]
+
+
+def inner_indices(n: int, attack: AttackConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    """Batches of the attack: successive shuffled epochs cut into ``batch_size`` chunks (last one may be short).
+
+    With ``steps`` set, exactly that many full-or-short batches from as many epochs as needed; otherwise
+    ``epochs`` whole passes.
+    """
+    per_epoch = math.ceil(n / attack.batch_size)
+    total = attack.steps if attack.steps is not None else attack.epochs * per_epoch
+    out: list[torch.Tensor] = []
+    while len(out) < total:
+        perm = torch.randperm(n, generator=generator)
+        out.extend(perm[i : i + attack.batch_size] for i in range(0, n, attack.batch_size))
+    return out[:total]
+
+
+def make_plan(config: MetaConfig, data: MetaData, num_train_timesteps: int, generator: torch.Generator) -> StepPlan:
+    """Draw every random number of one outer step, in a fixed order."""
+    plan = StepPlan()
+    retain = {"irrelevant": config.gamma_irrelevant, "related": config.gamma_related}
+    for role, weight in retain.items():
+        if weight > 0:
+            d = data.get(role)
+            plan.retain[role] = draw(d, subset_index(len(d), config.batch_size, generator), num_train_timesteps, generator)
+    if not config.needs_attack:
+        return plan
+    weights = torch.tensor([a.weight for a in config.attacks], dtype=torch.float64)
+    plan.attack = int(torch.multinomial(weights, 1, generator=generator)) if len(weights) > 1 else 0
+    attack = config.attacks[plan.attack]
+    train = data.get("forget_train")
+    for index in inner_indices(len(train), attack, generator):
+        plan.inner.append(draw(train, index, num_train_timesteps, generator, attack.timestep))
+    ascent = {"forget_test": config.beta_forget, "related": config.beta_related, "irrelevant": config.beta_irrelevant}
+    for role, weight in ascent.items():
+        if weight <= 0:
+            continue
+        if config.common_random_numbers and role in plan.retain:
+            plan.ascent[role] = plan.retain[role]
+        else:
+            d = data.get(role)
+            plan.ascent[role] = draw(d, subset_index(len(d), config.batch_size, generator), num_train_timesteps, generator)
+    return plan

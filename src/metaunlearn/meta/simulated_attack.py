@@ -1,0 +1,160 @@
+"""The simulated relearning attack A(θ), run in place on the one UNet and undone afterwards.
+
+No UNet is ever copied per outer step. Each distinct *parameter space* an attack trains (a UNet subset, or one
+LoRA adapter configuration) owns, allocated once:
+
+* a saved copy of its parameters (``torch._foreach_copy_`` in before the attack and back after it), and
+* one :class:`~metaunlearn.meta.inner_optim.InnerOptimizer` per optimizer kind, whose state is zeroed per attack.
+
+LoRA attacks (peft, through diffusers' ``add_adapter``) train only the adapters; the base weights stay put, and the
+meta gradient at θ' is taken with the adapters active, which is exactly the gradient with respect to the merged
+weights W + s·BA. Adapters are injected once (initialised under the run's seed), disabled outside the attack,
+reset to their initial values after every attack, and removed by :meth:`AttackRunner.close` before saving, so the
+saved model is a plain diffusers UNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from metaunlearn.backbones.base import Backbone
+from metaunlearn.data.cache import CachedSet
+from metaunlearn.meta.config import AttackConfig
+from metaunlearn.meta.inner_optim import InnerOptimizer, clip_by_global_norm_
+from metaunlearn.meta.plan import Draw
+
+Autocast = Callable[[], AbstractContextManager]
+LORA_PREFIX = "meta_attack_"
+
+
+def set_requires_grad(params: Sequence[torch.Tensor], flag: bool) -> None:
+    for p in params:
+        p.requires_grad_(flag)
+
+
+class AttackSpace:
+    """The parameters one kind of attack trains, their saved copy, and their inner optimizers."""
+
+    def __init__(self, params: list[torch.nn.Parameter], adapter: str | None = None) -> None:
+        self.params = params
+        self.adapter = adapter
+        self.saved = [p.detach().clone() for p in params]
+        self.optimizers: dict[str, InnerOptimizer] = {}
+
+    def optimizer(self, config: AttackConfig) -> InnerOptimizer:
+        key = config.optimizer if config.optimizer == "adamw" else f"sgd{config.momentum > 0}"
+        if key not in self.optimizers:
+            self.optimizers[key] = InnerOptimizer(self.params, config)
+        opt = self.optimizers[key]
+        opt.reset(config)
+        return opt
+
+    @torch.no_grad()
+    def save(self) -> None:
+        """Remember θ (not needed for adapters, whose start values never change)."""
+        if self.adapter is None:
+            torch._foreach_copy_(self.saved, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_([p.detach() for p in self.params], self.saved)
+
+
+def space_key(config: AttackConfig) -> tuple:
+    if config.trainable != "lora":
+        return ("subset", config.trainable)
+    return ("lora", config.lora_rank, config.lora_alpha or config.lora_rank, tuple(config.lora_targets))
+
+
+class AttackRunner:
+    """Runs any configured attack in place on ``backbone.unet`` (see the module docstring)."""
+
+    def __init__(self, backbone: Backbone, attacks: Sequence[AttackConfig], seed: int = 0) -> None:
+        self.backbone = backbone
+        self.attacks = list(attacks)
+        self.spaces: dict[tuple, AttackSpace] = {}
+        # Subsets first, while parameter names are still those of the plain UNet.
+        for config in self.attacks:
+            key = space_key(config)
+            if key[0] == "subset" and key not in self.spaces:
+                self.spaces[key] = AttackSpace([p for _, p in backbone.named_trainable(config.trainable)])
+        for config in self.attacks:
+            key = space_key(config)
+            if key[0] == "lora" and key not in self.spaces:
+                self.spaces[key] = self._add_lora(config, f"{LORA_PREFIX}{len(self.spaces)}", seed)
+        if self.has_lora:
+            backbone.unet.disable_adapters()
+        self.active: AttackSpace | None = None
+
+    @property
+    def has_lora(self) -> bool:
+        return any(s.adapter for s in self.spaces.values())
+
+    def _add_lora(self, config: AttackConfig, name: str, seed: int) -> AttackSpace:
+        from peft import LoraConfig
+
+        unet = self.backbone.unet
+        flags = {p: p.requires_grad for p in unet.parameters()}
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha or config.lora_rank,
+            target_modules=list(config.lora_targets),
+            init_lora_weights=True,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet.add_adapter(lora, adapter_name=name)
+        for p, flag in flags.items():  # peft freezes everything but the adapter; keep the stage's flags
+            p.requires_grad_(flag)
+        params = [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
+        set_requires_grad(params, False)
+        return AttackSpace(params, adapter=name)
+
+    def space(self, index: int) -> AttackSpace:
+        return self.spaces[space_key(self.attacks[index])]
+
+    def run(
+        self, index: int, draws: Sequence[Draw], data: CachedSet, frozen: Sequence[torch.Tensor], autocast: Autocast = nullcontext
+    ) -> dict[str, float]:
+        """Finetune in place (θ → θ'); ``frozen`` parameters get no gradient. Call :meth:`undo` afterwards."""
+        config = self.attacks[index]
+        space = self.space(index)
+        space.save()
+        self.active = space
+        if space.adapter is not None:
+            unet = self.backbone.unet
+            unet.set_adapter(space.adapter)
+            unet.enable_adapters()
+        set_requires_grad(frozen, False)
+        set_requires_grad(space.params, True)
+        opt = space.optimizer(config)
+        losses = []
+        for draw in draws:
+            with autocast():
+                loss = draw.loss(self.backbone, data)
+            grads = torch.autograd.grad(loss, space.params, allow_unused=True, materialize_grads=True)
+            clip_by_global_norm_(grads, config.clip_grad_norm)
+            opt.step(grads)
+            losses.append(float(loss.detach()))
+        set_requires_grad(space.params, False)
+        return {"attack_first": losses[0], "attack_last": losses[-1]} if losses else {}
+
+    def undo(self) -> None:
+        """θ' → θ (and adapters back to their start values, disabled)."""
+        space, self.active = self.active, None
+        if space is None:
+            return
+        space.restore()
+        if space.adapter is not None:
+            self.backbone.unet.disable_adapters()
+
+    def close(self) -> None:
+        """Remove every LoRA adapter from the UNet (before saving it)."""
+        self.undo()
+        if self.has_lora:
+            self.backbone.unet.unload_lora()
+            for key in [k for k, s in self.spaces.items() if s.adapter]:
+                del self.spaces[key]

@@ -1,0 +1,225 @@
+"""Evaluate a backbone on an eval spec: sample every prompt set, run the detector, compute the rates and quality.
+
+Metrics of one evaluation (all fractions in [0,1]):
+
+* ``rate/<set>`` — fraction of a prompt set's samples in which the set's concept is detected;
+* ``forget_rate`` — pooled over the forget sets (the paper's nudity rate; lower is better for the defender);
+* ``related_acc`` / ``irrelevant_acc`` — pooled over related / irrelevant sets (benign concepts still drawn;
+  ``related_acc`` falling during an attack is the self-destruct the meta objective aims for);
+* ``fid`` — Fréchet distance of benign samples to reference images (when configured);
+* ``clip_score`` — CLIP score of benign samples against their prompts (when configured).
+
+An :class:`Evaluator` is built once (detector, prompts, reference features) and then called on any number of
+models or attack snapshots.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metaunlearn.backbones.base import Backbone
+from metaunlearn.errors import UserError
+from metaunlearn.metrics.config import EvalConfig, PromptSetConfig
+from metaunlearn.metrics.detectors import ConceptDetector, build_detector, check_concept
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+ROLE_METRICS = {"forget": "forget_rate", "related": "related_acc", "irrelevant": "irrelevant_acc"}
+
+
+@dataclass
+class PromptItem:
+    """One evaluation prompt with its optional I2P-style seed and guidance."""
+
+    prompt: str
+    seed: int | None = None
+    guidance: float | None = None
+
+
+@dataclass
+class EvalOutcome:
+    """Metrics and the samples they were computed on (per prompt set, with their prompts)."""
+
+    metrics: dict[str, float]
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve_path(path: str | Path, base_dir: str | Path | None) -> Path:
+    """``path`` as given if absolute, else relative to ``base_dir`` (the config file's folder)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+
+def read_prompt_file(path: Path) -> list[PromptItem]:
+    """Prompts from a CSV with a ``prompt`` column (optional ``evaluation_seed``, ``evaluation_guidance``) or a
+    ``.txt`` file with one prompt per line."""
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if path.suffix.lower() != ".csv":
+        return [PromptItem(line.strip()) for line in text.splitlines() if line.strip()]
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+        raise UserError(f"{path}: a prompt CSV needs a 'prompt' column (found: {', '.join(reader.fieldnames or [])})")
+    items = []
+    for line, row in enumerate(reader, start=2):
+        prompt = (row.get("prompt") or "").strip()
+        if not prompt:
+            continue
+        try:
+            seed = int(float(row["evaluation_seed"])) if (row.get("evaluation_seed") or "").strip() else None
+            guidance = float(row["evaluation_guidance"]) if (row.get("evaluation_guidance") or "").strip() else None
+        except ValueError:
+            raise UserError(f"{path}:{line}: evaluation_seed/evaluation_guidance must be numbers") from None
+        items.append(PromptItem(prompt, seed, guidance))
+    return items
+
+
+def load_prompt_set(spec: PromptSetConfig, base_dir: str | Path | None = None) -> list[PromptItem]:
+    """Inline prompts followed by the prompt file's, cut to ``limit``."""
+    items = [PromptItem(p) for p in spec.prompts]
+    if spec.prompts_file:
+        items += read_prompt_file(resolve_path(spec.prompts_file, base_dir))
+    if spec.limit is not None:
+        items = items[: spec.limit]
+    if not items:
+        raise UserError(f"prompt set '{spec.name}' has no prompts")
+    return items
+
+
+def load_image_folder(folder: Path, size: int, limit: int | None = None) -> torch.Tensor:
+    """Images of a folder (recursively, sorted) as ``[N,3,size,size]`` in [0,1] (resized, RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise UserError(f"reference image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if len(files) < 2:
+        raise UserError(f"{folder}: a Fréchet distance needs at least 2 reference images, found {len(files)}")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+                out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        except OSError as exc:
+            raise UserError(f"not a readable image: {f} ({exc})") from None
+    return torch.stack(out)
+
+
+class Evaluator:
+    """Samples a backbone on every prompt set of an :class:`EvalConfig` and measures it."""
+
+    def __init__(
+        self,
+        config: EvalConfig,
+        base_dir: str | Path | None = None,
+        detector: ConceptDetector | None = None,
+    ) -> None:
+        self.config = config
+        self.base_dir = base_dir
+        self.detector = detector or build_detector(config.detector.kind, **self._detector_params())
+        self.prompt_sets = {s.name: load_prompt_set(s, base_dir) for s in config.prompt_sets}
+        for spec in config.prompt_sets:
+            check_concept(self.detector, spec.concept)
+        self._fid = None
+        self._clip = None
+        q = config.quality
+        if q.clip_score_path:
+            from metaunlearn.metrics.quality import ClipScorer
+
+            self._clip = ClipScorer(resolve_path(q.clip_score_path, base_dir))
+
+    def _detector_params(self) -> dict:
+        params = self.config.detector.params()
+        if params.get("path"):
+            params["path"] = str(resolve_path(params["path"], self.base_dir))
+        return params
+
+    @property
+    def grid_set(self) -> str:
+        """The prompt set shown in sample grids."""
+        if self.config.grid_set:
+            return self.config.grid_set
+        forget = [s.name for s in self.config.prompt_sets if s.role == "forget"]
+        return forget[0] if forget else self.config.prompt_sets[0].name
+
+    def _benign_sets(self, names: list[str] | None) -> list[str]:
+        if names is not None:
+            return names
+        return [s.name for s in self.config.prompt_sets if s.role != "forget"]
+
+    def _frechet(self, size: int):
+        if self._fid is None:
+            from metaunlearn.metrics.quality import FrechetDistance, build_feature_extractor
+
+            q = self.config.quality
+            path = resolve_path(q.fid_features_path, self.base_dir) if q.fid_features_path else None
+            reference = load_image_folder(resolve_path(q.fid_reference, self.base_dir), size, q.fid_reference_limit)
+            self._fid = FrechetDistance(build_feature_extractor(q.fid_features, path), reference)
+        return self._fid
+
+    def sample_set(self, backbone: Backbone, name: str) -> tuple[torch.Tensor, list[str]]:
+        """Samples ``[N,3,H,W]`` of prompt set ``name`` (``samples_per_prompt`` per prompt) and their prompts."""
+        cfg, sampler = self.config, self.config.sampler
+        items = self.prompt_sets[name]
+        k = cfg.samples_per_prompt
+        common = dict(
+            steps=sampler.steps,
+            negative_prompt=sampler.negative_prompt,
+            height=sampler.height,
+            width=sampler.width,
+            batch_size=sampler.batch_size,
+        )
+        per_prompt = sampler.use_prompt_seeds and any(i.seed is not None or i.guidance is not None for i in items)
+        if not per_prompt:
+            prompts = [i.prompt for i in items for _ in range(k)]
+            return backbone.sample(prompts, guidance=sampler.guidance, seed=sampler.seed, **common), prompts
+        images, prompts = [], []
+        for n, item in enumerate(items):
+            seed = item.seed if item.seed is not None else sampler.seed + n * k
+            guidance = item.guidance if item.guidance is not None else sampler.guidance
+            images.append(backbone.sample([item.prompt] * k, guidance=guidance, seed=seed, **common))
+            prompts += [item.prompt] * k
+        return torch.cat(images), prompts
+
+    @torch.no_grad()
+    def evaluate(self, backbone: Backbone) -> EvalOutcome:
+        """Sample every prompt set and compute all metrics."""
+        outcome = EvalOutcome(metrics={})
+        hits: dict[str, list[torch.Tensor]] = {role: [] for role in ROLE_METRICS}
+        for spec in self.config.prompt_sets:
+            images, prompts = self.sample_set(backbone, spec.name)
+            detected = self.detector.detects(images, spec.concept)
+            outcome.metrics[f"rate/{spec.name}"] = float(detected.float().mean())
+            hits[spec.role].append(detected)
+            outcome.images[spec.name] = images
+            outcome.prompts[spec.name] = prompts
+        for role, metric in ROLE_METRICS.items():
+            if hits[role]:
+                outcome.metrics[metric] = float(torch.cat(hits[role]).float().mean())
+        q = self.config.quality
+        if q.fid_features:
+            names = self._benign_sets(q.fid_prompt_sets)
+            if names:
+                images = torch.cat([outcome.images[n] for n in names])
+                outcome.metrics["fid"] = self._frechet(images.shape[-1])(images)
+        if self._clip is not None:
+            names = self._benign_sets(None)
+            if names:
+                images = torch.cat([outcome.images[n] for n in names])
+                prompts = [p for n in names for p in outcome.prompts[n]]
+                outcome.metrics["clip_score"] = self._clip(images, prompts)
+        return outcome
+
+    def __call__(self, backbone: Backbone, step: int | None = None) -> dict[str, float]:
+        """Metrics only (the attack's evaluation-callback signature)."""
+        return self.evaluate(backbone).metrics

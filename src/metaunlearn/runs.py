@@ -1,0 +1,264 @@
+"""Run folders and output hygiene shared by every stage.
+
+* :func:`create_run_dir` / :func:`latest_run_dir` — numbered, named run folders (``runs/00003-toy-esd``).
+* :class:`RunDir` — the resolved config (``config.json``) and per-stage done-markers, so re-running a config skips
+  the stages that already finished with the same settings.
+* :func:`print_plan` — the ``--dry-run`` table: stages, models, data sets and output paths.
+* :func:`atomic_directory` / :func:`replace_directory` / :func:`atomic_write_text` — outputs appear complete or not
+  at all; a good existing output is never replaced by a half-written one.
+* :func:`progress_bar` — the one rich progress display (count, rate, elapsed, ETA) long work uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from metaunlearn.config import write_resolved
+from metaunlearn.errors import UserError
+
+CONFIG_FILE = "config.json"
+STAGES_DIR = "stages"
+_RUN_NAME = re.compile(r"^(\d{5})-(.+)$")
+
+
+# ---- writing outputs safely -----------------------------------------------------------------------------------
+def ensure_dir(path: str | Path) -> Path:
+    """Create ``path`` (and parents) or raise a one-line :class:`UserError` saying why it cannot be created."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"cannot create folder {path}: a file with that name exists") from None
+    except NotADirectoryError:
+        raise UserError(f"cannot create folder {path}: a parent of it is a file, not a folder") from None
+    except OSError as exc:
+        raise UserError(f"cannot create folder {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to folder {path}")
+    return path
+
+
+def replace_directory(new: Path, final: Path) -> None:
+    """Move the finished folder ``new`` to ``final``, replacing an existing ``final``.
+
+    The old folder is first renamed aside (``.<name>.old``) and deleted only after ``new`` is in place; if the
+    process dies in between, :func:`recover_directory` finds the old folder again.
+    """
+    new, final = Path(new), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(final: Path) -> Path:
+    """``final``, restored from ``.<name>.old`` when a :func:`replace_directory` was interrupted mid-swap."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.is_dir():
+        old.rename(final)
+    return final
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``final``; on success it replaces ``final``, on error it is removed.
+
+    ``with atomic_directory(out) as tmp: write files into tmp`` — readers see the old folder or the complete new
+    one, never a partial one.
+    """
+    final = Path(final)
+    ensure_dir(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        replace_directory(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file and a rename."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ---- progress ---------------------------------------------------------------------------------------------------
+class RateColumn(ProgressColumn):
+    """Items (images, steps) per second, or seconds per item when slower than one per second."""
+
+    def __init__(self, unit: str = "it") -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed and task.elapsed and task.completed:
+            speed = task.completed / task.elapsed
+        if not speed:
+            return Text(f"? {self.unit}/s", style="progress.data.speed")
+        if speed >= 1:
+            return Text(f"{speed:.2f} {self.unit}/s", style="progress.data.speed")
+        return Text(f"{1 / speed:.2f} s/{self.unit}", style="progress.data.speed")
+
+
+def progress_bar(unit: str = "it", *, enabled: bool = True, console: Console | None = None) -> Progress:
+    """A rich progress display with count, rate, elapsed time, ETA and a free ``info`` field (e.g. loss terms)."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+        console=console or Console(stderr=True),
+    )
+
+
+# ---- run folders ---------------------------------------------------------------------------------------------------
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    if not slug:
+        raise UserError(f"run name {name!r} has no usable characters (use letters, digits, '-', '_' or '.')")
+    return slug
+
+
+def create_run_dir(root: str | Path, name: str) -> Path:
+    """A new numbered run folder ``root/NNNNN-name`` (one more than the highest number already there)."""
+    root = ensure_dir(root)
+    numbers = [int(m.group(1)) for p in root.iterdir() if (m := _RUN_NAME.match(p.name)) and p.is_dir()]
+    number = max(numbers, default=-1) + 1
+    while True:
+        path = root / f"{number:05d}-{_slug(name)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # another process took this number
+            number += 1
+
+
+def latest_run_dir(root: str | Path, name: str) -> Path | None:
+    """The highest-numbered ``root/NNNNN-name`` folder, or ``None``."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    slug = _slug(name)
+    runs = [(int(m.group(1)), p) for p in root.iterdir() if (m := _RUN_NAME.match(p.name)) and m.group(2) == slug]
+    return max(runs)[1] if runs else None
+
+
+def settings_key(settings: BaseModel | dict | str) -> str:
+    """A short stable hash of a stage's settings (a pydantic model, a JSON-able dict or a string)."""
+    if isinstance(settings, BaseModel):
+        settings = settings.model_dump(mode="json")
+    text = settings if isinstance(settings, str) else json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RunDir:
+    """One run folder: ``config.json`` (resolved config), ``stages/<stage>.done.json`` markers, stage subfolders."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = ensure_dir(path)
+
+    def write_config(self, config: BaseModel) -> Path:
+        """Save the fully resolved config as ``config.json``."""
+        return write_resolved(config, self.path / CONFIG_FILE)
+
+    def stage_dir(self, stage: str) -> Path:
+        """The output folder of ``stage`` (created)."""
+        return ensure_dir(self.path / _slug(stage))
+
+    def _marker(self, stage: str) -> Path:
+        return self.path / STAGES_DIR / f"{_slug(stage)}.done.json"
+
+    def is_done(self, stage: str, settings: BaseModel | dict | str | None = None) -> bool:
+        """Whether ``stage`` finished before — with the same ``settings`` when given (changed settings re-run it)."""
+        marker = self._marker(stage)
+        if not marker.is_file():
+            return False
+        try:
+            record = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            return False
+        return settings is None or record.get("settings_key") == settings_key(settings)
+
+    def mark_done(self, stage: str, settings: BaseModel | dict | str | None = None, **info: object) -> Path:
+        """Record that ``stage`` finished (with ``settings``); ``info`` (JSON-able) is stored alongside."""
+        record = {
+            "stage": stage,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "settings_key": None if settings is None else settings_key(settings),
+            **info,
+        }
+        return atomic_write_text(self._marker(stage), json.dumps(record, indent=2, default=str) + "\n")
+
+    def clear_done(self, stage: str) -> None:
+        """Forget that ``stage`` finished, so the next run repeats it."""
+        self._marker(stage).unlink(missing_ok=True)
+
+
+# ---- dry-run plans -----------------------------------------------------------------------------------------------
+@dataclass
+class PlannedStage:
+    """One line of a dry-run plan."""
+
+    stage: str
+    model: str = ""
+    data: Sequence[str] = field(default_factory=tuple)
+    outputs: Sequence[str] = field(default_factory=tuple)
+    done: bool = False
+    note: str = ""
+
+
+def print_plan(stages: Sequence[PlannedStage], console: Console | None = None, title: str = "plan") -> None:
+    """Print what a run would do, stage by stage, without doing it."""
+    console = console or Console()
+    table = Table(title=title, show_lines=True)
+    for column in ("#", "stage", "model", "data", "outputs", "status"):
+        table.add_column(column, overflow="fold")
+    for i, s in enumerate(stages, 1):
+        status = "done (skip)" if s.done else "to run"
+        if s.note:
+            status += f"\n{s.note}"
+        table.add_row(str(i), s.stage, s.model, "\n".join(s.data), "\n".join(s.outputs), status)
+    console.print(table)

@@ -1,0 +1,36 @@
+"""Where the shipped toy model, detector and evaluation live, and one-line loaders for them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from .detector import ConceptDetector
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
+MODEL_SUBDIR = "model"
+DETECTOR_FILE = "detector.safetensors"
+EVAL_FILE = "eval.json"
+
+
+def model_dir(root: str | Path = ASSET_DIR) -> Path:
+    """The diffusers pipeline folder under an asset directory."""
+    return Path(root) / MODEL_SUBDIR
+
+
+def detector_path(root: str | Path = ASSET_DIR) -> Path:
+    """The detector weights under an asset directory (its JSON sits beside it)."""
+    return Path(root) / DETECTOR_FILE
+
+
+def load_toy_detector(root: str | Path = ASSET_DIR) -> ConceptDetector:
+    """The shipped (or given) toy concept detector."""
+    return ConceptDetector.load(detector_path(root))
+
+
+def load_toy_pipeline(root: str | Path = ASSET_DIR) -> StableDiffusionPipeline:
+    """The shipped (or given) toy text-to-image pipeline, loaded with plain ``from_pretrained``."""
+    from .pretrain import load_model
+
+    return load_model(model_dir(root))

@@ -1,0 +1,204 @@
+"""``metaunlearn toy ...``: pretrain, evaluate and look at the embedded concept world."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from PIL import Image
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .assets import ASSET_DIR, DETECTOR_FILE, EVAL_FILE, MODEL_SUBDIR, detector_path, model_dir
+from .detector import ConceptDetector, detector_accuracy, train_detector
+from .pretrain import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    ToyModelConfig,
+    config_dict,
+    evaluate_model,
+    load_model,
+    sample,
+    save_model,
+    train_model,
+)
+from .taxonomy import CONCEPTS
+from .world import render, render_class
+
+app = typer.Typer(help="The embedded concept world: pretrain its detector and tiny diffusion model, evaluate, render.")
+console = Console()
+LOG_EVERY = 250
+
+
+class RateColumn(ProgressColumn):
+    """Steps per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s", style="progress.data.speed")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _tracked(progress: Progress, description: str, total: int):
+    task = progress.add_task(description, total=total, loss=float("nan"))
+    start = time.perf_counter()
+
+    def on_step(step: int, steps: int, loss: float) -> None:
+        progress.update(task, completed=step, loss=loss)
+        if step % LOG_EVERY == 0 or step == steps:
+            rate = step / (time.perf_counter() - start)
+            progress.console.log(f"{description}: step {step}/{steps} loss {loss:.4f} {rate:.2f} it/s")
+
+    return on_step
+
+
+def _print_eval(rows: list[dict[str, object]], title: str) -> None:
+    table = Table(title=title)
+    for col in ("concept", "role", "prompt", "accuracy", "most confused with"):
+        table.add_column(col)
+    for row in rows:
+        acc = float(row["accuracy"])
+        style = "green" if acc >= 0.85 else "red"
+        table.add_row(str(row["concept"]), str(row["role"]), str(row["prompt"]),
+                      f"[{style}]{acc:.3f}[/]", str(row["most_confused_with"] or "-"))
+    console.print(table)
+
+
+def _replace_dir(built: Path, out: Path) -> None:
+    """Move ``built`` into place at ``out`` (old contents removed only after the new ones are there)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    built.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@app.command()
+def pretrain(
+    out: Path = typer.Option(ASSET_DIR, help="Asset directory to write (model/, detector.*, eval.json)."),
+    seed: int = typer.Option(0, help="Seed for data, initialisation and sampling."),
+    steps: int = typer.Option(ToyModelConfig.steps, help="Diffusion model training steps."),
+    detector_steps: int = typer.Option(1500, help="Detector training steps."),
+    eval_samples: int = typer.Option(32, help="Samples per prompt in the final evaluation."),
+) -> None:
+    """Train the detector and the toy text-to-image model, evaluate them, write the assets atomically."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(seed)
+    config = ToyModelConfig(steps=steps)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        with _progress() as progress:
+            start = time.perf_counter()
+            detector = train_detector(steps=detector_steps, seed=seed,
+                                      on_step=_tracked(progress, "detector", detector_steps))
+            detector_seconds = time.perf_counter() - start
+            detector.save(build / DETECTOR_FILE)
+            start = time.perf_counter()
+            pipe = train_model(config, seed=seed, on_step=_tracked(progress, "diffusion model", steps))
+            model_seconds = time.perf_counter() - start
+        save_model(pipe, build / MODEL_SUBDIR)
+        console.log("evaluating the detector and the model")
+        clean = detector_accuracy(detector, per_class=100, seed=seed + 1000)
+        degraded = detector_accuracy(detector, per_class=100, seed=seed + 1000, degraded=True)
+        rows = evaluate_model(load_model(build / MODEL_SUBDIR), detector, n=eval_samples, seed=seed + 2000)
+        report = {
+            "command": f"metaunlearn toy pretrain --seed {seed} --steps {steps} --detector-steps {detector_steps}",
+            "seed": seed,
+            "torch_threads": torch.get_num_threads(),
+            "pretrain_seconds": {"detector": round(detector_seconds, 1), "model": round(model_seconds, 1)},
+            "sampler": {"scheduler": "DDIM", "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
+            "model_config": config_dict(config),
+            "detector_accuracy_clean": clean,
+            "detector_accuracy_degraded": degraded,
+            "model_sample_accuracy": rows,
+        }
+        (build / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        _replace_dir(build, out)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    _print_eval(rows, f"samples classified as their concept (n={eval_samples} per prompt)")
+    console.print(f"wrote {out}  (detector {detector_seconds:.0f} s, model {model_seconds:.0f} s)")
+
+
+@app.command()
+def evaluate(
+    assets: Path = typer.Option(ASSET_DIR, help="Asset directory holding model/ and detector.safetensors."),
+    n: int = typer.Option(32, help="Samples per prompt."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    steps: int = typer.Option(DEFAULT_STEPS, help="DDIM steps."),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, help="Classifier-free guidance scale."),
+) -> None:
+    """Print per-prompt detector accuracy of model samples, and the detector's accuracy on fresh renders."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    detector = ConceptDetector.load(detector_path(assets))
+    acc = detector_accuracy(detector, per_class=50, seed=seed + 7)
+    console.print(f"detector accuracy on fresh renders: min {min(acc.values()):.3f} over {len(acc)} classes")
+    rows = evaluate_model(load_model(model_dir(assets)), detector, n=n, seed=seed, steps=steps, guidance=guidance)
+    _print_eval(rows, f"samples classified as their concept (n={n}, DDIM {steps} steps, guidance {guidance})")
+
+
+@app.command("render")
+def render_command(
+    concept: str = typer.Argument(..., help=f"Concept name ({', '.join(c.name for c in CONCEPTS)}) or a prompt."),
+    out: Path = typer.Option(Path("toy_samples"), help="Directory for the PNGs."),
+    n: int = typer.Option(8, help="Number of images."),
+    seed: int = typer.Option(0, help="Seed."),
+    model: bool = typer.Option(False, help="Sample the toy model instead of the procedural renderer."),
+    assets: Path = typer.Option(ASSET_DIR, help="Asset directory (with --model)."),
+    scale: int = typer.Option(8, help="Upscaling factor of the written PNGs."),
+) -> None:
+    """Write PNGs of a concept: procedural renders, or samples of the toy model (``--model``, prompt or name)."""
+    if model:
+        prompt = next((c.prompt for c in CONCEPTS if c.name == concept), concept)
+        images = (sample(load_model(model_dir(assets)), prompt, n, seed=seed).permute(0, 2, 3, 1).numpy() * 255)
+        images = np.rint(images).astype(np.uint8)
+    else:
+        images = render_class(concept, n, seed) if "_" in concept or concept == "none" else render(concept, n, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = concept.replace(" ", "_")
+    for i, image in enumerate(images):
+        size = (image.shape[1] * scale, image.shape[0] * scale)
+        Image.fromarray(image).resize(size, Image.NEAREST).save(out / f"{stem}_{i:03d}.png")
+    grid = np.concatenate(list(images), axis=1)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
+        out / f"{stem}_grid.png")
+    console.print(f"wrote {len(images)} images of {concept!r} to {out}")
+
+
+if __name__ == "__main__":
+    app()

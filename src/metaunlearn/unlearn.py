@@ -1,0 +1,348 @@
+"""The unlearning stage: load a backbone and cached data, run a base method with or without the meta objective, save.
+
+Flow (one straight line)::
+
+    load_backbone(model)                                  original weights (ESD's teacher, UCE's W_old come from here)
+    method.apply(...)                                     ESD/SDD: a per-step loss; UCE/RECE: closed-form edit now
+    [meta]  cached_set(...) for forget/related/irrelevant latents + conditioning, encoded once
+    TrainLoop(out).run(step_fn)                           outer steps: plain base loss, or MetaObjective
+    backbone.save(out/model)                              a plain diffusers folder (LoRA attack adapters removed)
+
+Outputs in ``out``: ``model/`` (diffusers), ``config.json`` (resolved config), ``train_log.jsonl`` (loss terms per
+step), ``checkpoint/`` (resume state), ``edit.json`` (closed-form edit statistics, UCE/RECE).
+
+A config file is either this stage's config (:class:`UnlearnConfig`) at the top level, or a whole experiment file
+with an ``unlearn:`` section; then ``model`` and ``data`` (a :class:`~metaunlearn.data.config.DataConfig`) may come
+from the file's top level, and ``forget_prompts`` default to the forget data set's prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from metaunlearn.backbones.base import TRAINABLE_SUBSETS, Backbone
+from metaunlearn.config import StrictModel, read_yaml, validate, write_resolved
+from metaunlearn.data.cache import CachedSet
+from metaunlearn.errors import UserError
+from metaunlearn.meta.config import MetaConfig
+from metaunlearn.meta.objective import MetaObjective, PlainObjective, autocast_factory
+from metaunlearn.meta.plan import MetaData
+from metaunlearn.methods import Method, UnlearnInputs
+from metaunlearn.methods.config import MethodSpec
+
+MODEL_DIR = "model"
+CONFIG_FILE = "config.json"
+EDIT_FILE = "edit.json"
+
+
+class SplitPaths(StrictModel):
+    """One role's splits: an image folder (encoded once and cached) or a cached ``.safetensors`` set each."""
+
+    train: Path | None = None
+    test: Path | None = None
+
+
+class UnlearnData(StrictModel):
+    """Data sets of the meta objective (plain ESD/SDD/UCE/RECE need none)."""
+
+    forget: SplitPaths | None = Field(None, description="attack on train, β_f term on test")
+    related: SplitPaths | None = None
+    irrelevant: SplitPaths | None = None
+    benign_split: Literal["train", "test"] = Field(
+        "test", description="split of related/irrelevant used by the meta terms (the official code: test)"
+    )
+    cache_dir: Path | None = Field(None, description="latent cache folder (default: <out>/cache)")
+
+
+class UnlearnConfig(StrictModel):
+    """The ``unlearn`` stage."""
+
+    model: Path = Field(..., description="diffusers model folder to unlearn from")
+    out: Path | None = Field(None, description="output folder (default: runs/<config name>/<method>[-meta])")
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    meta: MetaConfig | None = Field(None, description="the meta objective; null = plain unlearning")
+    data: UnlearnData = Field(default_factory=UnlearnData)
+    forget_prompts: list[str] = Field(..., min_length=1, description="the unlearning prompts")
+    preserve_prompts: list[str] = Field(default_factory=list, description="prompts whose behaviour to keep")
+    trainable: Literal[TRAINABLE_SUBSETS] | None = Field(  # type: ignore[valid-type]
+        None, description="override of the method's trained UNet subset"
+    )
+    steps: int = Field(200, ge=1, description="outer optimizer steps (ESD/SDD, or the meta stage after UCE/RECE)")
+    lr: float | None = Field(None, gt=0, description="outer AdamW learning rate (default: the method's, 1e-5)")
+    weight_decay: float = Field(0.0, ge=0, description="outer AdamW weight decay")
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip of plain-method gradients (meta: meta.clip)")
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=0)
+    mixed_precision: Literal["no", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UnlearnConfig:
+        if self.meta is not None and self.meta.order == "second" and self.gradient_checkpointing:
+            raise ValueError("meta.order 'second' cannot be combined with gradient_checkpointing")
+        return self
+
+    @property
+    def variant(self) -> str:
+        return f"{self.method.name}-meta" if self.meta is not None else self.method.name
+
+
+# ---- config files ---------------------------------------------------------------------------------------------------
+def _resolve_path(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _from_experiment(raw: dict, base: Path, source: str) -> dict:
+    """The ``unlearn`` section completed from the experiment file's top-level ``model`` and ``data``."""
+    section = raw["unlearn"]
+    if not isinstance(section, dict):
+        raise UserError(f"{source}: 'unlearn' must be a mapping")
+    section = dict(section)
+    if "model" not in section and raw.get("model") is not None:
+        section["model"] = raw["model"]
+    top_data = raw.get("data")
+    if isinstance(top_data, dict) and ("data" not in section or "forget_prompts" not in section):
+        from metaunlearn.data.config import DataConfig
+        from metaunlearn.data.prompts import resolve_prompts
+
+        data_cfg = validate(DataConfig, top_data, f"{source} (data)").resolve_paths(base)
+        if "data" not in section:
+            section["data"] = {
+                **{
+                    role: {"train": str(data_cfg.split_folder(role, "train")), "test": str(data_cfg.split_folder(role, "test"))}
+                    for role in data_cfg.roles()
+                },
+                "cache_dir": str(data_cfg.cache_path),
+            }
+        if "forget_prompts" not in section and data_cfg.forget is not None and data_cfg.forget.generated:
+            section["forget_prompts"] = resolve_prompts(
+                data_cfg.forget.prompts, data_cfg.forget.prompt_file, "data.forget prompts"
+            )
+    return section
+
+
+def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
+    """Read an unlearn config (standalone, or an experiment file's ``unlearn`` section); paths relative to the file."""
+    path = Path(path)
+    raw = read_yaml(path)
+    base = path.resolve().parent
+    data = _from_experiment(raw, base, str(path)) if "unlearn" in raw else dict(raw)
+    overrides = dict(overrides or {})
+    cli_out = overrides.pop("out", None)
+    for key, value in overrides.items():
+        if key == "method_name":
+            spec = data.get("method") or {}
+            if isinstance(spec, dict) and spec.get("name", "esd") != value:
+                data["method"] = {"name": value}  # another method: its own defaults, not the old params
+            elif isinstance(spec, dict):
+                data["method"] = {**spec, "name": value}
+        elif key == "meta":
+            if value and not data.get("meta"):
+                data["meta"] = {}
+            elif not value:
+                data["meta"] = None
+        else:
+            data[key] = value
+    config = validate(UnlearnConfig, data, str(path))
+    update: dict[str, Any] = {"model": _resolve_path(config.model, base)}
+    # --out is relative to the working directory, the config's out to the config file, the default is runs/...
+    if cli_out is not None:
+        update["out"] = Path(cli_out)
+    elif config.out is not None:
+        update["out"] = _resolve_path(config.out, base)
+    else:
+        update["out"] = Path("runs") / path.stem / config.variant
+    splits = {}
+    for role in ("forget", "related", "irrelevant"):
+        s = getattr(config.data, role)
+        if s is not None:
+            splits[role] = SplitPaths(train=_resolve_path(s.train, base), test=_resolve_path(s.test, base))
+    cache = _resolve_path(config.data.cache_dir, base)
+    update["data"] = config.data.model_copy(update={**splits, "cache_dir": cache})
+    return config.model_copy(update=update)
+
+
+# ---- data --------------------------------------------------------------------------------------------------------------
+def meta_roles(meta: MetaConfig) -> dict[str, tuple[str, str]]:
+    """Meta data role -> (config role, split) for every set the weights need."""
+    needed: dict[str, tuple[str, str]] = {}
+    if meta.needs_attack:
+        needed["forget_train"] = ("forget", "train")
+    if meta.beta_forget > 0:
+        needed["forget_test"] = ("forget", "test")
+    if meta.gamma_related > 0 or meta.beta_related > 0:
+        needed["related"] = ("related", "")
+    if meta.gamma_irrelevant > 0 or meta.beta_irrelevant > 0:
+        needed["irrelevant"] = ("irrelevant", "")
+    return needed
+
+
+def check_compatible(backbone: Backbone, data: CachedSet, where: str) -> None:
+    """A :class:`UserError` if a cached set was encoded for a different kind of model."""
+    unet = backbone.unet.config
+    size = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
+    expected = (int(unet.in_channels), int(size), int(size))
+    got = tuple(int(s) for s in data.latents.shape[1:])
+    if got != expected:
+        raise UserError(f"{where}: latents of shape {got} do not fit the model (expects {expected})")
+    width = data.cond.get("encoder_hidden_states")
+    if width is None or width.shape[-1] != int(unet.cross_attention_dim):
+        raise UserError(f"{where}: text conditioning does not fit the model (encoded for another model family?)")
+    if backbone.family == "sdxl" and not {"text_embeds", "time_ids"} <= set(data.cond):
+        raise UserError(f"{where}: conditioning lacks SDXL's text_embeds/time_ids (encoded for another family)")
+
+
+def load_set(backbone: Backbone, path: Path, cache_dir: Path, where: str, progress: bool) -> CachedSet:
+    """A cached ``.safetensors`` set, or an image folder encoded once (and cached) by this backbone."""
+    if path.is_file() and path.suffix == ".safetensors":
+        data = CachedSet.load(path)
+    elif path.is_dir():
+        from metaunlearn.data.caching import cached_set
+
+        data = cached_set(backbone, path, cache_dir, progress=progress)
+    else:
+        raise UserError(f"{where}: {path} is neither an image folder nor a cached .safetensors set")
+    if len(data) == 0:
+        raise UserError(f"{where}: {path} holds no images")
+    check_compatible(backbone, data, f"{where} ({path})")
+    return data.to(backbone.device)
+
+
+def load_meta_data(backbone: Backbone, config: UnlearnConfig, progress: bool = True) -> MetaData:
+    """Every data set the meta weights need, as cached sets on the backbone's device."""
+    assert config.meta is not None
+    cache_dir = config.data.cache_dir or (config.out / "cache")
+    sets: dict[str, CachedSet] = {}
+    for meta_role, (role, split) in meta_roles(config.meta).items():
+        split = split or config.data.benign_split
+        paths = getattr(config.data, role)
+        path = getattr(paths, split) if paths is not None else None
+        if path is None:
+            raise UserError(f"the meta objective needs data.{role}.{split} (a folder or a cached set)")
+        sets[meta_role] = load_set(backbone, path, cache_dir, f"data.{role}.{split}", progress)
+    return MetaData(**sets)
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------------------
+@dataclass
+class UnlearnResult:
+    """What :func:`run_unlearn` produced."""
+
+    out: Path
+    model: Path
+    steps: int
+    terms: dict[str, float]
+    edit_stats: dict[str, float]
+
+
+def describe(config: UnlearnConfig) -> list[str]:
+    """Human-readable plan lines (for ``--dry-run``)."""
+    method = config.method.build()
+    lines = [f"model: {config.model}", f"method: {method.describe()}"]
+    subset = config.trainable or method.trainable_subset
+    if method.kind == "edit":
+        lines.append("closed-form edit of cross-attention K/V")
+    if method.kind == "loss" or config.meta is not None:
+        lr = config.lr or method.default_lr
+        lines.append(f"train: {config.steps} steps, AdamW lr {lr:g}, subset {subset}, seed {config.seed}")
+    if config.meta is not None:
+        m = config.meta
+        lines.append(
+            f"meta ({m.order} order): γ_ir {m.gamma_irrelevant:g} γ_rel {m.gamma_related:g} β_f {m.beta_forget:g} "
+            f"β_rel {m.beta_related:g} β_ir {m.beta_irrelevant:g}; attacks "
+            + ", ".join(
+                f"{a.trainable}/{a.optimizer} lr {a.lr:g} "
+                + (f"{a.steps} steps" if a.steps else f"{a.epochs} epoch(s)")
+                for a in m.attacks
+            )
+        )
+        for meta_role, (role, split) in meta_roles(m).items():
+            split = split or config.data.benign_split
+            paths = getattr(config.data, role)
+            lines.append(f"data {meta_role}: {getattr(paths, split) if paths else 'MISSING'}")
+    lines.append(f"out: {config.out}/{MODEL_DIR}")
+    return lines
+
+
+def _build_optimizer(params: list[torch.nn.Parameter], config: UnlearnConfig, method: Method) -> torch.optim.Optimizer:
+    lr = config.lr or method.default_lr
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def run_unlearn(
+    config: UnlearnConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    backbone: Backbone | None = None,
+) -> UnlearnResult:
+    """Run the stage (see the module docstring). ``backbone`` may be given to skip loading ``config.model``."""
+    from metaunlearn.backbones.loading import load_backbone
+    from metaunlearn.commands.generate import resolve_device
+    from metaunlearn.runs import atomic_write_text, ensure_dir
+    from metaunlearn.training.loop import TrainLoop
+
+    assert config.out is not None
+    out = ensure_dir(config.out)
+    write_resolved(config, out / CONFIG_FILE)
+    if backbone is None:
+        backbone = load_backbone(config.model, device=resolve_device(config.device), dtype=torch.float32)
+    method = config.method.build()
+    subset = config.trainable or method.trainable_subset
+    generator = torch.Generator().manual_seed(config.seed)  # for set-up only; training draws from the loop's
+    inputs = UnlearnInputs(backbone, list(config.forget_prompts), list(config.preserve_prompts), generator, subset)
+    if config.gradient_checkpointing:
+        backbone.unet.enable_gradient_checkpointing()
+    backbone.unet.train()
+
+    base_loss = method.apply(inputs)  # ESD/SDD build their teacher from the original weights; UCE/RECE edit now
+    if method.edit_stats:
+        atomic_write_text(out / EDIT_FILE, json.dumps(method.edit_stats, indent=2) + "\n")
+    steps, terms = 0, {}
+    if base_loss is not None or config.meta is not None:
+        params = backbone.set_trainable(subset)
+        autocast = autocast_factory(backbone.device, config.mixed_precision)
+        loop = TrainLoop(
+            out,
+            config.steps,
+            checkpoint_every=config.checkpoint_every,
+            seed=config.seed,
+            description=f"unlearn {config.variant}",
+            progress=progress,
+        )
+        if config.meta is not None:
+            data = load_meta_data(backbone, config, progress)
+            objective = MetaObjective(
+                backbone, config.meta, data, params, base_loss=base_loss, seed=config.seed, autocast=autocast
+            )
+        else:
+            objective = PlainObjective(params, base_loss, config.clip_grad_norm, autocast=autocast)
+        optimizer = _build_optimizer(params, config, method)
+        loop.track("unet", backbone.unet)
+        loop.track("optimizer", optimizer)
+        if base_loss is not None and base_loss.state_dict():
+            loop.track("method", base_loss)
+        began = time.time()
+        try:
+            result = loop.run(lambda step: objective.step(step, loop.generator, optimizer), resume=resume)
+        finally:
+            objective.close()
+        steps, terms = result.step, result.terms
+        terms = {**terms, "train_s": round(time.time() - began, 3)}
+    backbone.unet.eval()
+    if config.gradient_checkpointing:
+        backbone.unet.disable_gradient_checkpointing()
+    backbone.unet.requires_grad_(False)
+    model_dir = backbone.save(out / MODEL_DIR)
+    return UnlearnResult(out, model_dir, steps, terms, dict(method.edit_stats))

@@ -1,0 +1,199 @@
+"""Relearning attacks on tiny real SD / SDXL pipelines: loss falls, snapshots are evaluated, the model is restored."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from metaunlearn.attacks.config import AttackSpec, AttackSuiteConfig
+from metaunlearn.attacks.finetune import run_attack
+from metaunlearn.attacks.sweep import ModelInfo, aggregate, read_rows, run_sweep, worst_case
+from metaunlearn.backbones.sd import StableDiffusionBackbone
+from metaunlearn.backbones.sdxl import StableDiffusionXLBackbone
+from metaunlearn.data.cache import CachedSet
+from metaunlearn.errors import UserError
+from metaunlearn.testing.tiny_pipelines import build_tiny_sd, build_tiny_sdxl
+
+torch.set_num_threads(1)
+PROMPTS = ["a photo of a nude person", "naked body", "bare skin", "a woman on the beach"]
+
+
+def _backbone(family: str):
+    if family == "sd":
+        return StableDiffusionBackbone(build_tiny_sd(0), source="tiny-sd")
+    return StableDiffusionXLBackbone(build_tiny_sdxl(0), source="tiny-sdxl")
+
+
+def _images(n: int) -> torch.Tensor:
+    """Simple structured images: a bright square on a dark background, at a different place per image."""
+    images = torch.full((n, 3, 16, 16), 0.1)
+    for i in range(n):
+        images[i, i % 3, 2 + i : 10 + i, 3:11] = 0.9
+    return images
+
+
+def _cached(backbone) -> CachedSet:
+    return CachedSet(backbone.encode_images(_images(len(PROMPTS))), backbone.encode_prompts(PROMPTS), list(PROMPTS))
+
+
+def _state(backbone) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in backbone.unet.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def tiny(request):
+    backbone = _backbone(request.param)
+    return backbone, _cached(backbone)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_attack_lowers_loss_evaluates_snapshots_and_restores_model(tiny, mode):
+    backbone, data = tiny
+    before = _state(backbone)
+    x = torch.randn(1, *data.latents.shape[1:], generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    cond = {k: v[:1] for k, v in data.cond.items()}
+    with torch.no_grad():
+        reference = backbone.predict_noise(x, t, cond)
+    seen = []
+
+    def evaluate(bb, step):
+        out = bb.predict_noise(x, t, cond)
+        seen.append(step)
+        return {"drift": float((out - reference).abs().max())}
+
+    # The tiny UNet's attention layers are too small for LoRA on them alone to fit anything in 40 steps, so LoRA
+    # here also adapts the ResNet convolutions (peft wraps Conv2d layers too).
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_out"]
+    lr = 3e-3 if mode == "full" else 1e-2
+    spec = AttackSpec(mode=mode, lr=lr, batch_size=4, seed=0, snapshot_steps=[0, 10, 40],
+                      lora={"rank": 4, "alpha": 4, "target_modules": targets})
+    result = run_attack(backbone, data, spec, evaluate, progress=False)
+
+    assert seen == [0, 10, 40]
+    assert [s.step for s in result.snapshots] == [0, 10, 40]
+    assert len(result.losses) == 40 and all(math.isfinite(v) for v in result.losses)
+    loss = result.metric("attack_loss")
+    assert loss[-1] < 0.8 * loss[0], loss
+    drift = result.metric("drift")
+    assert drift[0] < 1e-6 and drift[-1] > 1e-4  # evaluation sees the live attacked weights
+    after = _state(backbone)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(p.requires_grad for p in backbone.unet.parameters())
+    with torch.no_grad():
+        assert torch.equal(backbone.predict_noise(x, t, cond), reference)
+
+
+def test_lora_attack_trains_only_adapters_and_removes_them(tiny):
+    backbone, data = tiny
+    trained = {}
+
+    def evaluate(bb, step):
+        names = [n for n, p in bb.unet.named_parameters() if p.requires_grad]
+        trained[step] = names
+        return {}
+
+    spec = AttackSpec(mode="lora", lr=1e-2, batch_size=2, snapshot_steps=[0, 2], lora={"rank": 2, "alpha": 2})
+    run_attack(backbone, data, spec, evaluate, progress=False)
+    assert trained[2] and all(".lora_" in n for n in trained[2])
+    assert not any("lora" in n for n in backbone.unet.state_dict())
+    assert not getattr(backbone.unet, "_hf_peft_config_loaded", False)
+
+
+def test_full_attack_subset_and_sgd(tiny):
+    backbone, data = tiny
+    before = _state(backbone)
+    changed = {}
+
+    def evaluate(bb, step):
+        if step:
+            now = bb.unet.state_dict()
+            changed.update({k: not torch.equal(now[k], before[k]) for k in before})
+        return {}
+
+    spec = AttackSpec(mode="full", subset="xattn", optimizer="sgd", momentum=0.9, lr=0.5, batch_size=2,
+                      snapshot_steps=[3])
+    run_attack(backbone, data, spec, evaluate, progress=False)
+    moved = [k for k, v in changed.items() if v]
+    assert moved and all(".attn2." in k for k in moved)
+    assert all(torch.equal(backbone.unet.state_dict()[k], before[k]) for k in before)
+
+
+def test_bad_lora_targets_are_a_user_error(tiny):
+    backbone, data = tiny
+    spec = AttackSpec(mode="lora", snapshot_steps=[1], lora={"target_modules": ["no_such_layer"]})
+    with pytest.raises(UserError, match="LoRA targets"):
+        run_attack(backbone, data, spec, progress=False)
+    assert not any("lora" in n for n in backbone.unet.state_dict())
+
+
+def test_sweep_writes_rows_per_run_and_resumes(tmp_path):
+    backbone = _backbone("sd")
+    data = _cached(backbone)
+    suite = AttackSuiteConfig(sets={"hrm-s": {"data": "unused"}, "clean": {"data": "unused"}},
+                              modes=["full", "lora"], lrs=[1e-3], seeds=[0, 1], snapshot_steps=[0, 2],
+                              batch_size=2)
+    info = ModelInfo.infer("esd-meta")
+    assert (info.method, info.variant) == ("esd", "meta")
+    rows = run_sweep(backbone, {"hrm-s": data, "clean": data}, suite, tmp_path, info, progress=False)
+    assert len(rows) == 2 * 2 * 2 * 2  # sets × modes × seeds × snapshots
+    files = sorted((tmp_path / "attacks" / "esd-meta").glob("*/*.jsonl"))
+    assert [f.name for f in files] == ["full_lr0.001_s0.jsonl", "full_lr0.001_s1.jsonl",
+                                       "lora_lr0.001_s0.jsonl", "lora_lr0.001_s1.jsonl"] * 2
+    first = json.loads(files[0].read_text().splitlines()[0])
+    assert {"model", "method", "variant", "attack_set", "mode", "lr", "seed", "step", "attack_loss"} <= set(first)
+    assert read_rows(tmp_path) and len(read_rows(tmp_path)) == len(rows)
+    # A second sweep finds every run complete and trains nothing.
+    stamp = {f: f.stat().st_mtime_ns for f in files}
+    again = run_sweep(backbone, {"hrm-s": data, "clean": data}, suite, tmp_path, info, progress=False)
+    assert len(again) == len(rows)
+    assert all(f.stat().st_mtime_ns == stamp[f] for f in files)
+
+
+def _row(model, attack_set, mode, lr, seed, step, rate):
+    return {"model": model, "method": model.split("-")[0], "variant": "meta" if model.endswith("meta") else "unlearn",
+            "attack_set": attack_set, "mode": mode, "lr": lr, "seed": seed, "step": step, "forget_rate": rate}
+
+
+def test_aggregate_and_worst_case_by_hand():
+    rows = [
+        _row("esd", "hrm-m", "full", 1e-5, 0, 50, 0.2),
+        _row("esd", "hrm-m", "full", 1e-5, 1, 50, 0.4),
+        _row("esd", "hrm-m", "full", 1e-5, 2, 50, 0.9),
+        _row("esd", "hrm-m", "lora", 1e-4, 0, 50, 0.95),
+        _row("esd", "hrm-m", "full", 1e-5, 0, 100, float("nan")),  # a diverged run is left out, not averaged in
+    ]
+    agg = {(a["mode"], a["step"]): a for a in aggregate(rows, "forget_rate")}
+    full = agg[("full", 50)]
+    assert full["n"] == 3
+    assert full["mean"] == pytest.approx(0.5)
+    # sample std: deviations -0.3, -0.1, 0.4 -> (0.09 + 0.01 + 0.16) / 2 = 0.13
+    assert full["std"] == pytest.approx(math.sqrt(0.13))
+    assert (full["min"], full["max"]) == (0.2, 0.9)
+    assert agg[("lora", 50)]["std"] == 0.0 and agg[("lora", 50)]["n"] == 1
+    assert ("full", 100) not in agg
+    worst = worst_case(rows, "forget_rate")
+    assert len(worst) == 1
+    assert worst[0]["worst"] == 0.95 and worst[0]["at"] == {"mode": "lora", "lr": 1e-4, "seed": 0}
+
+
+def test_suite_config_validation():
+    with pytest.raises(ValueError):
+        AttackSuiteConfig(sets={})
+    with pytest.raises(ValueError):
+        AttackSuiteConfig(sets={"a": {"data": "x"}}, lrs=[0.0])
+    with pytest.raises(ValueError):
+        AttackSuiteConfig(sets={"a": {"data": "x"}}, seeds=[1, 1])
+    suite = AttackSuiteConfig(sets={"a": {"data": "x"}}, modes=["full", "lora"], lrs=[1e-5, 1e-4], seeds=[0, 1, 2],
+                              snapshot_steps=[300, 0, 50, 50])
+    specs = list(suite.specs())
+    assert len(specs) == 12
+    assert specs[0].snapshot_steps == [0, 50, 300] and specs[0].steps == 300
+    assert {s.run_name for s in specs} >= {"full_lr1e-05_s0", "lora_lr0.0001_s2"}

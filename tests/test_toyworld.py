@@ -1,0 +1,123 @@
+"""The embedded concept world: taxonomy, deterministic rendering, the shipped detector and toy model.
+
+Sampling thresholds: the shipped model is required to draw >= 85% of samples as the prompt's concept on 32+
+samples per prompt (see ``assets/toy/eval.json``). Here only 16 samples per prompt are drawn to stay fast, so the
+threshold is relaxed to 12/16 = 75% to absorb sampling noise on that smaller draw (at a true rate of 85%,
+fewer than 12 hits out of 16 has probability ~7%); sampling is seeded, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from metaunlearn.toyworld import taxonomy  # noqa: E402
+from metaunlearn.toyworld.assets import ASSET_DIR, detector_path, load_toy_detector, model_dir  # noqa: E402
+from metaunlearn.toyworld.detector import ConceptDetector, detector_accuracy  # noqa: E402
+from metaunlearn.toyworld.pretrain import MARKER_FILE, sample  # noqa: E402
+from metaunlearn.toyworld.world import CONCEPTS, render, render_class, to_tensor  # noqa: E402
+
+SAMPLES_PER_PROMPT = 16
+RELAXED_THRESHOLD = 12 / 16
+
+
+@pytest.fixture(scope="module")
+def detector() -> ConceptDetector:
+    return load_toy_detector()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        str(model_dir()), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_taxonomy_has_the_roles_the_paper_needs() -> None:
+    forget = taxonomy.concepts_for("forget")
+    related = taxonomy.concepts_for("related")
+    irrelevant = taxonomy.concepts_for("irrelevant")
+    assert len(forget) == 1 and len(related) >= 2 and len(irrelevant) >= 4
+    target = forget[0]
+    assert len(target.heldout_paraphrases) >= 2
+    for concept in related:
+        assert concept.colour == target.colour or concept.shape == target.shape
+    for concept in irrelevant:
+        assert concept.colour != target.colour and concept.shape != target.shape
+    # The forget concept's colour and shape each appear in at least two related concepts.
+    assert sum(c.colour == target.colour for c in related) >= 2
+    assert sum(c.shape == target.shape for c in related) >= 2
+    unlearning_prompts = taxonomy.prompts_for("forget", include_paraphrases=True)
+    assert not set(taxonomy.heldout_prompts()) & set(unlearning_prompts)
+    assert set(taxonomy.heldout_prompts()) <= set(taxonomy.caption_corpus())
+    assert all(c.name in taxonomy.CLASS_NAMES for c in CONCEPTS)
+
+
+def test_rendering_is_deterministic_per_seed() -> None:
+    a = render("red_triangle", 6, seed=3)
+    b = render("red_triangle", 6, seed=3)
+    c = render("red_triangle", 6, seed=4)
+    assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(render("red_circle", 6, seed=3), a)
+    with pytest.raises(ValueError, match="Unknown concept"):
+        render("purple_triangle", 1)
+
+
+def test_shipped_detector_is_accurate_on_fresh_renders(detector: ConceptDetector) -> None:
+    accuracy = detector_accuracy(detector, per_class=50, seed=424242)
+    for concept in CONCEPTS:
+        assert accuracy[concept.name] >= 0.98, (concept.name, accuracy[concept.name])
+    assert min(accuracy.values()) >= 0.98
+
+
+def test_detector_api_and_round_trip(detector: ConceptDetector, tmp_path) -> None:
+    images = to_tensor(render_class("yellow_cross", 4, seed=1))
+    probs = detector.probs(images)
+    assert probs.shape == (4, len(detector.class_names))
+    assert torch.allclose(probs.sum(dim=1), torch.ones(4), atol=1e-5)
+    assert detector.features(images).shape == (4, detector.feature_dim)
+    detector.save(tmp_path / "d.safetensors")
+    reloaded = ConceptDetector.load(tmp_path / "d.safetensors")
+    assert reloaded.class_names == detector.class_names
+    assert torch.allclose(reloaded.probs(images), probs, atol=1e-6)
+
+
+def test_shipped_assets_are_a_small_standard_pipeline(pipe) -> None:
+    assert json.loads((model_dir() / MARKER_FILE).read_text())["pixel_space"] is True
+    assert pipe.vae_scale_factor == 1
+    assert pipe.unet.config.in_channels == 3 and pipe.unet.config.sample_size == 16
+    files = [p for p in ASSET_DIR.rglob("*") if p.is_file()]
+    assert detector_path().exists() and (ASSET_DIR / "eval.json").exists()
+    assert sum(p.stat().st_size for p in files) <= 15 * 2**20
+
+
+FORGET = taxonomy.concepts_for("forget")[0]
+SAMPLED_PROMPTS = [
+    FORGET.prompt,
+    *FORGET.heldout_paraphrases,
+    taxonomy.concepts_for("related")[0].prompt,
+    taxonomy.concepts_for("irrelevant")[-1].prompt,
+]
+
+
+@pytest.mark.parametrize("prompt", SAMPLED_PROMPTS)
+def test_shipped_model_draws_the_prompted_concept(pipe, detector: ConceptDetector, prompt: str) -> None:
+    torch.manual_seed(0)
+    images = sample(pipe, prompt, SAMPLES_PER_PROMPT, seed=11)
+    assert images.shape == (SAMPLES_PER_PROMPT, 3, 16, 16)
+    predicted = detector.predict(images)
+    target = taxonomy.concept_of_prompt(prompt).name
+    hits = sum(p == target for p in predicted)
+    assert hits / SAMPLES_PER_PROMPT >= RELAXED_THRESHOLD, (prompt, predicted)
