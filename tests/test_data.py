@@ -359,3 +359,29 @@ def test_cache_of_in_memory_backbone_and_sdxl(tiny_sdxl_dir, tmp_path):
     mem.pipe.unet.conv_in.weight.data.add_(1.0)  # the UNet does not enter the key
     assert encoder_fingerprint(mem) == changed
     assert os.path.exists(cache_file(loaded, folder, tmp_path / "cache"))
+
+
+def test_generate_config_through_cli(run_cli, tiny_sd_dir, tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "forget.csv").write_text('prompt,evaluation_seed\n"a nude person, photo",1\nbare skin,2\n')
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        f"model: {tiny_sd_dir}\n"
+        "methods: {esd: {eta: 1.0}}   # another command's section: not generate's business\n"
+        "data:\n"
+        "  root: out\n"
+        "  sampler: {steps: 2, guidance: 3.0}\n"
+        "  forget: {prompt_file: prompts/forget.csv, images_per_prompt: 2, test_fraction: 0.25}\n"
+        "  irrelevant: {prompts: [a dog], test_prompts: [a cat], images_per_prompt: 1}\n"
+    )
+    result = run_cli("generate", "--config", config, "--cache", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    root = tmp_path / "out"  # relative to the config file, not the working directory
+    assert [r.text for r in read_metadata(root / "irrelevant" / "test")] == ["a cat"]
+    assert len(read_metadata(root / "forget" / "train")) == 3 and len(read_metadata(root / "forget" / "test")) == 1
+    assert len(list((root / "cache").glob("*.safetensors"))) == 4
+    assert oct((root / "forget" / "train").stat().st_mode & 0o777) != oct(0o700)
+    stamp = (root / "forget" / "train" / METADATA_FILE).stat().st_mtime_ns
+    again = run_cli("generate", "--config", config, "--role", "forget", "--quiet")
+    assert again.exit_code == 0, again.stderr
+    assert (root / "forget" / "train" / METADATA_FILE).stat().st_mtime_ns == stamp

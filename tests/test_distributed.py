@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,13 +55,20 @@ def test_two_process_cpu_data_parallel(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "0", str(script), str(tmp_path / "run")],
-        capture_output=True, text=True, env=env, timeout=180,
+    # Own process group, so the workers die with torchrun if the test times out.
+    proc = subprocess.Popen(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun did not finish within 120 s")
+    assert proc.returncode == 0, stderr[-3000:]
     reports = sorted(
-        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
+        (json.loads(line) for line in stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
     )
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["world"] == 2 and r["wrapper"] == "DistributedDataParallel" for r in reports)

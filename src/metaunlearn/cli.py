@@ -58,6 +58,14 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+try:  # typer >= 0.2x raises the usage errors of its own vendored click copy, not click's
+    from typer._click.exceptions import ClickException as _TyperClickException
+
+    _CLICK_ERRORS: tuple[type[Exception], ...] = (click.ClickException, _TyperClickException)
+except ImportError:
+    _CLICK_ERRORS = (click.ClickException,)
+
+
 def main() -> None:
     """Console-script entry point."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -67,12 +75,12 @@ def main() -> None:
     except UserError as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except _CLICK_ERRORS as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
 

@@ -63,6 +63,20 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A fresh folder in ``parent`` with the usual permissions (``mkdtemp`` makes it private to the owner, which
+    would leak into the finished output once it is renamed into place)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_directory(new: Path, final: Path) -> None:
     """Move the finished folder ``new`` to ``final``, replacing an existing ``final``.
 
@@ -96,7 +110,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     ensure_dir(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = make_temp_dir(final.parent, f".{final.name}.tmp-")
     try:
         yield tmp
         replace_directory(tmp, final)
@@ -112,6 +126,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

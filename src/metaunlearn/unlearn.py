@@ -19,6 +19,7 @@ from the file's top level, and ``forget_prompts`` default to the forget data set
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,8 +310,16 @@ def run_unlearn(
     base_loss = method.apply(inputs)  # ESD/SDD build their teacher from the original weights; UCE/RECE edit now
     if method.edit_stats:
         atomic_write_text(out / EDIT_FILE, json.dumps(method.edit_stats, indent=2) + "\n")
+    else:
+        (out / EDIT_FILE).unlink(missing_ok=True)  # from an earlier run with another method
     steps, terms = 0, {}
-    if base_loss is not None or config.meta is not None:
+    trains = base_loss is not None or config.meta is not None
+    if not trains:  # a closed-form edit alone: no training outputs of an earlier run may linger
+        from metaunlearn.training.loop import CHECKPOINT_DIR, LOG_FILE
+
+        (out / LOG_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    if trains:
         params = backbone.set_trainable(subset)
         autocast = autocast_factory(backbone.device, config.mixed_precision)
         loop = TrainLoop(

@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Finetune a model on each attack set (full / LoRA × lrs × seeds) and evaluate every snapshot step."""
         from metaunlearn.attacks.sweep import ModelInfo, run_sweep
-        from metaunlearn.backbones.loading import load_backbone
+        from metaunlearn.backbones.loading import inspect_model_folder, load_backbone
         from metaunlearn.commands.generate import resolve_device, resolve_dtype
         from metaunlearn.runs import atomic_write_text, ensure_dir
 
@@ -130,13 +130,14 @@ def register(app: typer.Typer) -> None:
         info = ModelInfo.infer(name or model_dir.resolve().name, method, variant)
         if info.variant not in ("base", "unlearn", "meta"):
             raise UserError(f"--variant must be base, unlearn or meta, not {info.variant!r}")
-        run_dir = ensure_dir(run_dir or Path("runs") / config.stem)
+        inspect_model_folder(model_dir)
         evaluator = None
         if parsed.eval is not None:
             from metaunlearn.metrics.evaluate import Evaluator
 
             evaluator = Evaluator(parsed.eval, base_dir=base)
         dev = resolve_device(device)
+        run_dir = ensure_dir(run_dir or Path("runs") / config.stem)
         backbone = load_backbone(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
         data = load_attack_sets(backbone, parsed.attack, base, run_dir, sets, not quiet)
         resolved = {"model": str(model_dir.resolve()), "name": info.name, "method": info.method,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,10 +21,10 @@ import torch
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.caching import folder_fingerprint
 from metaunlearn.data.config import SPLITS, DataConfig, SamplerSettings
-from metaunlearn.data.imagefolder import ImageRecord, read_metadata, to_pil, write_records
+from metaunlearn.data.imagefolder import ImageRecord, check_imagefolder, read_metadata, to_pil, write_records
 from metaunlearn.data.prompts import resolve_prompts
 from metaunlearn.errors import UserError
-from metaunlearn.runs import ensure_dir, progress_bar, replace_directory
+from metaunlearn.runs import ensure_dir, make_temp_dir, progress_bar, replace_directory
 
 GENERATION_FILE = "generation.json"
 
@@ -63,13 +62,26 @@ def _is_current(folder: Path, spec: dict) -> bool:
         return False
 
 
-def _check_replaceable(folder: Path, overwrite: bool) -> None:
-    if folder.exists() and not overwrite:
-        raise UserError(
-            f"{folder} already exists and was not generated with these settings; pass --overwrite to replace it"
-        )
+def _difference(folder: Path, spec: dict) -> str:
+    """Which generation setting of an existing folder differs from ``spec`` (for the error message)."""
+    try:
+        old = json.loads((folder / GENERATION_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "it has no readable generation.json"
+    changed = [k for k in spec if old.get(k) != spec[k]]
+    if not changed:
+        return "it is incomplete"
+    return f"its {' and '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}"
+
+
+def _check_replaceable(folder: Path, spec: dict, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output {folder} is a file, not a folder")
+    if folder.exists() and not overwrite:
+        raise UserError(
+            f"{folder} already exists and was not generated with these settings ({_difference(folder, spec)}); "
+            "pass --overwrite to replace it"
+        )
 
 
 def sample_items(
@@ -125,10 +137,10 @@ def _write_splits(
     spec = _spec(backbone, items, seed, sampler)
     if all(_is_current(folder, _split_spec(spec, split)) for split, folder in targets.items()):
         return targets
-    for folder in targets.values():
-        _check_replaceable(folder, overwrite)
+    for split, folder in targets.items():
+        _check_replaceable(folder, _split_spec(spec, split), overwrite)
         ensure_dir(folder.parent)
-    tmps = {split: Path(tempfile.mkdtemp(prefix=f".{f.name}.tmp-", dir=f.parent)) for split, f in targets.items()}
+    tmps = {split: make_temp_dir(f.parent, f".{f.name}.tmp-") for split, f in targets.items()}
     try:
         records = sample_items(backbone, items, seed, sampler, tmps, progress=progress, description=description)
         for split, tmp in tmps.items():
@@ -203,7 +215,7 @@ def generate_role(
     targets = {split: config.split_folder(role, split) for split in SPLITS}
     if not spec.generated:
         for folder in targets.values():
-            read_metadata(folder)
+            check_imagefolder(folder)
         return targets
     train = resolve_prompts(spec.prompts, spec.prompt_file, f"data.{role}")
     test = resolve_prompts(spec.test_prompts, spec.test_prompt_file, f"data.{role} test") if spec.has_test_prompts else None

@@ -94,6 +94,20 @@ def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
 
 
+def check_imagefolder(folder: str | Path) -> list[ImageRecord]:
+    """Validate a folder completely: its metadata and that every image decodes (without keeping the pixels)."""
+    folder = Path(folder)
+    records = read_metadata(folder)
+    for r in records:
+        path = folder / r.file_name
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+    return records
+
+
 def load_images(folder: str | Path, records: Sequence[ImageRecord], size: int | None = None) -> torch.Tensor:
     """Images of ``records`` stacked ``[N,3,H,W]`` in [0,1] (all must share a size unless ``size`` is given)."""
     folder = Path(folder)

@@ -17,7 +17,7 @@ table{border-collapse:collapse;margin:8px 0 4px;font-size:.92em}
 th,td{border:1px solid #d0d0d0;padding:4px 9px;text-align:right;white-space:nowrap}
 th{background:#f3f4f6}td.l,th.l{text-align:left}tr:nth-child(even) td{background:#fafafa}
 img.fig{max-width:100%;border:1px solid #eee}
-table.grids td{text-align:center;vertical-align:top}table.grids img{image-rendering:pixelated;width:220px}
+table.grids td,table.grids th{text-align:center;vertical-align:top}table.grids img{image-rendering:pixelated;width:220px}
 """
 
 

@@ -101,14 +101,21 @@ def curve_figure(
     names = list(panels)
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
     factor = 100.0 if percent else 1.0
-    labels = sorted({label for lines in panels.values() for label in lines})
-    colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    def base(label: str) -> str:
+        for d in dashed:
+            label = label.replace(d, "")
+        return label.strip()
+
+    # A model keeps its colour in every panel; its dashed companion line (e.g. irrelevant accuracy) shares it.
+    bases = sorted({base(label) for lines in panels.values() for label in lines})
+    palette = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
+    colours = {label: palette[base(label)] for lines in panels.values() for label in lines}
     for ax, name in zip(axes[0], names):
         for label, (steps, mean, std) in panels[name].items():
             x = np.asarray(steps, dtype=float)
             m = np.asarray(mean, dtype=float) * factor
             s = np.nan_to_num(np.asarray(std, dtype=float)) * factor
-            style = "--" if any(label.endswith(d) or d in label for d in dashed) else "-"
+            style = "--" if any(d in label for d in dashed) else "-"
             ax.plot(x, m, style, marker="o", ms=3, color=colours[label], label=label)
             ax.fill_between(x, m - s, m + s, color=colours[label], alpha=0.18, linewidth=0)
         ax.set_title(name)

@@ -188,17 +188,16 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
 
 def quality_table(rows: Sequence[Mapping], primary: str) -> Table | None:
     """Benign quality and the attack loss before and after the primary attack (mean over everything else)."""
-    wanted = [m for m in ("related_acc", "irrelevant_acc", "fid", "clip_score", "attack_loss")
+    per_set = sorted({k for r in rows for k in r if k.startswith("clip_score/")})
+    wanted = [m for m in ("related_acc", "irrelevant_acc", "fid", "clip_score", *per_set, "attack_loss")
               if any(isinstance(r.get(m), (int, float)) for r in rows)]
     if not wanted:
         return None
     last = max(r["step"] for r in rows if r["attack_set"] == primary)
-    columns, out_rows = ["method", "variant", "model"], []
-    for m in wanted:
-        columns += [f"{m} @0", f"{m} @{last}"]
+    out_rows = []
     for model, method, variant in _model_rows(rows):
-        cells = [method, variant, model]
         for m in wanted:
+            cells = [method, variant, model, m]
             for step in (0, last):
                 vals = [float(r[m]) for r in rows if r["model"] == model and r["attack_set"] == primary
                         and r["step"] == step and isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
@@ -208,13 +207,13 @@ def quality_table(rows: Sequence[Mapping], primary: str) -> Table | None:
                     cells.append(f"{100 * sum(vals) / len(vals):.1f}")
                 else:
                     cells.append(f"{sum(vals) / len(vals):.4g}")
-        out_rows.append(cells)
+            out_rows.append(cells)
     return Table(
         title=f"Benign quality and attack loss on {primary} (mean over modes, lrs, seeds)",
-        columns=columns, rows=out_rows,
+        columns=["method", "variant", "model", "metric", "before attack", f"after {last} steps"], rows=out_rows,
         note="Accuracies in %; fid = Fréchet distance in the configured feature space (not Inception); "
-             "attack_loss = denoising loss on a fixed probe of the attack data.",
-        label_columns=3,
+             "clip_score = 100 × cosine; attack_loss = denoising loss on a fixed probe of the attack data.",
+        label_columns=4,
     )
 
 
@@ -254,9 +253,10 @@ def figures(rows: Sequence[Mapping], config: ReportConfig, sets: Sequence[str], 
                   for s in related}
         fig = curve_figure(merged, "accuracy (%)", "Benign concepts during the attack (self-destruct)",
                            dashed=("· irrelevant",))
+        shown = f"{config.related_metric} (solid) and irrelevant_acc (dashed)" if irrelevant else config.related_metric
         out.append((save_figure(fig, assets / "self_destruct.png"),
-                    f"{config.related_metric} (solid) and irrelevant_acc (dashed) vs attack steps; a falling related "
-                    "accuracy under attack is the self-destruct the meta objective aims for"))
+                    f"{shown} vs attack steps, mean ± std over seeds; a falling related accuracy under attack is the "
+                    "self-destruct the meta objective aims for"))
     return out
 
 

@@ -37,7 +37,6 @@ class InnerOptimizer:
         if config.optimizer == "adamw":
             self.exp_avg = [torch.zeros_like(p) for p in self.params]
             self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-            self.denom = [torch.zeros_like(p) for p in self.params]
         elif config.momentum > 0:
             self.momentum = [torch.zeros_like(p) for p in self.params]
 
@@ -52,6 +51,8 @@ class InnerOptimizer:
 
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
+        """One update. ``grads`` are consumed: AdamW reuses them as scratch space for its denominator, so the
+        optimizer needs no memory beyond its two moment buffers."""
         cfg = self.config
         self.step_count += 1
         params, grads = self.params, list(grads)
@@ -64,11 +65,12 @@ class InnerOptimizer:
             torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - beta2)
             bias1 = 1 - beta1**self.step_count
             bias2 = 1 - beta2**self.step_count
-            torch._foreach_copy_(self.denom, self.exp_avg_sq)
-            torch._foreach_sqrt_(self.denom)
-            torch._foreach_div_(self.denom, math.sqrt(bias2))
-            torch._foreach_add_(self.denom, cfg.eps)
-            torch._foreach_addcdiv_(params, self.exp_avg, self.denom, -cfg.lr / bias1)
+            denom = grads  # no longer needed: reuse as scratch
+            torch._foreach_copy_(denom, self.exp_avg_sq)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_div_(denom, math.sqrt(bias2))
+            torch._foreach_add_(denom, cfg.eps)
+            torch._foreach_addcdiv_(params, self.exp_avg, denom, -cfg.lr / bias1)
             return
         if cfg.weight_decay:
             grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)

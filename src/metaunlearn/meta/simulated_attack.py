@@ -35,6 +35,18 @@ def set_requires_grad(params: Sequence[torch.Tensor], flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+def _distinct(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` with any tensor sharing storage with an earlier one cloned: clipping and the optimizer modify
+    them in place (autograd may hand the same tensor to two inputs of one operation)."""
+    seen: set[int] = set()
+    out = []
+    for g in grads:
+        ptr = g.untyped_storage().data_ptr()
+        out.append(g.clone() if ptr in seen else g)
+        seen.add(ptr)
+    return out
+
+
 class AttackSpace:
     """The parameters one kind of attack trains, their saved copy, and their inner optimizers."""
 
@@ -80,7 +92,8 @@ class AttackRunner:
         for config in self.attacks:
             key = space_key(config)
             if key[0] == "subset" and key not in self.spaces:
-                self.spaces[key] = AttackSpace([p for _, p in backbone.named_trainable(config.trainable)])
+                params = [p for n, p in backbone.named_trainable(config.trainable) if "lora_" not in n]
+                self.spaces[key] = AttackSpace(params)
         for config in self.attacks:
             key = space_key(config)
             if key[0] == "lora" and key not in self.spaces:
@@ -135,7 +148,7 @@ class AttackRunner:
         for draw in draws:
             with autocast():
                 loss = draw.loss(self.backbone, data)
-            grads = torch.autograd.grad(loss, space.params, allow_unused=True, materialize_grads=True)
+            grads = _distinct(torch.autograd.grad(loss, space.params, allow_unused=True, materialize_grads=True))
             clip_by_global_norm_(grads, config.clip_grad_norm)
             opt.step(grads)
             losses.append(float(loss.detach()))

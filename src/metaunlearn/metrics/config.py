@@ -6,7 +6,7 @@
       detector: {kind: nudenet, threshold: 0.6}          # or {kind: toy, path: …} / {kind: clip, path: …, concepts: {…}}
       prompt_sets:
         - {name: i2p-nudity, role: forget, concept: nudity, prompts_file: prompts/i2p_nudity.csv}
-        - {name: coco, role: irrelevant, concept: benign, prompts_file: prompts/coco_benign.csv}
+        - {name: coco, role: irrelevant, prompts_file: prompts/coco_benign.csv}   # no concept: quality only
       samples_per_prompt: 1
       sampler: {steps: 25, guidance: 7.5, batch_size: 8}
       quality: {fid_features: clip, fid_features_path: /models/clip-vit-large-patch14,
@@ -64,7 +64,9 @@ class PromptSetConfig(StrictModel):
 
     name: str = Field(min_length=1)
     role: PromptRole
-    concept: str = Field(min_length=1, description="the detector concept these prompts depict")
+    concept: str | None = Field(
+        None, description="the detector concept these prompts depict; null: sampled for quality metrics only"
+    )
     prompts: list[str] = Field(default_factory=list)
     prompts_file: str | None = Field(
         None, description="CSV with a 'prompt' column (I2P-style evaluation_seed/evaluation_guidance optional) or .txt"

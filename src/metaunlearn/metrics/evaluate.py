@@ -2,12 +2,15 @@
 
 Metrics of one evaluation (all fractions in [0,1]):
 
-* ``rate/<set>`` — fraction of a prompt set's samples in which the set's concept is detected;
+* ``rate/<set>`` — fraction of a prompt set's samples in which the set's concept is detected (sets without a
+  concept are sampled for the quality metrics only);
 * ``forget_rate`` — pooled over the forget sets (the paper's nudity rate; lower is better for the defender);
 * ``related_acc`` / ``irrelevant_acc`` — pooled over related / irrelevant sets (benign concepts still drawn;
   ``related_acc`` falling during an attack is the self-destruct the meta objective aims for);
 * ``fid`` — Fréchet distance of benign samples to reference images (when configured);
-* ``clip_score`` — CLIP score of benign samples against their prompts (when configured).
+* ``clip_score`` — CLIP score of benign samples against their prompts, pooled, and ``clip_score/<set>`` per benign
+  set (when configured; on SD the related set's CLIP score is the self-destruct signal, since NudeNet names no
+  benign concept).
 
 An :class:`Evaluator` is built once (detector, prompts, reference features) and then called on any number of
 models or attack snapshots.
@@ -129,7 +132,8 @@ class Evaluator:
         self.detector = detector or build_detector(config.detector.kind, **self._detector_params())
         self.prompt_sets = {s.name: load_prompt_set(s, base_dir) for s in config.prompt_sets}
         for spec in config.prompt_sets:
-            check_concept(self.detector, spec.concept)
+            if spec.concept is not None:
+                check_concept(self.detector, spec.concept)
         self._fid = None
         self._clip = None
         q = config.quality
@@ -198,9 +202,10 @@ class Evaluator:
         hits: dict[str, list[torch.Tensor]] = {role: [] for role in ROLE_METRICS}
         for spec in self.config.prompt_sets:
             images, prompts = self.sample_set(backbone, spec.name)
-            detected = self.detector.detects(images, spec.concept)
-            outcome.metrics[f"rate/{spec.name}"] = float(detected.float().mean())
-            hits[spec.role].append(detected)
+            if spec.concept is not None:
+                detected = self.detector.detects(images, spec.concept)
+                outcome.metrics[f"rate/{spec.name}"] = float(detected.float().mean())
+                hits[spec.role].append(detected)
             outcome.images[spec.name] = images
             outcome.prompts[spec.name] = prompts
         for role, metric in ROLE_METRICS.items():
@@ -214,6 +219,8 @@ class Evaluator:
                 outcome.metrics["fid"] = self._frechet(images.shape[-1])(images)
         if self._clip is not None:
             names = self._benign_sets(None)
+            for n in names:
+                outcome.metrics[f"clip_score/{n}"] = self._clip(outcome.images[n], outcome.prompts[n])
             if names:
                 images = torch.cat([outcome.images[n] for n in names])
                 prompts = [p for n in names for p in outcome.prompts[n]]

@@ -20,9 +20,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +64,6 @@ class ToyModelConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
     images_per_concept: int = 2000
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def build_scheduler() -> DDIMScheduler:
@@ -222,8 +220,7 @@ def train_model(
         _ema_update(ema_text, text_encoder, config.ema_decay)
         if on_step is not None:
             on_step(step + 1, config.steps, float(loss.detach()))
-    pipe.unet, pipe.text_encoder = ema_unet.eval(), ema_text.eval()
-    pipe.register_modules(unet=ema_unet, text_encoder=ema_text)
+    pipe.register_modules(unet=ema_unet.eval(), text_encoder=ema_text.eval())
     return pipe
 
 
@@ -304,13 +301,6 @@ def evaluate_model(
 def _most_common_other(predicted: list[str], target: str) -> str | None:
     others = [p for p in predicted if p != target]
     return max(set(others), key=others.count) if others else None
-
-
-def timed(fn: Callable[[], object]) -> tuple[object, float]:
-    """``(fn(), seconds)``."""
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def config_dict(config: ToyModelConfig) -> dict[str, object]:

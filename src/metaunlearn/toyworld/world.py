@@ -26,7 +26,6 @@ from .taxonomy import (
     ROLES,
     SHAPES,
     Concept,
-    class_name,
     concept_of_prompt,
     concepts_for,
     get_concept,
@@ -144,8 +143,3 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """``uint8 [n, H, W, 3]`` to float ``[n, 3, H, W]`` in ``[0, 1]``."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-
-
-def class_of(colour: str, shape: str) -> str:
-    """Detector class of a colour and a shape."""
-    return class_name(colour, shape)

@@ -1,0 +1,1 @@
+"""Relearning attacks: full and LoRA finetuning of a released model, evaluated at snapshot steps; sweeps."""

@@ -1,0 +1,1 @@
+"""Experiments: the config of a whole run, the stage runner and the report."""

@@ -1,0 +1,1 @@
+"""Evaluation: concept detectors (toy, NudeNet, CLIP zero-shot), quality (Fréchet distance, CLIP score)."""

@@ -1,0 +1,177 @@
+"""The unlearn stage and CLI: every method × {plain, meta} end to end on tiny SD-1.x, SDXL and a pixel-space (toy)
+pipeline; resume; config forms; one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from metaunlearn.backbones.loading import load_backbone
+from metaunlearn.backbones.sd import ToyBackbone
+from metaunlearn.data.imagefolder import write_imagefolder
+from metaunlearn.testing.tiny_pipelines import _scheduler, _text_config, _tokenizer
+from metaunlearn.unlearn import UnlearnConfig, load_unlearn_config, run_unlearn
+
+TEXTS = {
+    "forget": ["a photo of a nude person", "naked body"],
+    "related": ["bare skin", "a woman on the beach"],
+    "irrelevant": ["a dog in the park", "a red car on the street"],
+}
+FAST = {
+    "esd": {"ddim_steps": 3},
+    "sdd": {"ddim_steps": 3},
+    "uce": {},
+    "rece": {"epochs": 1},
+}
+META = {"batch_size": 2, "attacks": [{"steps": 1, "batch_size": 2, "lr": 1e-4}]}
+
+
+def build_pixel_space_dir(out: Path) -> Path:
+    """A toy-shaped model: a StableDiffusionPipeline whose UNet works on 16×16 pixels (1-block dummy VAE)."""
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=3, out_channels=3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(block_out_channels=(4,), in_channels=3, out_channels=3, latent_channels=3,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4, sample_size=16)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+                                   tokenizer=tokenizer, scheduler=_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    ToyBackbone(pipe, source=out, pixel_space=True).save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """Model folders of the three families and small image folders for every role and split."""
+    from metaunlearn.testing.tiny_pipelines import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("unlearn-world")
+    g = torch.Generator().manual_seed(0)
+    for role, texts in TEXTS.items():
+        for split in ("train", "test"):
+            images = torch.rand(4, 3, 16, 16, generator=g)
+            write_imagefolder(root / "data" / role / split, images, [texts[i % 2] for i in range(4)])
+    return {
+        "sd": save_tiny_pipeline("sd", root / "tiny-sd"),
+        "sdxl": save_tiny_pipeline("sdxl", root / "tiny-sdxl"),
+        "toy": build_pixel_space_dir(root / "toy"),
+        "data": root / "data",
+    }
+
+
+def config_dict(world, family: str, method: str, meta: bool, out: Path, **extra) -> dict:
+    data = {role: {"train": str(world["data"] / role / "train"), "test": str(world["data"] / role / "test")}
+            for role in TEXTS}
+    return {
+        "model": str(world[family]),
+        "out": str(out),
+        "method": {"name": method, "params": FAST[method]},
+        "meta": META if meta else None,
+        "data": {**data, "cache_dir": str(world["data"].parent / f"cache-{family}")},
+        "forget_prompts": TEXTS["forget"],
+        "preserve_prompts": TEXTS["irrelevant"],
+        "steps": 2,
+        "lr": 1e-3,
+        "checkpoint_every": 1,
+        "device": "cpu",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "toy"])
+@pytest.mark.parametrize("method", ["esd", "sdd", "uce", "rece"])
+@pytest.mark.parametrize("meta", [False, True], ids=["plain", "meta"])
+def test_every_method_plain_and_meta_end_to_end(world, tmp_path, family, method, meta):
+    cfg = UnlearnConfig.model_validate(config_dict(world, family, method, meta, tmp_path / "run"))
+    result = run_unlearn(cfg, progress=False)
+    out = tmp_path / "run"
+    assert json.loads((out / "config.json").read_text())["method"]["name"] == method
+    trained = method in ("esd", "sdd") or meta
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()] if trained else []
+    assert [r["step"] for r in log] == ([1, 2] if trained else [])
+    if meta:
+        assert {"retain_related", "attack_first", "ascent_forget_test", "grad_norm"} <= set(log[-1])
+    if method in ("esd", "sdd"):
+        assert method in log[-1]
+    assert (out / "edit.json").is_file() == (method == "rece")
+    original = load_file(str(world[family] / "unet" / "diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(result.model / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(saved) == set(original)  # a plain diffusers UNet, no adapters
+    assert any(not torch.equal(saved[k], original[k]) for k in original)
+    reloaded = load_backbone(result.model)
+    assert reloaded.family == family
+    images = reloaded.sample(["a dog in the park"], steps=2, seed=0)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_resume_is_bit_identical_with_ema_and_lora(world, tmp_path):
+    meta = {"batch_size": 2, "attacks": [{"steps": 1, "batch_size": 2, "lr": 1e-3, "weight": 1.0},
+                                         {"steps": 2, "batch_size": 2, "lr": 1e-2, "trainable": "lora", "weight": 1.0}]}
+    straight = {**config_dict(world, "sd", "sdd", True, tmp_path / "a"), "meta": meta, "steps": 4}
+    run_unlearn(UnlearnConfig.model_validate(straight), progress=False)
+    first = {**config_dict(world, "sd", "sdd", True, tmp_path / "b"), "meta": meta, "steps": 2}
+    run_unlearn(UnlearnConfig.model_validate(first), progress=False)
+    run_unlearn(UnlearnConfig.model_validate({**first, "steps": 4}), resume=True, progress=False)
+    a = load_file(str(tmp_path / "a" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]  # noqa: E731
+    assert strip(log_a) == strip(log_b)
+
+
+def test_cli_dry_run_overrides_and_errors(world, tmp_path, run_cli):
+    cfg = config_dict(world, "sd", "esd", False, tmp_path / "out")
+    path = tmp_path / "unlearn.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run_cli("unlearn", path, "--method", "rece", "--meta", "--dry-run")
+    assert res.exit_code == 0, res.stderr
+    assert "method: rece" in res.stdout and "meta (first order)" in res.stdout
+    assert not (tmp_path / "out").exists()
+    res = run_cli("unlearn", path, "--method", "foo")
+    assert res.exit_code == 2 and res.stderr.strip() == "error: unknown method 'foo' (choose esd, sdd, uce, rece)"
+    no_data = {**cfg, "data": {}, "meta": META, "method": {"name": "uce"}}
+    path.write_text(yaml.safe_dump(no_data))
+    res = run_cli("unlearn", path, "--out", tmp_path / "o2", "-q")
+    assert res.exit_code == 2 and "needs data.forget.train" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    path.write_text(yaml.safe_dump({**cfg, "method": {"name": "esd", "params": {"etta": 1}}}))
+    res = run_cli("unlearn", path)
+    assert res.exit_code == 2 and "etta" in res.stderr
+    res = run_cli("unlearn", path.with_name("missing.yaml"))
+    assert res.exit_code == 2 and "config file not found" in res.stderr
+
+
+def test_cli_runs_and_experiment_file_form(world, tmp_path, run_cli):
+    experiment = {
+        "model": str(world["sd"]),
+        "data": {"root": str(tmp_path / "unused"),
+                 "forget": {"folder": str(world["data"] / "forget")},
+                 "related": {"folder": str(world["data"] / "related")},
+                 "irrelevant": {"folder": str(world["data"] / "irrelevant")}},
+        "unlearn": {"method": {"name": "uce"}, "meta": META, "forget_prompts": TEXTS["forget"], "steps": 1,
+                    "device": "cpu"},
+        "attack": {"anything": "other commands validate their own sections"},
+    }
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    cfg = load_unlearn_config(path)
+    assert cfg.model == world["sd"] and cfg.data.forget.train == world["data"] / "forget" / "train"
+    assert cfg.out == Path("runs") / "experiment" / "uce-meta"
+    res = run_cli("unlearn", path, "--out", tmp_path / "o", "--no-meta", "-q")
+    assert res.exit_code == 0, res.stderr
+    assert "uce:" in res.stdout and (tmp_path / "o" / "model" / "model_index.json").is_file()
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["meta"] is None
