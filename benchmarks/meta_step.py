@@ -36,7 +36,28 @@ SIZES = {
     "tiny": dict(block_out_channels=(8, 16), sample_size=8, cross_attention_dim=32, attention_head_dim=4, norm=4),
     "small": dict(block_out_channels=(32, 64), sample_size=16, cross_attention_dim=32, attention_head_dim=8, norm=8),
     "medium": dict(block_out_channels=(64, 128, 128), sample_size=32, cross_attention_dim=32, attention_head_dim=8, norm=16),
+    # many parameters on small latents: parameter-proportional memory (copies, optimizer state) dominates
+    "wide": dict(block_out_channels=(128, 256, 512), sample_size=8, cross_attention_dim=32, attention_head_dim=16, norm=32),
 }
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs``); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib(reset_ok: bool) -> float:
+    """Peak RSS since :func:`reset_peak_rss` (``VmHWM``), else over the process lifetime."""
+    if reset_ok:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- timing instrumentation --------------------------------------------------------------------------------------
@@ -168,8 +189,11 @@ def run_variant(args) -> dict:
     g = torch.Generator().manual_seed(0)
     cfg = {"gamma": 1.0, "beta": 0.1, "batch": args.batch, "inner_batch": args.inner_batch}
     if args.variant == "ours":
-        data = MetaData(**{k: CachedSet(backbone.encode_images(images[k]), backbone.encode_prompts(texts[k]), texts[k])
-                           for k in sizes})
+        def encode(k):  # once, in batches no larger than the training batches
+            chunks = [backbone.encode_images(images[k][i : i + args.inner_batch]) for i in range(0, sizes[k], args.inner_batch)]
+            return CachedSet(torch.cat(chunks), backbone.encode_prompts(texts[k]), texts[k])
+
+        data = MetaData(**{k: encode(k) for k in sizes})
         meta = MetaConfig(batch_size=args.batch, attacks=[AttackConfig(batch_size=args.inner_batch)])
         objective = MetaObjective(backbone, meta, data, params,
                                   autocast=autocast_factory(backbone.device, "bf16" if args.bf16 else "no"))
@@ -180,6 +204,10 @@ def run_variant(args) -> dict:
     timer.patch_autograd()
     step()  # warm-up (allocations, lazy init)
     timer.forward = timer.backward = 0.0
+    import gc
+
+    gc.collect()
+    reset_ok = reset_peak_rss()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -191,7 +219,8 @@ def run_variant(args) -> dict:
         "step_s": total,
         "unet_fwd_bwd_s": unet_time,
         "other_s": total - unet_time,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(reset_ok),
+        "peak_scope": "timed steps" if reset_ok else "process lifetime",
     }
 
 
@@ -220,7 +249,7 @@ def main() -> None:
     o = rows["ours"]
     print(f"model: {args.model or 'random ' + args.size} UNet, {o['unet_params']:,} parameters; "
           f"forget-train {args.forget_train} (attack batch {args.inner_batch}), term batch {args.batch}, "
-          f"{args.steps} timed steps")
+          f"{args.steps} timed steps; peak RSS over the {o['peak_scope']}")
     header = f"{'variant':<10}{'step s':>10}{'UNet fwd+bwd s':>16}{'other s':>10}{'peak RSS MiB':>14}"
     print(header)
     for name, r in rows.items():

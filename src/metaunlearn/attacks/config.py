@@ -86,8 +86,14 @@ class AttackSpec(StrictModel):
 class AttackSetData(StrictModel):
     """Where one attack set's training data lives."""
 
-    data: str = Field(description="imagefolder with metadata.jsonl, or a cached set (.safetensors)")
+    data: str | None = Field(
+        None, description="imagefolder with metadata.jsonl, or a cached set (.safetensors); "
+        "experiments may instead generate it (attack_data)"
+    )
     description: str = ""
+    modes: list[AttackMode] | None = Field(None, description="this set only: overrides the suite's modes")
+    lrs: list[float] | None = Field(None, description="this set only: overrides the suite's learning rates")
+    seeds: list[int] | None = Field(None, description="this set only: overrides the suite's seeds")
 
 
 class AttackSuiteConfig(StrictModel):
@@ -131,9 +137,16 @@ class AttackSuiteConfig(StrictModel):
                 raise ValueError(f"'{name}' lists a value twice")
         return self
 
-    def specs(self) -> Iterator[AttackSpec]:
-        """Every (mode, lr, seed) combination as an :class:`AttackSpec` (attack sets are crossed by the caller)."""
-        for mode, lr, seed in itertools.product(self.modes, self.lrs, self.seeds):
+    def specs(self, set_name: str | None = None) -> Iterator[AttackSpec]:
+        """Every (mode, lr, seed) combination as an :class:`AttackSpec` (attack sets are crossed by the caller).
+
+        With ``set_name``, that set's own ``modes``/``lrs``/``seeds`` replace the suite's where it gives them.
+        """
+        own = self.sets.get(set_name) if set_name is not None else None
+        modes = (own.modes if own and own.modes else None) or self.modes
+        lrs = (own.lrs if own and own.lrs else None) or self.lrs
+        seeds = (own.seeds if own and own.seeds else None) or self.seeds
+        for mode, lr, seed in itertools.product(modes, lrs, seeds):
             yield AttackSpec(
                 mode=mode,
                 subset=self.subset,

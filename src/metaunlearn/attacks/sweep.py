@@ -143,7 +143,7 @@ def run_sweep(
     step0: dict = {}
     for set_name, data in sets.items():
         check_name(set_name, "attack set name")
-        for spec in suite.specs():
+        for spec in suite.specs(set_name):
             path = run_file(run_dir, model.name, set_name, spec)
             if resume and path.is_file():
                 done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

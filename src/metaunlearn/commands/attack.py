@@ -72,6 +72,8 @@ def load_attack_sets(backbone, suite: AttackSuiteConfig, base: Path, run_dir: Pa
     cache_dir = _resolve(suite.cache_dir, base) if suite.cache_dir else run_dir / "cache"
     sets = {}
     for name in only or names:
+        if not suite.sets[name].data:
+            raise UserError(f"attack set '{name}' names no data folder")
         path = _resolve(suite.sets[name].data, base)
         if path.is_file() and path.suffix == ".safetensors":
             data = CachedSet.load(path)

@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from metaunlearn.config import StrictModel
+from metaunlearn.errors import UserError
 
 Role = Literal["forget", "related", "irrelevant"]
 ROLES: tuple[str, ...] = ("forget", "related", "irrelevant")
@@ -108,8 +109,6 @@ class DataConfig(StrictModel):
     def role(self, role: str) -> ConceptData:
         spec = getattr(self, role, None) if role in ROLES else None
         if spec is None:
-            from metaunlearn.errors import UserError
-
             raise UserError(f"the data config defines no '{role}' data set (defined: {', '.join(self.roles())})")
         return spec
 

@@ -119,9 +119,10 @@ class MetaObjective:
         set_requires_grad(self.params, True)
 
     def _check_data(self) -> None:
-        for role, attr in {**RETAIN_WEIGHTS, **ASCENT_WEIGHTS}.items():
-            if getattr(self.config, attr) > 0:
-                self.data.get(role)
+        for weights in (RETAIN_WEIGHTS, ASCENT_WEIGHTS):
+            for role, attr in weights.items():
+                if getattr(self.config, attr) > 0:
+                    self.data.get(role)
         if self.config.needs_attack:
             self.data.get("forget_train")
 
@@ -130,11 +131,17 @@ class MetaObjective:
         return make_plan(self.config, self.data, self.backbone.num_train_timesteps, generator)
 
     def accumulate(self, step: int, generator: torch.Generator, plan: StepPlan | None = None) -> dict[str, float]:
-        """Fill the outer parameters' ``.grad`` with the (unclipped) meta gradient g; return the loss terms."""
-        cfg = self.config
+        """Fill the outer parameters' ``.grad`` with the (unclipped) meta gradient g; return the loss terms.
+
+        The attack and the ascent terms run first, while ``.grad`` is still empty, so the attack's peak memory
+        (saved θ, inner moments, inner gradients) never coincides with a held outer gradient; the base loss and the
+        retain terms at the restored θ then accumulate on top.
+        """
         plan = plan if plan is not None else self.plan(generator)
         _zero_grads(self.params)
         terms: dict[str, float] = {}
+        if plan.attack is not None:
+            terms.update(self._ascent(plan))
         if self.base_loss is not None:
             with self.autocast():
                 loss, base_terms = self.base_loss(step, generator)
@@ -143,21 +150,22 @@ class MetaObjective:
         for role, draw in plan.retain.items():
             with self.autocast():
                 loss = draw.loss(self.backbone, self.data.get(role))
-            (getattr(cfg, RETAIN_WEIGHTS[role]) * loss).backward()
+            (getattr(self.config, RETAIN_WEIGHTS[role]) * loss).backward()
             terms[f"retain_{role}"] = float(loss.detach())
-        if plan.attack is None:
-            return terms
+        return terms
+
+    def _ascent(self, plan: StepPlan) -> dict[str, float]:
+        """``−Σ β ∇L(θ'; D)`` into ``.grad`` (first order: at θ' = A(θ) run in place, then θ restored)."""
+        cfg = self.config
         attack = cfg.attacks[plan.attack]
         ascent = [(role, getattr(cfg, ASCENT_WEIGHTS[role]), draw, self.data.get(role)) for role, draw in plan.ascent.items()]
         train = self.data.get("forget_train")
         if cfg.order == "second":
             space = self.attacks.space(plan.attack)
-            terms.update(
-                second_order_ascent(
-                    self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast
-                )
+            return second_order_ascent(
+                self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast
             )
-            return terms
+        terms: dict[str, float] = {}
         try:
             terms.update(self.attacks.run(plan.attack, plan.inner, train, frozen=self.params, autocast=self.autocast))
             set_requires_grad(self.params, True)

@@ -45,7 +45,7 @@ from .world import render, render_class
 
 app = typer.Typer(help="The embedded concept world: pretrain its detector and tiny diffusion model, evaluate, render.")
 console = Console()
-LOG_EVERY = 250
+LOG_EVERY = 100
 
 
 class RateColumn(ProgressColumn):
@@ -112,9 +112,10 @@ def pretrain(
     steps: int = typer.Option(ToyModelConfig.steps, help="Diffusion model training steps."),
     detector_steps: int = typer.Option(1500, help="Detector training steps."),
     eval_samples: int = typer.Option(32, help="Samples per prompt in the final evaluation."),
+    threads: int = typer.Option(2, help="torch threads (1 is faster when other jobs share the 2 cores)."),
 ) -> None:
     """Train the detector and the toy text-to-image model, evaluate them, write the assets atomically."""
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, threads))
     torch.manual_seed(seed)
     config = ToyModelConfig(steps=steps)
     out = out.resolve()
@@ -136,7 +137,8 @@ def pretrain(
         degraded = detector_accuracy(detector, per_class=100, seed=seed + 1000, degraded=True)
         rows = evaluate_model(load_model(build / MODEL_SUBDIR), detector, n=eval_samples, seed=seed + 2000)
         report = {
-            "command": f"metaunlearn toy pretrain --seed {seed} --steps {steps} --detector-steps {detector_steps}",
+            "command": f"metaunlearn toy pretrain --seed {seed} --steps {steps} --detector-steps {detector_steps}"
+                       f" --threads {threads}",
             "seed": seed,
             "torch_threads": torch.get_num_threads(),
             "pretrain_seconds": {"detector": round(detector_seconds, 1), "model": round(model_seconds, 1)},

@@ -244,17 +244,18 @@ def load_model(path: str | Path) -> StableDiffusionPipeline:
 @torch.no_grad()
 def sample(
     pipe: StableDiffusionPipeline,
-    prompt: str,
+    prompt: str | list[str],
     n: int,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
 ) -> torch.Tensor:
-    """``n`` samples of ``prompt`` as float images ``[n, 3, 16, 16]`` in ``[0, 1]``."""
+    """``n`` samples per prompt as float images ``[n * len(prompts), 3, 16, 16]`` in ``[0, 1]``, prompt-major."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     latents = pipe(
-        [prompt] * n,
+        [p for p in prompts for _ in range(n)],
         height=IMAGE_SIZE,
         width=IMAGE_SIZE,
         num_inference_steps=steps,

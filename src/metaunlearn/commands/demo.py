@@ -1,0 +1,28 @@
+"""``metaunlearn demo``: the whole pipeline on the embedded concept world (the README's main command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        quick: bool = typer.Option(False, "--quick", help="Shorter attacks and fewer samples (a smoke run)."),
+        seeds: int = typer.Option(1, "--seeds", help="Attack seeds per setting (mean ± std in the report)."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo...)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    ) -> None:
+        """ESD, SDD, UCE and RECE, plain and meta, on the toy world: unlearn, attack, evaluate, report."""
+        from metaunlearn.experiment.demo import build_demo
+        from metaunlearn.runs import print_plan
+
+        experiment = build_demo(quick=quick, seeds=seeds, run_dir=run_dir)
+        if dry_run:
+            print_plan(experiment.plan(), experiment.console, title=f"demo plan -> {experiment.run.path}")
+            return
+        experiment.run_all(progress=not quiet)

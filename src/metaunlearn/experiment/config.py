@@ -1,0 +1,94 @@
+"""The experiment config of ``metaunlearn run CONFIG``: every section of one YAML file, validated together.
+
+Sections (each owned by its stage; see the stage modules for their keys)::
+
+    model:       the base model folder (diffusers, safetensors)
+    run_dir:     where everything goes (default: runs/<config file stem>)
+    data:        concept data for the meta objective        (metaunlearn.data.config.DataConfig)
+    attack_data: attack sets generated from the base model  (name -> prompts, images per prompt)
+    unlearn:     the unlearning stage template              (metaunlearn.unlearn.UnlearnConfig)
+    grid:        methods x {plain, meta} the experiment compares
+    attack:      relearning attacks on every model          (metaunlearn.attacks.config.AttackSuiteConfig)
+    eval:        what every model and snapshot is measured on (metaunlearn.metrics.config.EvalConfig)
+    report:      tables and figures                         (metaunlearn.experiment.report.ReportConfig)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from metaunlearn.attacks.config import AttackSuiteConfig
+from metaunlearn.config import StrictModel
+from metaunlearn.data.config import DataConfig, SamplerSettings
+from metaunlearn.experiment.report import ReportConfig
+from metaunlearn.metrics.config import EvalConfig
+
+Variant = Literal["plain", "meta"]
+
+
+class GridMethod(StrictModel):
+    """One base method of the comparison; ``steps``/``lr`` override the unlearn template for it."""
+
+    name: str = Field(min_length=1, description="registered method: esd, sdd, uce, rece")
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters")
+    steps: int | None = Field(None, ge=1, description="outer steps of plain unlearning (ESD/SDD)")
+    meta_steps: int | None = Field(None, ge=1, description="outer steps with the meta objective (default: steps)")
+    lr: float | None = Field(None, gt=0)
+    label: str | None = Field(None, description="model name prefix in results (default: the method name)")
+
+    @property
+    def model_label(self) -> str:
+        return self.label or self.name
+
+
+class GridConfig(StrictModel):
+    """Which models the experiment builds and attacks: every method in every variant (+ the base model)."""
+
+    methods: list[GridMethod] = Field(min_length=1)
+    variants: list[Variant] = Field(default_factory=lambda: ["plain", "meta"], min_length=1)
+    include_base: bool = Field(True, description="also attack the base (never unlearned) model, as a reference")
+
+    @model_validator(mode="after")
+    def _unique(self) -> GridConfig:
+        labels = [m.model_label for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError("two grid methods share a label; give one a 'label'")
+        return self
+
+
+class AttackDataSpec(StrictModel):
+    """An attack set the runner generates from the base model (the attacker's own data)."""
+
+    prompts: list[str] = Field(min_length=1)
+    images_per_prompt: int = Field(8, ge=1)
+    seed: int = 0
+    sampler: SamplerSettings | None = None
+
+
+class ExperimentConfig(StrictModel):
+    """A whole experiment: data -> unlearning grid -> attacks -> evaluation -> report."""
+
+    model: Path
+    run_dir: Path | None = None
+    data: DataConfig | None = None
+    attack_data: dict[str, AttackDataSpec] = Field(
+        default_factory=dict, description="attack sets generated into RUN_DIR/attack_data/<name>"
+    )
+    unlearn: dict[str, Any] | None = Field(None, description="the unlearn stage template (validated per grid model)")
+    grid: GridConfig | None = None
+    attack: AttackSuiteConfig | None = None
+    eval: EvalConfig | None = None
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> ExperimentConfig:
+        if self.grid is not None and self.unlearn is None:
+            raise ValueError("'grid' needs an 'unlearn' section (the template every grid model starts from)")
+        if self.attack is not None:
+            for name, spec in self.attack.sets.items():
+                if not spec.data and name not in self.attack_data:
+                    raise ValueError(f"attack set '{name}' has no data and no attack_data entry")
+        return self

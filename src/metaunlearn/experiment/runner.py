@@ -1,0 +1,246 @@
+"""Run a whole experiment: data -> unlearning grid -> relearning attacks -> report, resuming finished stages.
+
+Layout of ``RUN_DIR``::
+
+    config.json                    the fully resolved experiment config
+    stages/<stage>.done.json       markers: a finished stage with unchanged settings is skipped on re-run
+    data/                          concept data (when the config's data.root is relative, it is taken from here)
+    attack_data/<set>/             attack sets generated from the base model
+    models/<method>-<variant>/     unlearned models (model/ is a plain diffusers folder) + their training logs
+    attacks/ grids/ cache/         attack results (see metaunlearn.attacks.sweep)
+    report.md report.html ...      the report (see metaunlearn.experiment.report)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from metaunlearn.config import read_yaml, validate
+from metaunlearn.errors import UserError
+from metaunlearn.experiment.config import ExperimentConfig, GridMethod
+from metaunlearn.runs import PlannedStage, RunDir, print_plan
+
+STAGES = ("data", "unlearn", "attack", "report")
+
+
+@dataclass
+class GridModel:
+    """One model of the comparison."""
+
+    name: str
+    method: str
+    variant: str  # base | unlearn | meta (the report's names)
+    entry: GridMethod | None = None
+
+
+def _resolve(path: str | Path, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def load_experiment(path: str | Path) -> tuple[ExperimentConfig, dict[str, Any], Path]:
+    """``(config, raw YAML mapping, config folder)``; paths in the config are relative to its folder."""
+    path = Path(path)
+    raw = read_yaml(path)
+    config = validate(ExperimentConfig, raw, str(path))
+    return config, raw, path.resolve().parent
+
+
+class Experiment:
+    """One experiment config bound to its run directory."""
+
+    def __init__(self, config: ExperimentConfig, base: Path, run_dir: Path, console: Console | None = None) -> None:
+        self.config = config
+        self.base = base
+        self.run = RunDir(run_dir)
+        self.console = console or Console()
+        self.model_dir = _resolve(config.model, base)
+        data = config.data.resolve_paths(base) if config.data is not None else None
+        if data is not None and not Path(config.data.root).is_absolute():
+            data = data.model_copy(update={"root": self.run.path / config.data.root,
+                                           "cache_dir": self.run.path / "cache"})
+        self.data = data
+
+    # ---- the models of the grid -----------------------------------------------------------------------------
+    def models(self) -> list[GridModel]:
+        grid = self.config.grid
+        out: list[GridModel] = []
+        if grid is None or grid.include_base:
+            out.append(GridModel("base", "base", "base"))
+        if grid is None:
+            return out
+        for entry in grid.methods:
+            for variant in grid.variants:
+                suffix = "meta" if variant == "meta" else "plain"
+                out.append(GridModel(f"{entry.model_label}-{suffix}", entry.name,
+                                     "meta" if variant == "meta" else "unlearn", entry))
+        return out
+
+    def model_folder(self, model: GridModel) -> Path:
+        if model.entry is None:
+            return self.model_dir
+        return self.run.path / "models" / model.name / "model"
+
+    def unlearn_config(self, model: GridModel):
+        """The unlearn stage config of one grid model: the template with this method, variant and output."""
+        from metaunlearn.unlearn import UnlearnConfig, _from_experiment as unlearn_section
+
+        assert model.entry is not None and self.config.unlearn is not None
+        section = dict(self.config.unlearn)
+        entry = model.entry
+        section["method"] = {"name": entry.name, "params": entry.params}
+        if model.variant != "meta":
+            section["meta"] = None
+        elif section.get("meta") is None:
+            section["meta"] = {}
+        steps = entry.meta_steps if model.variant == "meta" and entry.meta_steps else entry.steps
+        if steps is not None:
+            section["steps"] = steps
+        if entry.lr is not None:
+            section["lr"] = entry.lr
+        section["model"] = str(self.model_dir)
+        section["out"] = str(self.run.path / "models" / model.name)
+        raw = {"model": str(self.model_dir), "unlearn": section}
+        if self.data is not None:
+            raw["data"] = self.data.model_dump(mode="json")
+        return validate(UnlearnConfig, unlearn_section(raw, self.base, "unlearn"), f"unlearn ({model.name})")
+
+    def attack_folders(self) -> dict[str, Path]:
+        return {name: self.run.path / "attack_data" / name for name in self.config.attack_data}
+
+    # ---- plan ------------------------------------------------------------------------------------------------
+    def plan(self) -> list[PlannedStage]:
+        stages: list[PlannedStage] = []
+        if self.data is not None:
+            folders = [str(self.data.split_folder(r, s)) for r in self.data.roles() for s in ("train", "test")]
+            stages.append(PlannedStage("data", str(self.model_dir), (), folders, self.run.is_done("data")))
+        for name, folder in self.attack_folders().items():
+            stages.append(PlannedStage(f"attack data {name}", str(self.model_dir), (), [str(folder)],
+                                       self.run.is_done(f"attack-data-{name}")))
+        for m in self.models():
+            if m.entry is not None:
+                stages.append(PlannedStage(f"unlearn {m.name}", str(self.model_dir),
+                                           [r for r in (self.data.roles() if self.data else [])],
+                                           [str(self.model_folder(m))], self.run.is_done(f"unlearn-{m.name}")))
+        if self.config.attack is not None:
+            sets = list(self.config.attack.sets)
+            for m in self.models():
+                stages.append(PlannedStage(f"attack {m.name}", str(self.model_folder(m)), sets,
+                                           [str(self.run.path / "attacks" / m.name)],
+                                           self.run.is_done(f"attack-{m.name}")))
+            stages.append(PlannedStage("report", "", [str(self.run.path / "attacks")],
+                                       [str(self.run.path / "report.html")]))
+        return stages
+
+    # ---- stages ----------------------------------------------------------------------------------------------
+    def run_all(self, *, progress: bool = True) -> Path | None:
+        from metaunlearn.backbones.loading import load_backbone
+
+        self.run.write_config(self.config)
+        began = time.time()
+        base_backbone = None
+
+        def base():
+            nonlocal base_backbone
+            if base_backbone is None:
+                base_backbone = load_backbone(self.model_dir)
+            return base_backbone
+
+        if self.data is not None:
+            self._stage("data", self.data, lambda: self._make_data(base(), progress))
+        for name, folder in self.attack_folders().items():
+            spec = self.config.attack_data[name]
+            self._stage(f"attack-data-{name}", spec, lambda s=spec, f=folder: self._make_attack_set(base(), s, f, progress))
+        for m in self.models():
+            if m.entry is not None:
+                cfg = self.unlearn_config(m)
+                self._stage(f"unlearn-{m.name}", cfg, lambda c=cfg: self._unlearn(c, progress))
+        if self.config.attack is None:
+            return None
+        suite = self._suite()
+        for m in self.models():
+            settings = {"suite": suite.model_dump(mode="json"),
+                        "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
+            self._stage(f"attack-{m.name}", settings, lambda mm=m: self._attack(mm, suite, progress))
+        from metaunlearn.experiment.report import build_report
+
+        files = build_report(self.run.path, self.run.path, self.config.report)
+        self.console.print(f"[bold]done[/] in {time.time() - began:.0f} s; report: {files.html}")
+        return files.html
+
+    def _stage(self, stage: str, settings, work) -> None:
+        if self.run.is_done(stage, settings):
+            self.console.print(f"[dim]skip {stage} (done)[/]")
+            return
+        self.console.print(f"[bold cyan]stage[/] {stage}")
+        began = time.time()
+        work()
+        self.run.mark_done(stage, settings, seconds=round(time.time() - began, 1))
+
+    def _make_data(self, backbone, progress: bool) -> None:
+        from metaunlearn.data.generate import generate_data
+
+        generate_data(backbone, self.data, overwrite=True, progress=progress)
+
+    def _make_attack_set(self, backbone, spec, folder: Path, progress: bool) -> None:
+        from metaunlearn.data.config import SamplerSettings
+        from metaunlearn.data.generate import generate_folder
+
+        sampler = spec.sampler or (self.data.sampler if self.data is not None else SamplerSettings())
+        generate_folder(backbone, spec.prompts, folder, images_per_prompt=spec.images_per_prompt, seed=spec.seed,
+                        sampler=sampler, overwrite=True, progress=progress)
+
+    def _unlearn(self, config, progress: bool) -> None:
+        from metaunlearn.unlearn import run_unlearn
+
+        result = run_unlearn(config, resume=True, progress=progress)
+        self.console.print(f"  saved {result.model_dir} ({result.steps} steps)")
+
+    def _suite(self):
+        suite = self.config.attack
+        sets = {}
+        for name, spec in suite.sets.items():
+            if name in self.config.attack_data:
+                spec = spec.model_copy(update={"data": str(self.attack_folders()[name])})
+            elif spec.data:
+                spec = spec.model_copy(update={"data": str(_resolve(spec.data, self.base))})
+            sets[name] = spec
+        cache = str(self.run.path / "cache") if suite.cache_dir is None else str(_resolve(suite.cache_dir, self.base))
+        return suite.model_copy(update={"sets": sets, "cache_dir": cache})
+
+    def _attack(self, model: GridModel, suite, progress: bool) -> None:
+        from metaunlearn.attacks.sweep import ModelInfo, run_sweep
+        from metaunlearn.backbones.loading import load_backbone
+        from metaunlearn.commands.attack import load_attack_sets
+        from metaunlearn.metrics.evaluate import Evaluator
+        from metaunlearn.runs import atomic_write_text
+
+        folder = self.model_folder(model)
+        if not folder.is_dir():
+            raise UserError(f"model {model.name} was not built: {folder} is missing")
+        backbone = load_backbone(folder)
+        evaluator = Evaluator(self.config.eval, base_dir=self.base) if self.config.eval else None
+        sets = load_attack_sets(backbone, suite, self.base, self.run.path, None, progress)
+        info = ModelInfo(model.name, model.method, model.variant)
+        resolved = {"model": str(folder), "name": model.name, "method": model.method, "variant": model.variant,
+                    "attack": suite.model_dump(mode="json")}
+        atomic_write_text(self.run.path / "attacks" / model.name / "config.json", json.dumps(resolved, indent=2) + "\n")
+        run_sweep(backbone, sets, suite, self.run.path, info, evaluator, progress=progress, resume=True)
+
+
+def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,
+                   progress: bool = True, console: Console | None = None) -> Path | None:
+    """``metaunlearn run CONFIG``: every stage the config names, skipping finished ones."""
+    config, _, base = load_experiment(path)
+    chosen = run_dir or (config.run_dir and _resolve(config.run_dir, base)) or Path("runs") / Path(path).stem
+    experiment = Experiment(config, base, Path(chosen), console)
+    if dry_run:
+        print_plan(experiment.plan(), experiment.console, title=f"plan for {path} -> {experiment.run.path}")
+        return None
+    return experiment.run_all(progress=progress)
