@@ -1,5 +1,5 @@
-"""The unlearn stage and CLI: every method × {plain, meta} end to end on tiny SD-1.x, SDXL and a pixel-space (toy)
-pipeline; resume; config forms; one-line errors."""
+"""The unlearn stage and CLI: every method × {plain, meta} end to end on tiny SD-1.x, SDXL and the shipped toy model;
+resume; config forms; one-line errors."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
+import metaunlearn
 from metaunlearn.backbones.loading import load_backbone
-from metaunlearn.backbones.sd import ToyBackbone
 from metaunlearn.data.imagefolder import write_imagefolder
-from metaunlearn.testing.tiny_pipelines import _scheduler, _text_config, _tokenizer
 from metaunlearn.unlearn import UnlearnConfig, load_unlearn_config, run_unlearn
 
 TEXTS = {
@@ -23,6 +21,7 @@ TEXTS = {
     "related": ["bare skin", "a woman on the beach"],
     "irrelevant": ["a dog in the park", "a red car on the street"],
 }
+TOY_MODEL = Path(metaunlearn.__file__).parent / "assets" / "toy" / "model"  # the shipped toy base model
 FAST = {
     "esd": {"ddim_steps": 3},
     "sdd": {"ddim_steps": 3},
@@ -30,27 +29,6 @@ FAST = {
     "rece": {"epochs": 1},
 }
 META = {"batch_size": 2, "attacks": [{"steps": 1, "batch_size": 2, "lr": 1e-4}]}
-
-
-def build_pixel_space_dir(out: Path) -> Path:
-    """A toy-shaped model: a StableDiffusionPipeline whose UNet works on 16×16 pixels (1-block dummy VAE)."""
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(0)
-    tokenizer = _tokenizer()
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=3, out_channels=3,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
-    )
-    vae = AutoencoderKL(block_out_channels=(4,), in_channels=3, out_channels=3, latent_channels=3,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=4, sample_size=16)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
-                                   tokenizer=tokenizer, scheduler=_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    ToyBackbone(pipe, source=out, pixel_space=True).save(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +45,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return {
         "sd": save_tiny_pipeline("sd", root / "tiny-sd"),
         "sdxl": save_tiny_pipeline("sdxl", root / "tiny-sdxl"),
-        "toy": build_pixel_space_dir(root / "toy"),
+        "toy": TOY_MODEL,
         "data": root / "data",
     }
 
@@ -127,6 +105,8 @@ def test_resume_is_bit_identical_with_ema_and_lora(world, tmp_path):
     run_unlearn(UnlearnConfig.model_validate({**first, "steps": 4}), resume=True, progress=False)
     a = load_file(str(tmp_path / "a" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(world["sd"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(a) == set(b) == set(original)  # the LoRA attack left no adapter behind
     assert all(torch.equal(a[k], b[k]) for k in a)
     log_a = (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
     log_b = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()

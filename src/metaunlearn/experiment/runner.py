@@ -200,7 +200,7 @@ class Experiment:
         from metaunlearn.unlearn import run_unlearn
 
         result = run_unlearn(config, resume=True, progress=progress)
-        self.console.print(f"  saved {result.model_dir} ({result.steps} steps)")
+        self.console.print(f"  saved {result.model} ({result.steps} steps)")
 
     def _suite(self):
         suite = self.config.attack

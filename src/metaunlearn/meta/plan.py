@@ -50,7 +50,9 @@ class Draw:
         """``denoising_loss`` on this batch (optionally with another noise predictor ``unet``)."""
         x0, cond = data.batch(self.index)
         device, dtype = backbone.device, backbone.dtype
-        x0 = x0.to(device, dtype)
+        # contiguous: a freshly VAE-encoded set can be channels-last, a loaded one is not, and the UNet's kernels
+        # round differently for the two layouts (results must not depend on where the cache came from)
+        x0 = x0.to(device, dtype).contiguous()
         cond = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()}
         return denoising_loss(
             backbone, x0, cond, unet=unet, t=self.timesteps.to(device), noise=self.noise.to(device, dtype)

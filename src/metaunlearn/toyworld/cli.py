@@ -41,7 +41,7 @@ from .pretrain import (
     train_model,
 )
 from .taxonomy import CONCEPTS
-from .world import render, render_class
+from .world import render_class
 
 app = typer.Typer(help="The embedded concept world: pretrain its detector and tiny diffusion model, evaluate, render.")
 console = Console()
@@ -164,9 +164,10 @@ def evaluate(
     seed: int = typer.Option(0, help="Sampling seed."),
     steps: int = typer.Option(DEFAULT_STEPS, help="DDIM steps."),
     guidance: float = typer.Option(DEFAULT_GUIDANCE, help="Classifier-free guidance scale."),
+    threads: int = typer.Option(2, help="torch threads (1 is faster when other jobs share the 2 cores)."),
 ) -> None:
     """Print per-prompt detector accuracy of model samples, and the detector's accuracy on fresh renders."""
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, threads))
     detector = ConceptDetector.load(detector_path(assets))
     acc = detector_accuracy(detector, per_class=50, seed=seed + 7)
     console.print(f"detector accuracy on fresh renders: min {min(acc.values()):.3f} over {len(acc)} classes")
@@ -176,7 +177,8 @@ def evaluate(
 
 @app.command("render")
 def render_command(
-    concept: str = typer.Argument(..., help=f"Concept name ({', '.join(c.name for c in CONCEPTS)}) or a prompt."),
+    concept: str = typer.Argument(..., help=f"Concept or class name ({', '.join(c.name for c in CONCEPTS)}, ...),"
+                                       " or a prompt with --model."),
     out: Path = typer.Option(Path("toy_samples"), help="Directory for the PNGs."),
     n: int = typer.Option(8, help="Number of images."),
     seed: int = typer.Option(0, help="Seed."),
@@ -190,7 +192,7 @@ def render_command(
         images = (sample(load_model(model_dir(assets)), prompt, n, seed=seed).permute(0, 2, 3, 1).numpy() * 255)
         images = np.rint(images).astype(np.uint8)
     else:
-        images = render_class(concept, n, seed) if "_" in concept or concept == "none" else render(concept, n, seed)
+        images = render_class(concept, n, seed)
     out.mkdir(parents=True, exist_ok=True)
     stem = concept.replace(" ", "_")
     for i, image in enumerate(images):

@@ -56,7 +56,7 @@ class ToyModelConfig:
     text_width: int = 32
     text_layers: int = 2
     text_heads: int = 4
-    steps: int = 3500
+    steps: int = 2500
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
