@@ -143,23 +143,9 @@ def test_nudenet_classes_and_threshold_rule():
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIP model + processor saved as a local folder (safetensors)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from metaunlearn.testing.tiny_pipelines import save_tiny_clip
 
-    tok = train_clip_tokenizer(["a photo of a dog", "a photo of a cat", "a naked person", "a woman"], 120, 16)
-    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                vocab_size=len(tok), max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                  image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tok,
-    )
-    path = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_zero_shot_matches_clip_forward(tiny_clip):

@@ -35,6 +35,7 @@ from metaunlearn.errors import UserError
 from metaunlearn.meta.config import MetaConfig
 from metaunlearn.meta.objective import MetaObjective, PlainObjective, autocast_factory
 from metaunlearn.meta.plan import MetaData
+from metaunlearn.data.caching import load_set
 from metaunlearn.methods import Method, UnlearnInputs
 from metaunlearn.methods.config import MethodSpec
 
@@ -187,37 +188,6 @@ def meta_roles(meta: MetaConfig) -> dict[str, tuple[str, str]]:
     if meta.gamma_irrelevant > 0 or meta.beta_irrelevant > 0:
         needed["irrelevant"] = ("irrelevant", "")
     return needed
-
-
-def check_compatible(backbone: Backbone, data: CachedSet, where: str) -> None:
-    """A :class:`UserError` if a cached set was encoded for a different kind of model."""
-    unet = backbone.unet.config
-    size = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
-    expected = (int(unet.in_channels), int(size), int(size))
-    got = tuple(int(s) for s in data.latents.shape[1:])
-    if got != expected:
-        raise UserError(f"{where}: latents of shape {got} do not fit the model (expects {expected})")
-    width = data.cond.get("encoder_hidden_states")
-    if width is None or width.shape[-1] != int(unet.cross_attention_dim):
-        raise UserError(f"{where}: text conditioning does not fit the model (encoded for another model family?)")
-    if backbone.family == "sdxl" and not {"text_embeds", "time_ids"} <= set(data.cond):
-        raise UserError(f"{where}: conditioning lacks SDXL's text_embeds/time_ids (encoded for another family)")
-
-
-def load_set(backbone: Backbone, path: Path, cache_dir: Path, where: str, progress: bool) -> CachedSet:
-    """A cached ``.safetensors`` set, or an image folder encoded once (and cached) by this backbone."""
-    if path.is_file() and path.suffix == ".safetensors":
-        data = CachedSet.load(path)
-    elif path.is_dir():
-        from metaunlearn.data.caching import cached_set
-
-        data = cached_set(backbone, path, cache_dir, progress=progress)
-    else:
-        raise UserError(f"{where}: {path} is neither an image folder nor a cached .safetensors set")
-    if len(data) == 0:
-        raise UserError(f"{where}: {path} holds no images")
-    check_compatible(backbone, data, f"{where} ({path})")
-    return data.to(backbone.device)
 
 
 def load_meta_data(backbone: Backbone, config: UnlearnConfig, progress: bool = True) -> MetaData:

@@ -44,26 +44,10 @@ def _resolve(path: str, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def check_compatible(backbone, data, where: str) -> None:
-    """A :class:`UserError` if a cached set was encoded for a different kind of model."""
-    unet = backbone.unet.config
-    expected = (int(unet.in_channels), int(unet.sample_size), int(unet.sample_size))
-    got = tuple(int(s) for s in data.latents.shape[1:])
-    if got != expected:
-        raise UserError(f"{where}: latents of shape {got} do not fit the model (expects {expected})")
-    needed = {"encoder_hidden_states"} | ({"text_embeds", "time_ids"} if backbone.family == "sdxl" else set())
-    missing = needed - set(data.cond)
-    if missing:
-        raise UserError(f"{where}: conditioning lacks {', '.join(sorted(missing))} (encoded for another model family)")
-    width = data.cond["encoder_hidden_states"].shape[-1]
-    if width != int(unet.cross_attention_dim):
-        raise UserError(f"{where}: text embeddings of width {width} do not fit the model ({unet.cross_attention_dim})")
-
-
 def load_attack_sets(backbone, suite: AttackSuiteConfig, base: Path, run_dir: Path, only: list[str] | None,
                      progress: bool) -> dict:
     """The :class:`CachedSet` of every selected attack set (imagefolders are encoded once and cached)."""
-    from metaunlearn.data.cache import CachedSet
+    from metaunlearn.data.caching import load_set
 
     names = list(suite.sets)
     for name in only or []:
@@ -75,15 +59,7 @@ def load_attack_sets(backbone, suite: AttackSuiteConfig, base: Path, run_dir: Pa
         if not suite.sets[name].data:
             raise UserError(f"attack set '{name}' names no data folder")
         path = _resolve(suite.sets[name].data, base)
-        if path.is_file() and path.suffix == ".safetensors":
-            data = CachedSet.load(path)
-        elif path.is_dir():
-            from metaunlearn.data.caching import cached_set
-
-            data = cached_set(backbone, path, cache_dir, progress=progress)
-        else:
-            raise UserError(f"attack set '{name}': {path} is neither an image folder nor a cached .safetensors set")
-        check_compatible(backbone, data, f"attack set '{name}' ({path})")
+        data = load_set(backbone, path, cache_dir, f"attack set '{name}'", progress)
         sets[name] = data.to(backbone.device)
     return sets
 

@@ -115,7 +115,8 @@ def encode_folder(backbone: Backbone, folder: str | Path, batch_size: int = 16, 
             conds.append({k: v.float().cpu() for k, v in backbone.encode_prompts([r.text for r in chunk]).items()})
             bar.advance(task, len(chunk))
     meta = {"folder": str(folder), "model": backbone.source, "family": backbone.family}
-    return CachedSet(torch.cat(latents), cond_cat(conds), [r.text for r in records], meta)
+    # contiguous: a fresh set and one loaded back from the cache must feed the UNet the same memory layout
+    return CachedSet(torch.cat(latents).contiguous(), cond_cat(conds), [r.text for r in records], meta)
 
 
 def cached_set(
@@ -133,3 +134,32 @@ def cached_set(
     data = encode_folder(backbone, folder, batch_size=batch_size, progress=progress)
     data.save(path)
     return data
+
+
+def check_compatible(backbone: Backbone, data: CachedSet, where: str) -> None:
+    """A :class:`UserError` if a cached set was encoded for a different kind of model."""
+    unet = backbone.unet.config
+    size = unet.sample_size if isinstance(unet.sample_size, int) else unet.sample_size[0]
+    expected = (int(unet.in_channels), int(size), int(size))
+    got = tuple(int(s) for s in data.latents.shape[1:])
+    if got != expected:
+        raise UserError(f"{where}: latents of shape {got} do not fit the model (expects {expected})")
+    width = data.cond.get("encoder_hidden_states")
+    if width is None or width.shape[-1] != int(unet.cross_attention_dim):
+        raise UserError(f"{where}: text conditioning does not fit the model (encoded for another model family?)")
+    if backbone.family == "sdxl" and not {"text_embeds", "time_ids"} <= set(data.cond):
+        raise UserError(f"{where}: conditioning lacks SDXL's text_embeds/time_ids (encoded for another family)")
+
+
+def load_set(backbone: Backbone, path: Path, cache_dir: Path, where: str, progress: bool) -> CachedSet:
+    """A cached ``.safetensors`` set, or an image folder encoded once (and cached) by this backbone."""
+    if path.is_file() and path.suffix == ".safetensors":
+        data = CachedSet.load(path)
+    elif path.is_dir():
+        data = cached_set(backbone, path, cache_dir, progress=progress)
+    else:
+        raise UserError(f"{where}: {path} is neither an image folder nor a cached .safetensors set")
+    if len(data) == 0:
+        raise UserError(f"{where}: {path} holds no images")
+    check_compatible(backbone, data, f"{where} ({path})")
+    return data.to(backbone.device)

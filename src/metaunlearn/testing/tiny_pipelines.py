@@ -160,3 +160,24 @@ def save_tiny_pipeline(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def save_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIPModel + CLIPProcessor saved as a local folder (for CLIP score / zero-shot tests)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = train_clip_tokenizer(["a photo of a dog", "a photo of a cat", "a naked person", "a woman"], 120, 16)
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                vocab_size=len(tok), max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+    )
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
