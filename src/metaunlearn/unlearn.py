@@ -105,7 +105,7 @@ def _resolve_path(path: Path | None, base: Path) -> Path | None:
     return path if path.is_absolute() else base / path
 
 
-def _from_experiment(raw: dict, base: Path, source: str) -> dict:
+def unlearn_section(raw: dict, base: Path, source: str) -> dict:
     """The ``unlearn`` section completed from the experiment file's top-level ``model`` and ``data``."""
     section = raw["unlearn"]
     if not isinstance(section, dict):
@@ -139,7 +139,7 @@ def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> 
     path = Path(path)
     raw = read_yaml(path)
     base = path.resolve().parent
-    data = _from_experiment(raw, base, str(path)) if "unlearn" in raw else dict(raw)
+    data = unlearn_section(raw, base, str(path)) if "unlearn" in raw else dict(raw)
     overrides = dict(overrides or {})
     cli_out = overrides.pop("out", None)
     for key, value in overrides.items():

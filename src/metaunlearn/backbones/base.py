@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import abc
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -84,6 +82,7 @@ class Backbone(abc.ABC):
         # Training uses the model's own noise schedule; sampling uses DDIM built from the same config.
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.sample_scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.original_scheduler = pipe.scheduler  # saved back unchanged, so a released model keeps its scheduler
         self.pipe.scheduler = self.sample_scheduler
         self.unet.requires_grad_(False)
         for name in ("vae", "text_encoder", "text_encoder_2"):
@@ -228,26 +227,20 @@ class Backbone(abc.ABC):
     # ---- saving -----------------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
         """Write a standard diffusers folder atomically (built beside ``out_dir``, then renamed over it)."""
+        from metaunlearn.runs import ensure_dir, make_temp_dir, replace_directory
+
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(out_dir.parent, os.W_OK):
-            raise UserError(f"cannot write to {out_dir.parent}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        ensure_dir(out_dir.parent)
+        tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
         try:
-            scheduler = self.pipe.scheduler
-            self.pipe.scheduler = self.sample_scheduler
-            self.pipe.save_pretrained(tmp, safe_serialization=True)
-            self.pipe.scheduler = scheduler
+            self.pipe.scheduler = self.original_scheduler
+            try:
+                self.pipe.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                self.pipe.scheduler = self.sample_scheduler
             if self.pixel_space:
                 (tmp / MARKER_FILE).write_text(json.dumps({"pixel_space": True}) + "\n")
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                out_dir.rename(old)
-                tmp.rename(out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out_dir)
+            replace_directory(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out_dir

@@ -89,7 +89,7 @@ class Experiment:
 
     def unlearn_config(self, model: GridModel):
         """The unlearn stage config of one grid model: the template with this method, variant and output."""
-        from metaunlearn.unlearn import UnlearnConfig, _from_experiment as unlearn_section
+        from metaunlearn.unlearn import UnlearnConfig, unlearn_section
 
         assert model.entry is not None and self.config.unlearn is not None
         section = dict(self.config.unlearn)
