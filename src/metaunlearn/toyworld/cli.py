@@ -35,8 +35,10 @@ from .pretrain import (
     ToyModelConfig,
     config_dict,
     evaluate_model,
+    evaluation_prompts,
     load_model,
     sample,
+    sample_grid,
     save_model,
     train_model,
 )
@@ -46,6 +48,7 @@ from .world import render_class
 app = typer.Typer(help="The embedded concept world: pretrain its detector and tiny diffusion model, evaluate, render.")
 console = Console()
 LOG_EVERY = 100
+SAMPLES_FILE = "samples.png"  # one row of model samples per evaluation prompt
 
 
 class RateColumn(ProgressColumn):
@@ -96,6 +99,8 @@ def _print_eval(rows: list[dict[str, object]], title: str) -> None:
 def _replace_dir(built: Path, out: Path) -> None:
     """Move ``built`` into place at ``out`` (old contents removed only after the new ones are there)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for path in [built, *built.rglob("*")]:  # mkdtemp and some writers create owner-only files
+        path.chmod(0o755 if path.is_dir() else 0o644)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -114,7 +119,11 @@ def pretrain(
     eval_samples: int = typer.Option(32, help="Samples per prompt in the final evaluation."),
     threads: int = typer.Option(2, help="torch threads (1 is faster when other jobs share the 2 cores)."),
 ) -> None:
-    """Train the detector and the toy text-to-image model, evaluate them, write the assets atomically."""
+    """Train the detector and the toy text-to-image model, evaluate them, write the assets atomically.
+
+    Writes ``model/`` (diffusers folder), ``detector.safetensors`` + ``detector.json``, ``eval.json`` (the
+    per-prompt table, detector accuracy and wall times) and ``samples.png`` under ``--out``.
+    """
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(seed)
     config = ToyModelConfig(steps=steps)
@@ -135,7 +144,10 @@ def pretrain(
         console.log("evaluating the detector and the model")
         clean = detector_accuracy(detector, per_class=100, seed=seed + 1000)
         degraded = detector_accuracy(detector, per_class=100, seed=seed + 1000, degraded=True)
-        rows = evaluate_model(load_model(build / MODEL_SUBDIR), detector, n=eval_samples, seed=seed + 2000)
+        reloaded = load_model(build / MODEL_SUBDIR)
+        rows = evaluate_model(reloaded, detector, n=eval_samples, seed=seed + 2000)
+        prompts = [prompt for _, prompt in evaluation_prompts()]
+        Image.fromarray(sample_grid(reloaded, prompts, seed=seed + 3000)).save(build / SAMPLES_FILE)
         report = {
             "command": f"metaunlearn toy pretrain --seed {seed} --steps {steps} --detector-steps {detector_steps}"
                        f" --threads {threads}",

@@ -266,6 +266,15 @@ def sample(
     return ((latents.float() + 1) / 2).clamp(0, 1)
 
 
+def sample_grid(pipe: StableDiffusionPipeline, prompts: list[str], n: int = 10, seed: int = 0,
+                scale: int = 4) -> np.ndarray:
+    """A ``uint8`` picture with one row of ``n`` samples per prompt, upscaled ``scale``× (nearest)."""
+    images = sample(pipe, prompts, n, seed=seed).permute(0, 2, 3, 1).numpy()
+    images = np.rint(images * 255).astype(np.uint8).reshape(len(prompts), n, IMAGE_SIZE, IMAGE_SIZE, 3)
+    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in images], axis=0)
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
 def evaluation_prompts() -> list[tuple[Concept, str]]:
     """Main prompt of every concept, then the forget concept's paraphrases and held-out paraphrases."""
     rows = [(c, c.prompt) for c in CONCEPTS]
