@@ -37,6 +37,10 @@ class GridMethod(StrictModel):
     steps: int | None = Field(None, ge=1, description="outer steps of plain unlearning (ESD/SDD)")
     meta_steps: int | None = Field(None, ge=1, description="outer steps with the meta objective (default: steps)")
     lr: float | None = Field(None, gt=0)
+    meta_params: dict[str, Any] = Field(
+        default_factory=dict, description="method parameters replaced in the meta variant only (e.g. its trained subset)"
+    )
+    meta_lr: float | None = Field(None, gt=0, description="outer learning rate of the meta variant (default: lr)")
     label: str | None = Field(None, description="model name prefix in results (default: the method name)")
 
     @property

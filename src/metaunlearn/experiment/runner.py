@@ -94,16 +94,19 @@ class Experiment:
         assert model.entry is not None and self.config.unlearn is not None
         section = dict(self.config.unlearn)
         entry = model.entry
-        section["method"] = {"name": entry.name, "params": entry.params}
-        if model.variant != "meta":
+        meta = model.variant == "meta"
+        params = {**entry.params, **entry.meta_params} if meta else entry.params
+        section["method"] = {"name": entry.name, "params": params}
+        if not meta:
             section["meta"] = None
         elif section.get("meta") is None:
             section["meta"] = {}
-        steps = entry.meta_steps if model.variant == "meta" and entry.meta_steps else entry.steps
+        steps = entry.meta_steps if meta and entry.meta_steps else entry.steps
         if steps is not None:
             section["steps"] = steps
-        if entry.lr is not None:
-            section["lr"] = entry.lr
+        lr = entry.meta_lr if meta and entry.meta_lr else entry.lr
+        if lr is not None:
+            section["lr"] = lr
         section["model"] = str(self.model_dir)
         section["out"] = str(self.run.path / "models" / model.name)
         raw = {"model": str(self.model_dir), "unlearn": section}
