@@ -20,9 +20,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def _shrink(cfg: dict, model_dir: Path, tmp: Path, clip_dir: Path) -> dict:
     cfg["model"] = str(model_dir)
-    cfg["run_dir"] = str(tmp / "run")
+    cfg["run_dir"] = "run"  # relative: resolved against the config file's folder
     data = cfg["data"]
-    data["root"] = str(tmp / "data")
+    data["root"] = "data"  # relative: inside the run folder
     data["sampler"] = {"steps": 2, "guidance": 3.0, "batch_size": 8}
     for role in ("forget", "related", "irrelevant"):
         spec = data[role]

@@ -58,7 +58,7 @@ class Experiment:
     def __init__(self, config: ExperimentConfig, base: Path, run_dir: Path, console: Console | None = None) -> None:
         self.config = config
         self.base = base
-        self.run = RunDir(run_dir)
+        self.run = RunDir(Path(run_dir).resolve())  # absolute: stage configs resolve paths against other folders
         self.console = console or Console()
         self.model_dir = _resolve(config.model, base)
         data = config.data.resolve_paths(base) if config.data is not None else None

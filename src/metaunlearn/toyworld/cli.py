@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -14,18 +13,10 @@ import torch
 import typer
 from PIL import Image
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from rich.table import Table
-from rich.text import Text
+
+from metaunlearn.runs import ensure_dir, progress_bar, replace_directory
 
 from .assets import ASSET_DIR, DETECTOR_FILE, EVAL_FILE, MODEL_SUBDIR, detector_path, model_dir
 from .detector import ConceptDetector, detector_accuracy, train_detector
@@ -51,32 +42,12 @@ LOG_EVERY = 100
 SAMPLES_FILE = "samples.png"  # one row of model samples per evaluation prompt
 
 
-class RateColumn(ProgressColumn):
-    """Steps per second."""
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s", style="progress.data.speed")
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
 def _tracked(progress: Progress, description: str, total: int):
-    task = progress.add_task(description, total=total, loss=float("nan"))
+    task = progress.add_task(description, total=total, info="")
     start = time.perf_counter()
 
     def on_step(step: int, steps: int, loss: float) -> None:
-        progress.update(task, completed=step, loss=loss)
+        progress.update(task, completed=step, info=f"loss {loss:.4f}")
         if step % LOG_EVERY == 0 or step == steps:
             rate = step / (time.perf_counter() - start)
             progress.console.log(f"{description}: step {step}/{steps} loss {loss:.4f} {rate:.2f} it/s")
@@ -98,16 +69,10 @@ def _print_eval(rows: list[dict[str, object]], title: str) -> None:
 
 def _replace_dir(built: Path, out: Path) -> None:
     """Move ``built`` into place at ``out`` (old contents removed only after the new ones are there)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     for path in [built, *built.rglob("*")]:  # mkdtemp and some writers create owner-only files
         path.chmod(0o755 if path.is_dir() else 0o644)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    built.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
+    ensure_dir(out.parent)
+    replace_directory(built, out)
 
 
 @app.command()
@@ -131,7 +96,7 @@ def pretrain(
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
-        with _progress() as progress:
+        with progress_bar("step", console=console) as progress:
             start = time.perf_counter()
             detector = train_detector(steps=detector_steps, seed=seed,
                                       on_step=_tracked(progress, "detector", detector_steps))
