@@ -40,6 +40,13 @@ DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 """The UNet attention projections (self- and cross-attention) LoRA adapts, as diffusers' LoRA training scripts do."""
 
 
+def sorted_snapshot_steps(steps: list[int]) -> list[int]:
+    """Snapshot steps sorted and de-duplicated; negative steps are an error."""
+    if any(s < 0 for s in steps):
+        raise ValueError("snapshot steps must be >= 0")
+    return sorted(set(steps))
+
+
 class LoraSettings(StrictModel):
     """A peft ``LoraConfig`` on the UNet attention projections."""
 
@@ -65,12 +72,7 @@ class AttackSpec(StrictModel):
     snapshot_steps: list[int] = Field(default_factory=lambda: [0, 50, 100, 200, 300], min_length=1)
     probe_size: int = Field(8, ge=1, description="training examples in the fixed-noise loss probe at each snapshot")
 
-    @field_validator("snapshot_steps")
-    @classmethod
-    def _sorted_unique_steps(cls, steps: list[int]) -> list[int]:
-        if any(s < 0 for s in steps):
-            raise ValueError("snapshot steps must be >= 0")
-        return sorted(set(steps))
+    _sorted_unique_steps = field_validator("snapshot_steps")(classmethod(lambda cls, v: sorted_snapshot_steps(v)))
 
     @property
     def steps(self) -> int:
@@ -122,12 +124,7 @@ class AttackSuiteConfig(StrictModel):
             raise ValueError("learning rates must be > 0")
         return lrs
 
-    @field_validator("snapshot_steps")
-    @classmethod
-    def _sorted_unique_steps(cls, steps: list[int]) -> list[int]:
-        if any(s < 0 for s in steps):
-            raise ValueError("snapshot steps must be >= 0")
-        return sorted(set(steps))
+    _sorted_unique_steps = field_validator("snapshot_steps")(classmethod(lambda cls, v: sorted_snapshot_steps(v)))
 
     @model_validator(mode="after")
     def _unique_lists(self) -> AttackSuiteConfig:

@@ -22,8 +22,8 @@ import torch
 from pydantic import Field
 
 from metaunlearn.methods import closed_form as cf
-from metaunlearn.methods.base import Method, UnlearnInputs
-from metaunlearn.methods.uce import UceConfig, UceEdit
+from metaunlearn.methods.base import UnlearnInputs
+from metaunlearn.methods.uce import UCE, UceConfig, UceEdit
 
 
 class ReceConfig(UceConfig):
@@ -48,17 +48,11 @@ def derive_embeddings(
     return derived, float(residual)
 
 
-class RECE(Method):
-    """RECE as an edit method."""
+class RECE(UCE):
+    """RECE as an edit method: UCE's edit, then derived embeddings erased in turn."""
 
     name = "rece"
     Config = ReceConfig
-    kind = "edit"
-    default_lr = 1e-5
-
-    @property
-    def trainable_subset(self) -> str:
-        return self.config.trainable
 
     def apply(self, inputs: UnlearnInputs) -> None:
         edit = UceEdit(inputs.backbone, inputs, self.config)
