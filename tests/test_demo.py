@@ -20,3 +20,24 @@ def test_demo_rejects_zero_seeds(run_cli):
     result = run_cli("demo", "--seeds", "0", "--dry-run")
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_grid_entry_overrides_reach_only_its_meta_variant(tmp_path):
+    from metaunlearn.experiment.demo import demo_config_path
+    from metaunlearn.experiment.runner import Experiment, load_experiment
+
+    config, _, base = load_experiment(demo_config_path())
+    entry = config.grid.methods[0].model_copy(update={
+        "meta": {"beta_forget": 0.5, "attacks": [{"steps": 7, "lr": 2e-4}]},
+        "meta_params": {"eta": 3.0}, "meta_steps": 11, "meta_lr": 5e-5,
+    })
+    grid = config.grid.model_copy(update={"methods": [entry]})
+    experiment = Experiment(config.model_copy(update={"grid": grid}), base, tmp_path / "run")
+    plain, meta = experiment.models()
+    plain_cfg, meta_cfg = experiment.unlearn_config(plain), experiment.unlearn_config(meta)
+    assert plain_cfg.meta is None
+    assert plain_cfg.method.params["eta"] == entry.params["eta"] and plain_cfg.steps == entry.steps
+    assert meta_cfg.method.params["eta"] == 3.0 and meta_cfg.steps == 11 and meta_cfg.lr == 5e-5
+    assert meta_cfg.meta.beta_forget == 0.5 and meta_cfg.meta.attacks[0].steps == 7
+    # keys the entry does not name keep the template's values
+    assert meta_cfg.meta.gamma_related == config.unlearn["meta"]["gamma_related"]

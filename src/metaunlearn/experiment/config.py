@@ -41,6 +41,9 @@ class GridMethod(StrictModel):
         default_factory=dict, description="method parameters replaced in the meta variant only (e.g. its trained subset)"
     )
     meta_lr: float | None = Field(None, gt=0, description="outer learning rate of the meta variant (default: lr)")
+    meta: dict[str, Any] = Field(
+        default_factory=dict, description="meta-objective keys replaced for this method (e.g. its simulated attacks)"
+    )
     label: str | None = Field(None, description="model name prefix in results (default: the method name)")
 
     @property

@@ -99,8 +99,8 @@ class Experiment:
         section["method"] = {"name": entry.name, "params": params}
         if not meta:
             section["meta"] = None
-        elif section.get("meta") is None:
-            section["meta"] = {}
+        else:
+            section["meta"] = {**(section.get("meta") or {}), **entry.meta}
         steps = entry.meta_steps if meta and entry.meta_steps else entry.steps
         if steps is not None:
             section["steps"] = steps
