@@ -41,3 +41,28 @@ def test_grid_entry_overrides_reach_only_its_meta_variant(tmp_path):
     assert meta_cfg.meta.beta_forget == 0.5 and meta_cfg.meta.attacks[0].steps == 7
     # keys the entry does not name keep the template's values
     assert meta_cfg.meta.gamma_related == config.unlearn["meta"]["gamma_related"]
+
+
+def test_grid_seeds_replicate_models_and_shift_attack_seeds(tmp_path):
+    from metaunlearn.experiment.demo import build_demo
+
+    experiment = build_demo(seeds=2, run_dir=tmp_path / "run")
+    models = experiment.models()
+    assert [m.key for m in models if m.name == "esd-meta"] == ["esd-meta", "esd-meta.s1"]
+    first, second = [m for m in models if m.name == "esd-meta"]
+    assert experiment.model_folder(second) == experiment.run.path / "models" / "esd-meta.s1" / "model"
+    assert experiment.unlearn_config(second).seed == experiment.unlearn_config(first).seed + 1
+    assert experiment._suite(1).seeds == [s + 1 for s in experiment._suite(0).seeds]
+
+
+def test_grid_and_attack_seeds_cannot_both_vary(tmp_path):
+    import pytest
+
+    from metaunlearn.experiment.config import ExperimentConfig
+    from metaunlearn.experiment.demo import demo_config_path
+    from metaunlearn.experiment.runner import load_experiment
+
+    config, raw, _ = load_experiment(demo_config_path())
+    raw = {**raw, "grid": {**raw["grid"], "seeds": [0, 1]}, "attack": {**raw["attack"], "seeds": [0, 1]}}
+    with pytest.raises(ValueError, match="not both"):
+        ExperimentConfig.model_validate(raw)

@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         quick: bool = typer.Option(False, "--quick", help="Shorter attacks and fewer samples (a smoke run)."),
-        seeds: int = typer.Option(1, "--seeds", help="Attack seeds per setting (mean ± std in the report)."),
+        seeds: int = typer.Option(1, "--seeds", help="Replicates of the whole grid (unlearning + attacks) under seeds 0..N-1; mean ± std in the report."),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

@@ -57,12 +57,19 @@ class GridConfig(StrictModel):
     methods: list[GridMethod] = Field(min_length=1)
     variants: list[Variant] = Field(default_factory=lambda: ["plain", "meta"], min_length=1)
     include_base: bool = Field(True, description="also attack the base (never unlearned) model, as a reference")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1,
+        description="replicates: every model is rebuilt per seed s (unlearn seed = template seed + s) and attacked "
+                    "with the attack suite's seeds + s, so mean ± std cover unlearning and attack randomness",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> GridConfig:
         labels = [m.model_label for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError("two grid methods share a label; give one a 'label'")
+        if len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError("grid seeds must be distinct and >= 0")
         return self
 
 
@@ -98,4 +105,7 @@ class ExperimentConfig(StrictModel):
             for name, spec in self.attack.sets.items():
                 if not spec.data and name not in self.attack_data:
                     raise ValueError(f"attack set '{name}' has no data and no attack_data entry")
+            shared = [len(self.attack.seeds)] + [len(s.seeds) for s in self.attack.sets.values() if s.seeds]
+            if self.grid is not None and len(self.grid.seeds) > 1 and max(shared) > 1:
+                raise ValueError("give several seeds in grid.seeds or in the attack section, not both")
         return self

@@ -17,11 +17,16 @@ def demo_config_path() -> Path:
 
 
 def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None, console: Console | None = None) -> Experiment:
-    """The demo experiment: the full grid, or ``quick`` (shorter attacks, fewer samples) for a smoke run."""
+    """The demo experiment: the full grid, or ``quick`` (shorter attacks, fewer samples) for a smoke run.
+
+    ``seeds`` > 1 replicates the whole grid (unlearning and attacks) under seeds 0..N-1; the report then gives
+    mean ± std over them.
+    """
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
     config, _, base = load_experiment(demo_config_path())
-    attack = config.attack.model_copy(update={"seeds": list(range(seeds))})
+    grid = config.grid.model_copy(update={"seeds": list(range(seeds))})
+    attack = config.attack
     ev = config.eval
     default_dir = Path(config.run_dir or "runs/demo")
     if quick:
@@ -30,5 +35,5 @@ def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None,
         default_dir = default_dir.with_name(default_dir.name + "-quick")
     if seeds > 1:
         default_dir = default_dir.with_name(f"{default_dir.name}-{seeds}seeds")
-    config = config.model_copy(update={"attack": attack, "eval": ev})
+    config = config.model_copy(update={"grid": grid, "attack": attack, "eval": ev})
     return Experiment(config, base, run_dir or default_dir, console)

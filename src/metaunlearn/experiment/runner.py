@@ -7,6 +7,7 @@ Layout of ``RUN_DIR``::
     data/                          concept data (when the config's data.root is relative, it is taken from here)
     attack_data/<set>/             attack sets generated from the base model
     models/<method>-<variant>/     unlearned models (model/ is a plain diffusers folder) + their training logs
+    models/<method>-<variant>.s<k>/  the same for grid seed k > 0 (replicates; results keep the model's name)
     attacks/ grids/ cache/         attack results (see metaunlearn.attacks.sweep)
     report.md report.html ...      the report (see metaunlearn.experiment.report)
 """
@@ -37,6 +38,12 @@ class GridModel:
     method: str
     variant: str  # base | unlearn | meta (the report's names)
     entry: GridMethod | None = None
+    seed: int = 0  # the grid seed (replicate) this model belongs to
+
+    @property
+    def key(self) -> str:
+        """Folder and stage name: the model's name, with ``.s<seed>`` for replicates other than seed 0."""
+        return self.name if self.seed == 0 else f"{self.name}.s{self.seed}"
 
 
 def _resolve(path: str | Path, base: Path) -> Path:
@@ -69,23 +76,25 @@ class Experiment:
 
     # ---- the models of the grid -----------------------------------------------------------------------------
     def models(self) -> list[GridModel]:
+        """Every model of the grid, seed by seed (a partial run thus holds whole replicates first)."""
         grid = self.config.grid
-        out: list[GridModel] = []
-        if grid is None or grid.include_base:
-            out.append(GridModel("base", "base", "base"))
         if grid is None:
-            return out
-        for entry in grid.methods:
-            for variant in grid.variants:
-                suffix = "meta" if variant == "meta" else "plain"
-                out.append(GridModel(f"{entry.model_label}-{suffix}", entry.name,
-                                     "meta" if variant == "meta" else "unlearn", entry))
+            return [GridModel("base", "base", "base")]
+        out: list[GridModel] = []
+        for seed in grid.seeds:
+            if grid.include_base:
+                out.append(GridModel("base", "base", "base", seed=seed))
+            for entry in grid.methods:
+                for variant in grid.variants:
+                    suffix = "meta" if variant == "meta" else "plain"
+                    out.append(GridModel(f"{entry.model_label}-{suffix}", entry.name,
+                                         "meta" if variant == "meta" else "unlearn", entry, seed))
         return out
 
     def model_folder(self, model: GridModel) -> Path:
         if model.entry is None:
             return self.model_dir
-        return self.run.path / "models" / model.name / "model"
+        return self.run.path / "models" / model.key / "model"
 
     def unlearn_config(self, model: GridModel):
         """The unlearn stage config of one grid model: the template with this method, variant and output."""
@@ -107,12 +116,13 @@ class Experiment:
         lr = entry.meta_lr if meta and entry.meta_lr else entry.lr
         if lr is not None:
             section["lr"] = lr
+        section["seed"] = int(section.get("seed", 0)) + model.seed
         section["model"] = str(self.model_dir)
-        section["out"] = str(self.run.path / "models" / model.name)
+        section["out"] = str(self.run.path / "models" / model.key)
         raw = {"model": str(self.model_dir), "unlearn": section}
         if self.data is not None:
             raw["data"] = self.data.model_dump(mode="json")
-        return validate(UnlearnConfig, unlearn_section(raw, self.base, "unlearn"), f"unlearn ({model.name})")
+        return validate(UnlearnConfig, unlearn_section(raw, self.base, "unlearn"), f"unlearn ({model.key})")
 
     def attack_folders(self) -> dict[str, Path]:
         return {name: self.run.path / "attack_data" / name for name in self.config.attack_data}
@@ -128,15 +138,15 @@ class Experiment:
                                        self.run.is_done(f"attack-data-{name}")))
         for m in self.models():
             if m.entry is not None:
-                stages.append(PlannedStage(f"unlearn {m.name}", str(self.model_dir),
+                stages.append(PlannedStage(f"unlearn {m.key}", str(self.model_dir),
                                            [r for r in (self.data.roles() if self.data else [])],
-                                           [str(self.model_folder(m))], self.run.is_done(f"unlearn-{m.name}")))
+                                           [str(self.model_folder(m))], self.run.is_done(f"unlearn-{m.key}")))
         if self.config.attack is not None:
             sets = list(self.config.attack.sets)
             for m in self.models():
-                stages.append(PlannedStage(f"attack {m.name}", str(self.model_folder(m)), sets,
+                stages.append(PlannedStage(f"attack {m.key}", str(self.model_folder(m)), sets,
                                            [str(self.run.path / "attacks" / m.name)],
-                                           self.run.is_done(f"attack-{m.name}")))
+                                           self.run.is_done(f"attack-{m.key}")))
             stages.append(PlannedStage("report", "", [str(self.run.path / "attacks")],
                                        [str(self.run.path / "report.html")]))
         return stages
@@ -163,14 +173,14 @@ class Experiment:
         for m in self.models():
             if m.entry is not None:
                 cfg = self.unlearn_config(m)
-                self._stage(f"unlearn-{m.name}", cfg, lambda c=cfg: self._unlearn(c, progress))
+                self._stage(f"unlearn-{m.key}", cfg, lambda c=cfg: self._unlearn(c, progress))
         if self.config.attack is None:
             return None
-        suite = self._suite()
         for m in self.models():
+            suite = self._suite(m.seed)
             settings = {"suite": suite.model_dump(mode="json"),
                         "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
-            self._stage(f"attack-{m.name}", settings, lambda mm=m: self._attack(mm, suite, progress))
+            self._stage(f"attack-{m.key}", settings, lambda mm=m, su=suite: self._attack(mm, su, progress))
         from metaunlearn.experiment.report import build_report
 
         files = build_report(self.run.path, self.run.path, self.config.report)
@@ -205,17 +215,20 @@ class Experiment:
         result = run_unlearn(config, resume=True, progress=progress)
         self.console.print(f"  saved {result.model} ({result.steps} steps)")
 
-    def _suite(self):
+    def _suite(self, seed: int = 0):
+        """The attack suite with resolved data folders; its seeds shifted by the grid seed ``seed``."""
         suite = self.config.attack
         sets = {}
         for name, spec in suite.sets.items():
+            if spec.seeds:
+                spec = spec.model_copy(update={"seeds": [s + seed for s in spec.seeds]})
             if name in self.config.attack_data:
                 spec = spec.model_copy(update={"data": str(self.attack_folders()[name])})
             elif spec.data:
                 spec = spec.model_copy(update={"data": str(_resolve(spec.data, self.base))})
             sets[name] = spec
         cache = str(self.run.path / "cache") if suite.cache_dir is None else str(_resolve(suite.cache_dir, self.base))
-        return suite.model_copy(update={"sets": sets, "cache_dir": cache})
+        return suite.model_copy(update={"sets": sets, "cache_dir": cache, "seeds": [s + seed for s in suite.seeds]})
 
     def _attack(self, model: GridModel, suite, progress: bool) -> None:
         from metaunlearn.attacks.sweep import ModelInfo, run_sweep
@@ -226,14 +239,15 @@ class Experiment:
 
         folder = self.model_folder(model)
         if not folder.is_dir():
-            raise UserError(f"model {model.name} was not built: {folder} is missing")
+            raise UserError(f"model {model.key} was not built: {folder} is missing")
         backbone = load_backbone(folder)
         evaluator = Evaluator(self.config.eval, base_dir=self.base) if self.config.eval else None
         sets = load_attack_sets(backbone, suite, self.base, self.run.path, None, progress)
         info = ModelInfo(model.name, model.method, model.variant)
         resolved = {"model": str(folder), "name": model.name, "method": model.method, "variant": model.variant,
                     "attack": suite.model_dump(mode="json")}
-        atomic_write_text(self.run.path / "attacks" / model.name / "config.json", json.dumps(resolved, indent=2) + "\n")
+        name = "config.json" if model.seed == 0 else f"config.s{model.seed}.json"
+        atomic_write_text(self.run.path / "attacks" / model.name / name, json.dumps(resolved, indent=2) + "\n")
         run_sweep(backbone, sets, suite, self.run.path, info, evaluator, progress=progress, resume=True)
 
 
