@@ -177,6 +177,32 @@ def test_zero_betas_reduce_to_base_method_plus_retain():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_meta_subset_wider_than_the_method_keeps_the_base_loss_on_the_method_subset():
+    """ESD-x with meta terms on the full UNet: the ESD gradient reaches cross-attention only, the retain term all."""
+    backbone = make_backbone("sd")
+    data = meta_data(backbone)
+    base = ESD(EsdConfig(variant="x", ddim_steps=3)).apply(UnlearnInputs(backbone, [ROLES["forget_train"]]))
+    base_params = backbone.set_trainable("xattn")
+    params = backbone.set_trainable("full")
+    config = MetaConfig(gamma_irrelevant=0, gamma_related=0.6, beta_forget=0, beta_related=0, beta_irrelevant=0,
+                        trainable="full")
+    objective = MetaObjective(backbone, config, data, params, base_loss=base, base_params=base_params)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    objective.accumulate(0, g1)
+    ours = [p.grad.clone() for p in params]
+    plan = make_plan(config, data, backbone.num_train_timesteps, g2)
+    loss, _ = base(0, g2)
+    in_base = {id(p) for p in base_params}
+    g_base = dict(zip(map(id, base_params), torch.autograd.grad(loss, base_params)))
+    g_retain = torch.autograd.grad(0.6 * plan.retain["related"].loss(backbone, data.related), params)
+    outside = 0
+    for p, got, retain in zip(params, ours, g_retain):
+        expected = retain + g_base[id(p)] if id(p) in in_base else retain
+        outside += id(p) not in in_base
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+    assert outside > 0 and len(in_base) > 0
+
+
 def test_lora_attack_in_place_gradient_through_merged_weights_and_removed(tmp_path):
     from peft.tuners.lora import LoraLayer
 

@@ -227,6 +227,8 @@ def describe(config: UnlearnConfig) -> list[str]:
     if method.kind == "loss" or config.meta is not None:
         lr = config.lr or method.default_lr
         lines.append(f"train: {config.steps} steps, AdamW lr {lr:g}, subset {subset}, seed {config.seed}")
+        if config.meta is not None and config.meta.trainable and config.meta.trainable != subset:
+            lines.append(f"meta terms train subset {config.meta.trainable} (the base loss only {subset})")
     if config.meta is not None:
         m = config.meta
         lines.append(
@@ -290,7 +292,16 @@ def run_unlearn(
         (out / LOG_FILE).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     if trains:
-        params = backbone.set_trainable(subset)
+        meta_subset = config.meta.trainable if config.meta is not None else None
+        base_params = None
+        if meta_subset is not None and meta_subset != subset:
+            base_params = backbone.set_trainable(subset)
+            chosen = {id(p) for p in base_params} | {id(p) for _, p in backbone.named_trainable(meta_subset)}
+            params = [p for p in backbone.unet.parameters() if id(p) in chosen]
+            for p in params:
+                p.requires_grad_(True)
+        else:
+            params = backbone.set_trainable(subset)
         autocast = autocast_factory(backbone.device, config.mixed_precision)
         loop = TrainLoop(
             out,
@@ -303,7 +314,8 @@ def run_unlearn(
         if config.meta is not None:
             data = load_meta_data(backbone, config, progress)
             objective = MetaObjective(
-                backbone, config.meta, data, params, base_loss=base_loss, seed=config.seed, autocast=autocast
+                backbone, config.meta, data, params, base_loss=base_loss, base_params=base_params, seed=config.seed,
+                autocast=autocast,
             )
         else:
             objective = PlainObjective(params, base_loss, config.clip_grad_norm, autocast=autocast)

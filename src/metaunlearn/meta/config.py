@@ -55,6 +55,12 @@ class MetaConfig(StrictModel):
     common_random_numbers: bool = Field(
         True, description="same batch, noise and timesteps for a data set at θ and at θ'"
     )
+    trainable: Literal[TRAINABLE_SUBSETS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="UNet subset the meta terms train (default: the method's); the base loss still trains only "
+                    "the method's subset, so e.g. ESD-x keeps its cross-attention edit while the meta terms shape "
+                    "the whole UNet an attacker would finetune",
+    )
     order: Literal["first", "second"] = Field(
         "first", description="first: gradients at θ' applied to θ; second: exact, through the inner steps"
     )

@@ -94,6 +94,7 @@ class MetaObjective:
     """The meta objective over ``params`` (the outer trainable parameters) on ``backbone.unet``.
 
     ``params`` must be captured before this object is built (LoRA attacks insert adapter parameters into the UNet).
+    ``base_params`` (default: ``params``) are the parameters the base loss trains, when the meta terms train more.
     Call :meth:`close` before saving the model (removes LoRA adapters).
     """
 
@@ -105,6 +106,7 @@ class MetaObjective:
         params: Sequence[torch.nn.Parameter],
         *,
         base_loss: BaseLossFn | None = None,
+        base_params: Sequence[torch.nn.Parameter] | None = None,
         seed: int = 0,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
@@ -113,6 +115,8 @@ class MetaObjective:
         self.data = data
         self.params = list(params)
         self.base_loss = base_loss
+        # the base loss's gradient reaches only these (a subset of params; default: all of them)
+        self.base_params = list(base_params) if base_params is not None else None
         self.autocast = autocast
         self._check_data()
         self.attacks = AttackRunner(backbone, config.attacks, seed=seed) if config.needs_attack else None
@@ -145,7 +149,7 @@ class MetaObjective:
         if self.base_loss is not None:
             with self.autocast():
                 loss, base_terms = self.base_loss(step, generator)
-            loss.backward()
+            loss.backward(inputs=self.base_params)
             terms.update(base_terms)
         for role, draw in plan.retain.items():
             with self.autocast():
