@@ -75,6 +75,32 @@ def test_rendering_is_deterministic_per_seed() -> None:
         render("purple_triangle", 1)
 
 
+PRETRAIN_FINGERPRINT = """
+import hashlib, json, torch
+from metaunlearn.toyworld.pretrain import ToyModelConfig, train_model
+torch.set_num_threads(1)
+pipe = train_model(ToyModelConfig(steps=2, batch_size=4, images_per_concept=4), seed=0)
+h = hashlib.sha1(json.dumps(pipe.tokenizer.get_vocab(), sort_keys=True).encode())
+for module in (pipe.text_encoder, pipe.unet):
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode()); h.update(tensor.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_pretraining_is_reproducible_across_processes() -> None:
+    """Tokenizer ids, initialisation and training steps do not depend on the process (e.g. its hash seed)."""
+    import subprocess
+    import sys
+
+    digests = {
+        subprocess.run([sys.executable, "-c", PRETRAIN_FINGERPRINT], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in (1, 2)
+    }
+    assert len(digests) == 1 and len(next(iter(digests))) == 40
+
+
 def test_shipped_detector_is_accurate_on_fresh_renders(detector: ConceptDetector) -> None:
     accuracy = detector_accuracy(detector, per_class=50, seed=424242)
     for concept in CONCEPTS:
