@@ -197,3 +197,21 @@ def test_suite_config_validation():
     assert len(specs) == 12
     assert specs[0].snapshot_steps == [0, 50, 300] and specs[0].steps == 300
     assert {s.run_name for s in specs} >= {"full_lr1e-05_s0", "lora_lr0.0001_s2"}
+
+
+def test_per_set_overrides_and_lora_learning_rates():
+    suite = AttackSuiteConfig(
+        sets={"hrm": {"data": "x", "modes": ["full", "lora"], "lora_lrs": [3e-4, 1e-3]},
+              "clean": {"data": "y", "snapshot_steps": [100, 0], "lrs": [2e-5]}},
+        lrs=[1e-5, 3e-5], snapshot_steps=[0, 25, 100],
+    )
+    hrm = {(s.mode, s.lr) for s in suite.specs("hrm")}
+    assert hrm == {("full", 1e-5), ("full", 3e-5), ("lora", 3e-4), ("lora", 1e-3)}
+    clean = list(suite.specs("clean"))
+    assert [(s.mode, s.lr, s.snapshot_steps) for s in clean] == [("full", 2e-5, [0, 100])]
+    assert all(s.snapshot_steps == [0, 25, 100] for s in suite.specs("hrm"))
+    # without lora_lrs, LoRA runs use the (set's or suite's) lrs
+    plain = AttackSuiteConfig(sets={"a": {"data": "x"}}, modes=["lora"], lrs=[1e-4])
+    assert [s.lr for s in plain.specs("a")] == [1e-4]
+    with pytest.raises(ValueError):
+        AttackSuiteConfig(sets={"a": {"data": "x"}}, lora_lrs=[1e-4, 1e-4])

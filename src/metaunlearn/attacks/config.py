@@ -95,7 +95,13 @@ class AttackSetData(StrictModel):
     description: str = ""
     modes: list[AttackMode] | None = Field(None, description="this set only: overrides the suite's modes")
     lrs: list[float] | None = Field(None, description="this set only: overrides the suite's learning rates")
+    lora_lrs: list[float] | None = Field(None, description="this set only: overrides the suite's LoRA learning rates")
     seeds: list[int] | None = Field(None, description="this set only: overrides the suite's seeds")
+    snapshot_steps: list[int] | None = Field(None, description="this set only: overrides the suite's snapshot steps")
+
+    _sorted_unique_steps = field_validator("snapshot_steps")(
+        classmethod(lambda cls, v: v if v is None else sorted_snapshot_steps(v))
+    )
 
 
 class AttackSuiteConfig(StrictModel):
@@ -104,6 +110,10 @@ class AttackSuiteConfig(StrictModel):
     sets: dict[str, AttackSetData] = Field(min_length=1)
     modes: list[AttackMode] = Field(default_factory=lambda: ["full"], min_length=1)
     lrs: list[float] = Field(default_factory=lambda: [1e-5], min_length=1)
+    lora_lrs: list[float] | None = Field(
+        None, description="learning rates of LoRA runs (LoRA usually needs a higher lr than full finetuning; "
+                          "default: lrs)"
+    )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     snapshot_steps: list[int] = Field(default_factory=lambda: [0, 50, 100, 200, 300], min_length=1)
     batch_size: int = Field(1, ge=1)
@@ -117,10 +127,10 @@ class AttackSuiteConfig(StrictModel):
     cache_dir: str | None = Field(None, description="where imagefolders are cached as latents (default: RUN_DIR/cache)")
     grid_images: int = Field(8, ge=0, description="samples per snapshot saved as a grid PNG (0: none)")
 
-    @field_validator("lrs")
+    @field_validator("lrs", "lora_lrs")
     @classmethod
-    def _positive_lrs(cls, lrs: list[float]) -> list[float]:
-        if any(lr <= 0 for lr in lrs):
+    def _positive_lrs(cls, lrs: list[float] | None) -> list[float] | None:
+        if lrs is not None and any(lr <= 0 for lr in lrs):
             raise ValueError("learning rates must be > 0")
         return lrs
 
@@ -128,8 +138,8 @@ class AttackSuiteConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_lists(self) -> AttackSuiteConfig:
-        for name in ("modes", "lrs", "seeds"):
-            values = getattr(self, name)
+        for name in ("modes", "lrs", "lora_lrs", "seeds"):
+            values = getattr(self, name) or []
             if len(set(values)) != len(values):
                 raise ValueError(f"'{name}' lists a value twice")
         return self
@@ -137,24 +147,30 @@ class AttackSuiteConfig(StrictModel):
     def specs(self, set_name: str | None = None) -> Iterator[AttackSpec]:
         """Every (mode, lr, seed) combination as an :class:`AttackSpec` (attack sets are crossed by the caller).
 
-        With ``set_name``, that set's own ``modes``/``lrs``/``seeds`` replace the suite's where it gives them.
+        With ``set_name``, that set's own ``modes``/``lrs``/``lora_lrs``/``seeds``/``snapshot_steps`` replace the
+        suite's where it gives them. LoRA runs use ``lora_lrs`` when given, else ``lrs``.
         """
         own = self.sets.get(set_name) if set_name is not None else None
-        modes = (own.modes if own and own.modes else None) or self.modes
-        lrs = (own.lrs if own and own.lrs else None) or self.lrs
-        seeds = (own.seeds if own and own.seeds else None) or self.seeds
-        for mode, lr, seed in itertools.product(modes, lrs, seeds):
-            yield AttackSpec(
-                mode=mode,
-                subset=self.subset,
-                lora=self.lora,
-                optimizer=self.optimizer,
-                lr=lr,
-                weight_decay=self.weight_decay,
-                momentum=self.momentum,
-                batch_size=self.batch_size,
-                grad_clip=self.grad_clip,
-                seed=seed,
-                snapshot_steps=self.snapshot_steps,
-                probe_size=self.probe_size,
-            )
+
+        def pick(name: str):
+            value = getattr(own, name) if own is not None else None
+            return value if value else getattr(self, name)
+
+        modes, seeds, steps = pick("modes"), pick("seeds"), pick("snapshot_steps")
+        lrs = {"full": pick("lrs"), "lora": pick("lora_lrs") or pick("lrs")}
+        for mode in modes:
+            for lr, seed in itertools.product(lrs[mode], seeds):
+                yield AttackSpec(
+                    mode=mode,
+                    subset=self.subset,
+                    lora=self.lora,
+                    optimizer=self.optimizer,
+                    lr=lr,
+                    weight_decay=self.weight_decay,
+                    momentum=self.momentum,
+                    batch_size=self.batch_size,
+                    grad_clip=self.grad_clip,
+                    seed=seed,
+                    snapshot_steps=steps,
+                    probe_size=self.probe_size,
+                )
