@@ -11,7 +11,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        quick: bool = typer.Option(False, "--quick", help="Shorter attacks and fewer samples (a smoke run)."),
+        quick: bool = typer.Option(False, "--quick", help="UCE plain and meta under the primary attack only (a few minutes)."),
         seeds: int = typer.Option(1, "--seeds", help="Replicates of the whole grid (unlearning + attacks) under seeds 0..N-1; mean ± std in the report."),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),

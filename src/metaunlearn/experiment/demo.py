@@ -11,13 +11,17 @@ from metaunlearn.errors import UserError
 from metaunlearn.experiment.runner import Experiment, load_experiment
 
 
+QUICK_METHOD = "uce"  # the cheapest base method (a closed-form edit); its meta variant is the quick run's cost
+QUICK_SNAPSHOTS = [0, 25]
+
+
 def demo_config_path() -> Path:
     """The packaged demo config (inside the installed package, next to the shipped toy model)."""
     return Path(str(resources.files("metaunlearn") / "configs" / "toy_demo.yaml"))
 
 
 def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None, console: Console | None = None) -> Experiment:
-    """The demo experiment: the full grid, or ``quick`` (shorter attacks, fewer samples) for a smoke run.
+    """The demo experiment: the full grid, or ``quick`` (UCE plain and meta, the primary attack to 25 steps).
 
     ``seeds`` > 1 replicates the whole grid (unlearning and attacks) under seeds 0..N-1; the report then gives
     mean ± std over them.
@@ -29,11 +33,14 @@ def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None,
     attack = config.attack
     ev = config.eval
     default_dir = Path(config.run_dir or "runs/demo")
-    if quick:
-        attack = attack.model_copy(update={"snapshot_steps": [0, 25, 50]})
-        ev = ev.model_copy(update={"samples_per_prompt": 8})
+    if quick:  # one method, the primary attack only: the meta effect in a few minutes
+        grid = grid.model_copy(update={"methods": [m for m in grid.methods if m.name == QUICK_METHOD]})
+        primary = config.report.primary_set or "hrm-m"
+        sets = {primary: attack.sets[primary].model_copy(update={"modes": ["full"], "lrs": None, "lora_lrs": None, "snapshot_steps": None})}
+        attack = attack.model_copy(update={"sets": sets, "snapshot_steps": QUICK_SNAPSHOTS})
         default_dir = default_dir.with_name(default_dir.name + "-quick")
     if seeds > 1:
         default_dir = default_dir.with_name(f"{default_dir.name}-{seeds}seeds")
-    config = config.model_copy(update={"grid": grid, "attack": attack, "eval": ev})
+    attack_data = {k: v for k, v in config.attack_data.items() if k in attack.sets}
+    config = config.model_copy(update={"grid": grid, "attack": attack, "eval": ev, "attack_data": attack_data})
     return Experiment(config, base, run_dir or default_dir, console)
