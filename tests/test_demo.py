@@ -66,3 +66,22 @@ def test_grid_and_attack_seeds_cannot_both_vary(tmp_path):
     raw = {**raw, "grid": {**raw["grid"], "seeds": [0, 1]}, "attack": {**raw["attack"], "seeds": [0, 1]}}
     with pytest.raises(ValueError, match="not both"):
         ExperimentConfig.model_validate(raw)
+
+
+def test_meta_from_plain_starts_the_meta_variant_from_the_plain_model(tmp_path):
+    import pytest
+
+    from metaunlearn.experiment.config import GridConfig
+    from metaunlearn.experiment.demo import demo_config_path
+    from metaunlearn.experiment.runner import Experiment, load_experiment
+
+    config, _, base = load_experiment(demo_config_path())
+    entry = config.grid.methods[0].model_copy(update={"meta_from_plain": True})
+    grid = config.grid.model_copy(update={"methods": [entry], "seeds": [0, 3]})
+    experiment = Experiment(config.model_copy(update={"grid": grid}), base, tmp_path / "run")
+    by_key = {m.key: m for m in experiment.models()}
+    plain, meta = by_key[f"{entry.model_label}-plain.s3"], by_key[f"{entry.model_label}-meta.s3"]
+    assert experiment.unlearn_config(meta).model == experiment.model_folder(plain)
+    assert experiment.unlearn_config(plain).model == experiment.model_dir
+    with pytest.raises(ValueError, match="meta_from_plain"):
+        GridConfig(methods=[entry], variants=["meta"])

@@ -45,6 +45,11 @@ class GridMethod(StrictModel):
         default_factory=dict, description="meta-objective keys replaced for this method (e.g. its simulated attacks)"
     )
     label: str | None = Field(None, description="model name prefix in results (default: the method name)")
+    meta_from_plain: bool = Field(
+        False,
+        description="the meta variant starts from this method's plain model (and keeps its base loss on), as the "
+                    "paper does for closed-form edits; needs the plain variant in the grid",
+    )
 
     @property
     def model_label(self) -> str:
@@ -68,6 +73,8 @@ class GridConfig(StrictModel):
         labels = [m.model_label for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError("two grid methods share a label; give one a 'label'")
+        if any(m.meta_from_plain for m in self.methods) and not {"plain", "meta"} <= set(self.variants):
+            raise ValueError("meta_from_plain needs both the plain and the meta variant in grid.variants")
         if len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ValueError("grid seeds must be distinct and >= 0")
         return self

@@ -117,9 +117,12 @@ class Experiment:
         if lr is not None:
             section["lr"] = lr
         section["seed"] = int(section.get("seed", 0)) + model.seed
-        section["model"] = str(self.model_dir)
+        start = self.model_dir
+        if meta and entry.meta_from_plain:
+            start = self.model_folder(GridModel(f"{entry.model_label}-plain", entry.name, "unlearn", entry, model.seed))
+        section["model"] = str(start)
         section["out"] = str(self.run.path / "models" / model.key)
-        raw = {"model": str(self.model_dir), "unlearn": section}
+        raw = {"model": str(start), "unlearn": section}
         if self.data is not None:
             raw["data"] = self.data.model_dump(mode="json")
         return validate(UnlearnConfig, unlearn_section(raw, self.base, "unlearn"), f"unlearn ({model.key})")
@@ -173,7 +176,11 @@ class Experiment:
         for m in self.models():
             if m.entry is not None:
                 cfg = self.unlearn_config(m)
-                self._stage(f"unlearn-{m.key}", cfg, lambda c=cfg: self._unlearn(c, progress))
+                settings = {"unlearn": cfg.model_dump(mode="json")}
+                if m.variant == "meta" and m.entry.meta_from_plain:  # a rebuilt plain model rebuilds this one
+                    plain = GridModel(f"{m.entry.model_label}-plain", m.method, "unlearn", m.entry, m.seed)
+                    settings["from"] = self.unlearn_config(plain).model_dump(mode="json")
+                self._stage(f"unlearn-{m.key}", settings, lambda c=cfg: self._unlearn(c, progress))
         if self.config.attack is None:
             return None
         for m in self.models():
