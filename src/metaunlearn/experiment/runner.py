@@ -139,17 +139,20 @@ class Experiment:
         for name, folder in self.attack_folders().items():
             stages.append(PlannedStage(f"attack data {name}", str(self.model_dir), (), [str(folder)],
                                        self.run.is_done(f"attack-data-{name}")))
-        for m in self.models():
-            if m.entry is not None:
-                stages.append(PlannedStage(f"unlearn {m.key}", str(self.model_dir),
-                                           [r for r in (self.data.roles() if self.data else [])],
-                                           [str(self.model_folder(m))], self.run.is_done(f"unlearn-{m.key}")))
+        sets = list(self.config.attack.sets) if self.config.attack is not None else []
+        for models in self._by_seed().values():
+            for m in models:
+                if m.entry is not None:
+                    start = self.unlearn_config(m).model
+                    stages.append(PlannedStage(f"unlearn {m.key}", str(start),
+                                               [r for r in (self.data.roles() if self.data else [])],
+                                               [str(self.model_folder(m))], self.run.is_done(f"unlearn-{m.key}")))
+            if self.config.attack is not None:
+                for m in models:
+                    stages.append(PlannedStage(f"attack {m.key}", str(self.model_folder(m)), sets,
+                                               [str(self.run.path / "attacks" / m.name)],
+                                               self.run.is_done(f"attack-{m.key}")))
         if self.config.attack is not None:
-            sets = list(self.config.attack.sets)
-            for m in self.models():
-                stages.append(PlannedStage(f"attack {m.key}", str(self.model_folder(m)), sets,
-                                           [str(self.run.path / "attacks" / m.name)],
-                                           self.run.is_done(f"attack-{m.key}")))
             stages.append(PlannedStage("report", "", [str(self.run.path / "attacks")],
                                        [str(self.run.path / "report.html")]))
         return stages
@@ -173,26 +176,37 @@ class Experiment:
         for name, folder in self.attack_folders().items():
             spec = self.config.attack_data[name]
             self._stage(f"attack-data-{name}", spec, lambda s=spec, f=folder: self._make_attack_set(base(), s, f, progress))
-        for m in self.models():
-            if m.entry is not None:
-                cfg = self.unlearn_config(m)
-                settings = {"unlearn": cfg.model_dump(mode="json")}
-                if m.variant == "meta" and m.entry.meta_from_plain:  # a rebuilt plain model rebuilds this one
-                    plain = GridModel(f"{m.entry.model_label}-plain", m.method, "unlearn", m.entry, m.seed)
-                    settings["from"] = self.unlearn_config(plain).model_dump(mode="json")
-                self._stage(f"unlearn-{m.key}", settings, lambda c=cfg: self._unlearn(c, progress))
-        if self.config.attack is None:
-            return None
-        for m in self.models():
-            suite = self._suite(m.seed)
-            settings = {"suite": suite.model_dump(mode="json"),
-                        "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
-            self._stage(f"attack-{m.key}", settings, lambda mm=m, su=suite: self._attack(mm, su, progress))
         from metaunlearn.experiment.report import build_report
 
-        files = build_report(self.run.path, self.run.path, self.config.report)
+        files = None
+        for seed, models in self._by_seed().items():  # whole replicates first: a partial run is still a table
+            for m in models:
+                if m.entry is not None:
+                    cfg = self.unlearn_config(m)
+                    settings = {"unlearn": cfg.model_dump(mode="json")}
+                    if m.variant == "meta" and m.entry.meta_from_plain:  # a rebuilt plain model rebuilds this one
+                        plain = GridModel(f"{m.entry.model_label}-plain", m.method, "unlearn", m.entry, m.seed)
+                        settings["from"] = self.unlearn_config(plain).model_dump(mode="json")
+                    self._stage(f"unlearn-{m.key}", settings, lambda c=cfg: self._unlearn(c, progress))
+            if self.config.attack is None:
+                continue
+            for m in models:
+                suite = self._suite(m.seed)
+                settings = {"suite": suite.model_dump(mode="json"),
+                            "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
+                self._stage(f"attack-{m.key}", settings, lambda mm=m, su=suite: self._attack(mm, su, progress))
+            files = build_report(self.run.path, self.run.path, self.config.report)
+            self.console.print(f"report after seed {seed}: {files.html}")
+        if files is None:
+            return None
         self.console.print(f"[bold]done[/] in {time.time() - began:.0f} s; report: {files.html}")
         return files.html
+
+    def _by_seed(self) -> dict[int, list[GridModel]]:
+        out: dict[int, list[GridModel]] = {}
+        for m in self.models():
+            out.setdefault(m.seed, []).append(m)
+        return out
 
     def _stage(self, stage: str, settings, work) -> None:
         if self.run.is_done(stage, settings):
