@@ -59,8 +59,11 @@ def unrolled_attack(
             v = [b2 * vi + (1 - b2) * g * g for vi, g in zip(v, grads)]
             step = config.lr / (1 - b1**k)
             root2 = math.sqrt(1 - b2**k)
+            # sqrt(v + tiny) instead of sqrt(v): the same value, but a finite derivative where a parameter's inner
+            # gradients are all exactly zero (d sqrt(v)/dv = inf at 0 would turn 0·inf into NaN)
             current = [
-                p * (1 - config.lr * config.weight_decay) - step * mi / (torch.sqrt(vi) / root2 + config.eps)
+                p * (1 - config.lr * config.weight_decay)
+                - step * mi / (torch.sqrt(vi + torch.finfo(vi.dtype).tiny) / root2 + config.eps)
                 for p, mi, vi in zip(current, m, v)
             ]
         else:
