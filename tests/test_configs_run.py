@@ -88,3 +88,26 @@ def test_shipped_config_runs_with_tiny_pipelines(name, fixture, request, tmp_pat
     again = run_cli("run", path, "-q")  # every stage is done: nothing is recomputed
     assert again.exit_code == 0, again.stderr
     assert "skip" in again.stdout and "stage esd" not in again.stdout
+
+
+def test_grid_seeds_run_as_parallel_replicates(tiny_sd_dir, tmp_path, run_cli):
+    """Two grid seeds in two worker processes: every model per seed, rows for both seeds, one report."""
+    shipped = yaml.safe_load((CONFIGS / "sd14_nudity.yaml").read_text())
+    cfg = _shrink(shipped, tiny_sd_dir, tmp_path, save_tiny_clip(tmp_path / "clip"))
+    cfg["grid"]["methods"] = [m for m in cfg["grid"]["methods"] if m["name"] == "uce"]
+    cfg["grid"].update(seeds=[0, 1], include_base=False)
+    cfg["attack"]["modes"] = ["full"]
+    cfg["eval"]["quality"] = {}
+    path = tmp_path / "replicates.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    result = run_cli("run", path, "-q", "--jobs", "2")
+    assert result.exit_code == 0, result.stderr
+    run = tmp_path / "run"
+    for key in ("uce-plain", "uce-meta", "uce-plain.s1", "uce-meta.s1"):
+        assert (run / "models" / key / "model" / "model_index.json").is_file()
+        assert (run / "stages" / f"attack-{key}.done.json").is_file()
+    rows = json.loads((run / "results.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert {(r["model"], r["seed"]) for r in rows} >= {("uce-meta", 0), ("uce-meta", 1), ("uce-plain", 1)}
+    assert (run / "report.html").is_file()

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Grid seeds run in this many processes at once."),
     ) -> None:
         """ESD, SDD, UCE and RECE, plain and meta, on the toy world: unlearn, attack, evaluate, report."""
         from metaunlearn.experiment.demo import build_demo
@@ -25,4 +26,4 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             print_plan(experiment.plan(), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return
-        experiment.run_all(progress=not quiet)
+        experiment.run_all(progress=not quiet, jobs=jobs)

@@ -158,8 +158,11 @@ class Experiment:
         return stages
 
     # ---- stages ----------------------------------------------------------------------------------------------
-    def run_all(self, *, progress: bool = True) -> Path | None:
+    def run_all(self, *, progress: bool = True, jobs: int = 1) -> Path | None:
+        """Every stage, skipping finished ones. ``jobs`` > 1 runs grid seeds (replicates) in that many processes,
+        each with ``cpu_count // jobs`` torch threads, after the shared data stages; the report comes last."""
         from metaunlearn.backbones.loading import load_backbone
+        from metaunlearn.experiment.report import build_report
 
         self.run.write_config(self.config)
         began = time.time()
@@ -176,31 +179,51 @@ class Experiment:
         for name, folder in self.attack_folders().items():
             spec = self.config.attack_data[name]
             self._stage(f"attack-data-{name}", spec, lambda s=spec, f=folder: self._make_attack_set(base(), s, f, progress))
-        from metaunlearn.experiment.report import build_report
-
-        files = None
-        for seed, models in self._by_seed().items():  # whole replicates first: a partial run is still a table
-            for m in models:
-                if m.entry is not None:
-                    cfg = self.unlearn_config(m)
-                    settings = {"unlearn": cfg.model_dump(mode="json")}
-                    if m.variant == "meta" and m.entry.meta_from_plain:  # a rebuilt plain model rebuilds this one
-                        plain = GridModel(f"{m.entry.model_label}-plain", m.method, "unlearn", m.entry, m.seed)
-                        settings["from"] = self.unlearn_config(plain).model_dump(mode="json")
-                    self._stage(f"unlearn-{m.key}", settings, lambda c=cfg: self._unlearn(c, progress))
-            if self.config.attack is None:
-                continue
-            for m in models:
-                suite = self._suite(m.seed)
-                settings = {"suite": suite.model_dump(mode="json"),
-                            "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
-                self._stage(f"attack-{m.key}", settings, lambda mm=m, su=suite: self._attack(mm, su, progress))
-            files = build_report(self.run.path, self.run.path, self.config.report)
-            self.console.print(f"report after seed {seed}: {files.html}")
-        if files is None:
+        seeds = list(self._by_seed())
+        if jobs > 1 and len(seeds) > 1:
+            self._parallel_replicates(seeds, jobs)
+        else:
+            for seed in seeds:  # whole replicates first: a partial run is still a table
+                self.run_replicate(seed, progress)
+                if self.config.attack is not None:
+                    files = build_report(self.run.path, self.run.path, self.config.report)
+                    self.console.print(f"report after seed {seed}: {files.html}")
+        if self.config.attack is None:
             return None
+        files = build_report(self.run.path, self.run.path, self.config.report)
         self.console.print(f"[bold]done[/] in {time.time() - began:.0f} s; report: {files.html}")
         return files.html
+
+    def run_replicate(self, seed: int, progress: bool = True) -> None:
+        """Unlearn and attack every model of grid seed ``seed`` (the data stages must be done)."""
+        models = self._by_seed()[seed]
+        for m in models:
+            if m.entry is not None:
+                cfg = self.unlearn_config(m)
+                settings = {"unlearn": cfg.model_dump(mode="json")}
+                if m.variant == "meta" and m.entry.meta_from_plain:  # a rebuilt plain model rebuilds this one
+                    plain = GridModel(f"{m.entry.model_label}-plain", m.method, "unlearn", m.entry, m.seed)
+                    settings["from"] = self.unlearn_config(plain).model_dump(mode="json")
+                self._stage(f"unlearn-{m.key}", settings, lambda c=cfg: self._unlearn(c, progress))
+        if self.config.attack is None:
+            return
+        for m in models:
+            suite = self._suite(m.seed)
+            settings = {"suite": suite.model_dump(mode="json"),
+                        "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
+            self._stage(f"attack-{m.key}", settings, lambda mm=m, su=suite: self._attack(mm, su, progress))
+
+    def _parallel_replicates(self, seeds: list[int], jobs: int) -> None:
+        import multiprocessing
+        import os
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.console.print(f"running {len(seeds)} replicates in {jobs} processes ({threads} torch thread(s) each)")
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(jobs) as pool:
+            args = [(self.config, self.base, self.run.path, seed, threads) for seed in seeds]
+            for seed in pool.imap_unordered(_replicate_worker, args):
+                self.console.print(f"seed {seed} done")
 
     def _by_seed(self) -> dict[int, list[GridModel]]:
         out: dict[int, list[GridModel]] = {}
@@ -272,8 +295,19 @@ class Experiment:
         run_sweep(backbone, sets, suite, self.run.path, info, evaluator, progress=progress, resume=True)
 
 
+def _replicate_worker(args) -> int:
+    """One grid seed in a worker process (see :meth:`Experiment.run_all`); its output goes to the shared run dir."""
+    import torch
+
+    config, base, run_dir, seed, threads = args
+    torch.set_num_threads(threads)
+    experiment = Experiment(config, base, run_dir, Console(stderr=True))
+    experiment.run_replicate(seed, progress=False)
+    return seed
+
+
 def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,
-                   progress: bool = True, console: Console | None = None) -> Path | None:
+                   progress: bool = True, console: Console | None = None, jobs: int = 1) -> Path | None:
     """``metaunlearn run CONFIG``: every stage the config names, skipping finished ones."""
     config, _, base = load_experiment(path)
     chosen = run_dir or (config.run_dir and _resolve(config.run_dir, base)) or Path("runs") / Path(path).stem
@@ -281,4 +315,4 @@ def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_r
     if dry_run:
         print_plan(experiment.plan(), experiment.console, title=f"plan for {path} -> {experiment.run.path}")
         return None
-    return experiment.run_all(progress=progress)
+    return experiment.run_all(progress=progress, jobs=jobs)
