@@ -1,9 +1,10 @@
 """Configuration of the meta objective and of the simulated attack(s) it differentiates through.
 
-Default weights (provisional — to be tuned on the toy world and recorded in ARCHITECTURE.md): retain γ = 1 on
-both benign sets, ascent β_f = 0.1, β_rel = 0.1, β_ir = 0.01. These keep the ratios the official scripts probably
-meant (0.1/0.1/0.01) but with retain weights strong enough to hold benign concepts in place: a proxy run of the
-official weights (γ_ir 0.1, γ_rel 0.01) collapsed the model before any attack (see DESIGN.md).
+Library defaults: retain γ = 1 on both benign sets, ascent β_f = 0.1, β_rel = 0.1, β_ir = 0.01, first order — the
+ratios the official scripts probably meant, with retain weights strong enough to hold benign concepts in place (a
+proxy run of the official weights, γ_ir 0.1 / γ_rel 0.01, collapsed the model before any attack).
+On the toy world these first-order settings did not slow relearning; the demo uses exact second order with γ = 2,
+β = 1/1/0.1 and 5 inner AdamW steps (README, "How the meta settings were chosen").
 
 The official simulated attack is one epoch of AdamW (lr 1e-5, clip 1.0, weight decay 1e-4, fresh state every
 outer step) over forget-train at batch 10 on the full UNet: ``AttackConfig()``'s defaults.
