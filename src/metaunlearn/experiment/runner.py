@@ -45,6 +45,11 @@ class GridModel:
         """Folder and stage name: the model's name, with ``.s<seed>`` for replicates other than seed 0."""
         return self.name if self.seed == 0 else f"{self.name}.s{self.seed}"
 
+    def plain_twin(self) -> GridModel:
+        """The plain model of the same grid entry and seed (a ``meta_from_plain`` meta variant starts from it)."""
+        assert self.entry is not None
+        return GridModel(f"{self.entry.model_label}-plain", self.method, "unlearn", self.entry, self.seed)
+
 
 def _resolve(path: str | Path, base: Path) -> Path:
     p = Path(path).expanduser()
@@ -119,7 +124,7 @@ class Experiment:
         section["seed"] = int(section.get("seed", 0)) + model.seed
         start = self.model_dir
         if meta and entry.meta_from_plain:
-            start = self.model_folder(GridModel(f"{entry.model_label}-plain", entry.name, "unlearn", entry, model.seed))
+            start = self.model_folder(model.plain_twin())
         section["model"] = str(start)
         section["out"] = str(self.run.path / "models" / model.key)
         raw = {"model": str(start), "unlearn": section}
@@ -202,8 +207,7 @@ class Experiment:
                 cfg = self.unlearn_config(m)
                 settings = {"unlearn": cfg.model_dump(mode="json")}
                 if m.variant == "meta" and m.entry.meta_from_plain:  # a rebuilt plain model rebuilds this one
-                    plain = GridModel(f"{m.entry.model_label}-plain", m.method, "unlearn", m.entry, m.seed)
-                    settings["from"] = self.unlearn_config(plain).model_dump(mode="json")
+                    settings["from"] = self.unlearn_config(m.plain_twin()).model_dump(mode="json")
                 self._stage(f"unlearn-{m.key}", settings, lambda c=cfg: self._unlearn(c, progress))
         if self.config.attack is None:
             return
