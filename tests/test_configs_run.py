@@ -90,8 +90,8 @@ def test_shipped_config_runs_with_tiny_pipelines(name, fixture, request, tmp_pat
     assert "skip" in again.stdout and "stage esd" not in again.stdout
 
 
-def test_grid_seeds_run_as_parallel_replicates(tiny_sd_dir, tmp_path, run_cli):
-    """Two grid seeds in two worker processes: every model per seed, rows for both seeds, one report."""
+def test_grid_seeds_run_in_parallel_worker_processes(tiny_sd_dir, tmp_path, run_cli):
+    """Two grid seeds, their stages spread over two worker processes: every model per seed, rows for both, one report."""
     shipped = yaml.safe_load((CONFIGS / "sd14_nudity.yaml").read_text())
     cfg = _shrink(shipped, tiny_sd_dir, tmp_path, save_tiny_clip(tmp_path / "clip"))
     cfg["grid"]["methods"] = [m for m in cfg["grid"]["methods"] if m["name"] == "uce"]

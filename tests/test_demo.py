@@ -85,3 +85,17 @@ def test_meta_from_plain_starts_the_meta_variant_from_the_plain_model(tmp_path):
     assert experiment.unlearn_config(plain).model == experiment.model_dir
     with pytest.raises(ValueError, match="meta_from_plain"):
         GridConfig(methods=[entry], variants=["meta"])
+
+
+def test_stages_wait_for_the_models_they_need(tmp_path):
+    """The parallel scheduler's order: a from-plain meta model after its plain twin, an attack after its model."""
+    from metaunlearn.experiment.demo import build_demo
+
+    experiment = build_demo(seeds=2, run_dir=tmp_path / "run")
+    tasks = {t.stage: t for seed in (0, 1) for t in experiment.tasks(seed)}
+    assert tasks["unlearn-esd-meta.s1"].after == ("unlearn-esd-plain.s1",)  # the demo's ESD meta starts from plain
+    assert tasks["unlearn-uce-meta"].after == ()  # UCE's meta variant starts from the base model
+    assert tasks["attack-sdd-meta"].after == ("unlearn-sdd-meta",)
+    assert len(tasks) == 2 * 2 * 8  # 8 models per seed, each unlearned and attacked
+    order = [t.stage for t in experiment.tasks(0)]
+    assert all(order.index(a) < order.index(s) for s, t in tasks.items() if s in order for a in t.after)

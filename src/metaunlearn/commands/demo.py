@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Grid seeds run in this many processes at once."),
+        jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Unlearn/attack stages run in this many processes at once (0: one per CPU core)."),
     ) -> None:
         """ESD, SDD, UCE and RECE, plain and meta, on the toy world: unlearn, attack, evaluate, report."""
         from metaunlearn.experiment.demo import build_demo
@@ -26,4 +27,4 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             print_plan(experiment.plan(), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return
-        experiment.run_all(progress=not quiet, jobs=jobs)
+        experiment.run_all(progress=not quiet, jobs=jobs or os.cpu_count() or 1)

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: config's run_dir or runs/<config name>)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, models, data, outputs) and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Grid seeds run in this many processes at once."),
+        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Unlearn/attack stages run in this many processes at once."),
     ) -> None:
         """Run a whole experiment; stages finished with unchanged settings are skipped."""
         from metaunlearn.experiment.runner import run_experiment
