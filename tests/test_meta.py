@@ -153,25 +153,29 @@ def test_second_order_matches_finite_differences(optimizer):
     assert all(torch.equal(p, t) for p, t in zip(params, theta))
 
 
-def test_zero_betas_reduce_to_base_method_plus_retain():
+@pytest.mark.parametrize("alpha", [1.0, 2.5, 0.0])
+def test_zero_betas_reduce_to_weighted_base_method_plus_retain(alpha):
+    """β = 0: g = α ∇L_base + Σ γ ∇L_retain; α = 0 leaves the base loss out (it is not even computed)."""
     backbone = make_backbone("sd")
     data = meta_data(backbone)
     base = ESD(EsdConfig(variant="x", ddim_steps=3)).apply(UnlearnInputs(backbone, [ROLES["forget_train"]]))
     params = backbone.set_trainable(base.trainable_subset)
-    config = MetaConfig(gamma_irrelevant=0.3, gamma_related=0.6, beta_forget=0, beta_related=0, beta_irrelevant=0)
+    config = MetaConfig(gamma_irrelevant=0.3, gamma_related=0.6, beta_forget=0, beta_related=0, beta_irrelevant=0,
+                        base_weight=alpha)
     objective = MetaObjective(backbone, config, data, params, base_loss=base)
     assert objective.attacks is None  # no attack is even set up
     g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
     terms = objective.accumulate(0, g1)
     ours = [p.grad.clone() for p in params]
-    assert set(terms) == {"esd", "retain_irrelevant", "retain_related"}
+    assert set(terms) == ({"esd"} if alpha else set()) | {"retain_irrelevant", "retain_related"}
     for p in params:
         p.grad = None
     plan = make_plan(config, data, backbone.num_train_timesteps, g2)
     assert plan.attack is None and not plan.inner and not plan.ascent
-    loss, _ = base(0, g2)
-    total = loss + 0.3 * plan.retain["irrelevant"].loss(backbone, data.irrelevant) \
+    total = 0.3 * plan.retain["irrelevant"].loss(backbone, data.irrelevant) \
         + 0.6 * plan.retain["related"].loss(backbone, data.related)
+    if alpha:
+        total = total + alpha * base(0, g2)[0]
     expected = torch.autograd.grad(total, params)
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)

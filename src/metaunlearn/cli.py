@@ -15,10 +15,11 @@ import typer
 from rich.console import Console
 
 from metaunlearn.errors import UserError
+from metaunlearn.runs import quiet_libraries
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time warnings come before _quiet_libraries runs
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time warnings come before quiet_libraries runs
 
 app = typer.Typer(
     name="metaunlearn",
@@ -42,16 +43,6 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
-def _quiet_libraries() -> None:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-
-
 try:  # typer >= 0.2x raises the usage errors of its own vendored click copy, not click's
     from typer._click.exceptions import ClickException as _TyperClickException
 
@@ -63,7 +54,7 @@ except ImportError:
 def main() -> None:
     """Console-script entry point."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         app(standalone_mode=False)
     except UserError as exc:

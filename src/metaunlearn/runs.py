@@ -153,6 +153,17 @@ class RateColumn(ProgressColumn):
         return Text(f"{1 / speed:.2f} s/{self.unit}", style="progress.data.speed")
 
 
+def quiet_libraries() -> None:
+    """diffusers and transformers: errors only and no loading/saving bars (the toolkit shows its own progress)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def progress_bar(unit: str = "it", *, enabled: bool = True, console: Console | None = None) -> Progress:
     """A rich progress display with count, rate, elapsed time, ETA and a free ``info`` field (e.g. loss terms)."""
     return Progress(

@@ -365,8 +365,11 @@ def _task_worker(args) -> str:
     """One unlearn or attack stage in a worker process (see :meth:`Experiment.run_all`); quiet but for errors."""
     import torch
 
+    from metaunlearn.runs import quiet_libraries
+
     config, base, run_dir, task, threads = args
     torch.set_num_threads(threads)
+    quiet_libraries()
     experiment = Experiment(config, base, run_dir, Console(stderr=True, quiet=True))
     experiment.run_task(task, progress=False)
     return task.stage

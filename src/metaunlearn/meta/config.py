@@ -46,6 +46,10 @@ class AttackConfig(StrictModel):
 class MetaConfig(StrictModel):
     """The meta objective (see :mod:`metaunlearn.meta.objective`)."""
 
+    base_weight: float = Field(
+        1.0, ge=0, description="weight α of the base method's loss; 0 leaves it out (retain + meta terms only, "
+                               "e.g. after a closed-form edit or continuing from an already-erased plain model)"
+    )
     gamma_irrelevant: float = Field(1.0, ge=0, description="retain weight on irrelevant data at θ")
     gamma_related: float = Field(1.0, ge=0, description="retain weight on related data at θ")
     beta_forget: float = Field(0.1, ge=0, description="ascent weight on forget-test at θ' = A(θ)")

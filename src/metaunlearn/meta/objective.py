@@ -3,14 +3,15 @@
 Per outer step, with L(θ; D) the denoising loss (:func:`metaunlearn.training.denoise.denoising_loss`) on a batch of
 a cached set, θ the trained UNet parameters and θ' = A(θ) a simulated attack (finetuning on forget-train):
 
-    g = ∇L_base(θ) + γ_ir ∇L(θ; irrelevant) + γ_rel ∇L(θ; related)
+    g = α ∇L_base(θ) + γ_ir ∇L(θ; irrelevant) + γ_rel ∇L(θ; related)
         − β_f ∇L(θ'; forget-test) − β_rel ∇L(θ'; related) − β_ir ∇L(θ'; irrelevant)
 
 First order (default): the gradients at θ' are applied to θ. Second order: exact, through the inner steps
 (:mod:`metaunlearn.meta.second_order`). Then ‖g‖ is clipped and the outer optimizer steps.
 
 The objective knows nothing about the base method: it receives an optional ``base_loss`` callable
-``(step, generator) -> (loss, terms)`` (ESD, SDD) or none (after a UCE/RECE edit; also "retain + meta only").
+``(step, generator) -> (loss, terms)`` (ESD, SDD) or none (after a UCE/RECE edit); α = ``base_weight`` 0 leaves it
+out too ("retain + meta only", e.g. continuing from an already-erased plain model).
 
 Cost per step, by construction: the base loss, one forward+backward per retain term, the attack's inner steps
 (forward+backward each, in place, no copies of the UNet, no new optimizers), one forward+backward per ascent term,
@@ -146,10 +147,10 @@ class MetaObjective:
         terms: dict[str, float] = {}
         if plan.attack is not None:
             terms.update(self._ascent(plan))
-        if self.base_loss is not None:
+        if self.base_loss is not None and self.config.base_weight > 0:
             with self.autocast():
                 loss, base_terms = self.base_loss(step, generator)
-            loss.backward(inputs=self.base_params)
+            (self.config.base_weight * loss).backward(inputs=self.base_params)
             terms.update(base_terms)
         for role, draw in plan.retain.items():
             with self.autocast():
@@ -187,7 +188,7 @@ class MetaObjective:
         """One outer step: accumulate g, clip, ``optimizer.step()``, then the base loss's ``after_step``."""
         terms = self.accumulate(step, generator)
         terms["grad_norm"] = clip_and_step(self.params, optimizer, self.config.clip_grad_norm)
-        if self.base_loss is not None and hasattr(self.base_loss, "after_step"):
+        if self.base_loss is not None and self.config.base_weight > 0 and hasattr(self.base_loss, "after_step"):
             self.base_loss.after_step()
         return terms
 
