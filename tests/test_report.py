@@ -68,6 +68,11 @@ def test_report_writes_every_file_with_the_paper_table(tmp_path):
     # worst case: the maximum over seeds, and which run reached it at the last hrm-m step
     assert "| esd | unlearn | 10.0 | 60.0 | 90.0 | 20.0 | full lr 1e-05 seed 1 |" in md
     assert "report_assets/relearning_curves.png" in md
+    # meta vs plain: 1 - 0.15/0.50 = 70% at step 50, 1 - 0.40/0.85 = 53% at 100; worst case 1 - 0.2/0.6, 1 - 0.5/0.9
+    assert "| esd | full lr 1e-05 | 70% | 53% |" in md
+    assert "| esd | worst case | 67% | 44% |" in md
+    # related accuracy (1 - rate/2 here) per attack and step, the self-destruct table
+    assert "| esd | meta | full lr 1e-05 | 95.0 ± 0.0 | 92.5 ± 3.5 | 80.0 ± 7.1 | 95.0 ± 0.0 |" in md
 
     html = files.html.read_text()
     assert html.startswith("<!DOCTYPE html>")

@@ -186,6 +186,45 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
     return main, worst_table, data
 
 
+def reduction_table(rows: Sequence[Mapping], config: ReportConfig) -> Table | None:
+    """Meta against plain per method: ``1 − meta / plain`` of the mean metric under each attack of the primary set
+    at each snapshot step, and of the worst case over the sweep (``None`` without a method that has both)."""
+    metric = config.metric
+    primary, _ = attack_sets_in_order(rows, config)
+    ours = [r for r in rows if r["attack_set"] == primary and isinstance(r.get(metric), (int, float))]
+    steps = sorted({r["step"] for r in ours if r["step"] > 0})
+    models = {(m[1], m[2]): m[0] for m in _model_rows(ours)}
+    methods = sorted({method for method, variant in models if variant == "meta" and (method, "unlearn") in models})
+    if not methods or not steps:
+        return None
+    mean = {(a["model"], a["mode"], a["lr"], a["step"]): a["mean"]
+            for a in aggregate(ours, metric, by=("model", "mode", "lr", "step"))}
+    worst = {(w["model"], w["step"]): w["worst"] for w in worst_case(ours, metric, by=("model", "step"))}
+
+    def cell(plain: float | None, meta: float | None) -> str:
+        if plain is None or meta is None or not (math.isfinite(plain) and math.isfinite(meta)) or plain <= 0:
+            return "—"
+        return f"{100 * (1 - meta / plain):.0f}%"
+
+    attacks = sorted({(r["mode"], r["lr"]) for r in ours})
+    out = []
+    for method in methods:
+        plain, meta = models[(method, "unlearn")], models[(method, "meta")]
+        for mode, lr in attacks:
+            out.append([method, _attack_label(mode, lr)]
+                       + [cell(mean.get((plain, mode, lr, k)), mean.get((meta, mode, lr, k))) for k in steps])
+        out.append([method, "worst case"] + [cell(worst.get((plain, k)), worst.get((meta, k))) for k in steps])
+    what = METRIC_LABELS.get(metric, metric)
+    return Table(
+        title=f"meta vs plain: relative reduction of the {what.split(' (')[0]} on {primary}",
+        columns=["method", "attack"] + [f"{primary} @{k}" for k in steps],
+        rows=out,
+        note=("1 − meta / plain of the mean over seeds (worst case: of the maximum over every mode × lr × seed); "
+              "higher is better for the defender; — where plain is 0."),
+        label_columns=2,
+    )
+
+
 def quality_table(rows: Sequence[Mapping], primary: str) -> Table | None:
     """Benign quality and the attack loss before and after the primary attack (mean over everything else)."""
     per_set = sorted({k for r in rows for k in r if k.startswith("clip_score/")})
@@ -296,6 +335,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     summary = [a for m in metrics for a in aggregate(rows, m)]
     worst = [w for m in metrics for w in worst_case(rows, m)]
     main, worst_table, table_data = paper_table(rows, config)
+    reduction = reduction_table(rows, config)
+    related = None
+    if config.related_metric != config.metric and any(isinstance(r.get(config.related_metric), (int, float))
+                                                      for r in rows):
+        related = paper_table(rows, config.model_copy(update={"metric": config.related_metric}))[0]
+        related.note = ("Columns as above. Self-destruct: this falls under attacks on the forget concept but not "
+                        "under benign (clean) finetuning. Higher before any attack is better.")
     quality = quality_table(rows, primary)
 
     assets = out / ASSETS
@@ -309,8 +355,11 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
 
     def sections(grid_cells) -> list[Section]:
         s = [
-            Section("Forget rate before and after finetuning attacks", tables=[main, worst_table]),
+            Section("Forget rate before and after finetuning attacks",
+                    tables=[main, worst_table] + ([reduction] if reduction else [])),
         ]
+        if related:
+            s.append(Section("Related concepts under attack (self-destruct)", tables=[related]))
         if quality:
             s.append(Section("Benign concepts and quality", tables=[quality]))
         s.append(Section("Curves", figures=figs))
