@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-        jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Unlearn/attack stages run in this many processes at once (0: one per CPU core)."),
+        jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Unlearn/attack stages run in this many processes at once (0: one per CPU core; with --quick: 1, its time is one meta stage that then gets every core)."),
     ) -> None:
         """ESD, SDD, UCE and RECE, plain and meta, on the toy world: unlearn, attack, evaluate, report."""
         from metaunlearn.experiment.demo import build_demo
@@ -27,4 +27,4 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             print_plan(experiment.plan(), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return
-        experiment.run_all(progress=not quiet, jobs=jobs or os.cpu_count() or 1)
+        experiment.run_all(progress=not quiet, jobs=jobs or (1 if quick else os.cpu_count() or 1))
