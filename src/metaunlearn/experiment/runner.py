@@ -45,6 +45,11 @@ class GridModel:
         """Folder and stage name: the model's name, with ``.s<seed>`` for replicates other than seed 0."""
         return self.name if self.seed == 0 else f"{self.name}.s{self.seed}"
 
+    @property
+    def from_plain(self) -> bool:
+        """A meta variant whose grid entry says ``meta_from_plain``: it starts from (and waits for) its plain twin."""
+        return self.variant == "meta" and self.entry is not None and self.entry.meta_from_plain
+
     def plain_twin(self) -> GridModel:
         """The plain model of the same grid entry and seed (a ``meta_from_plain`` meta variant starts from it)."""
         assert self.entry is not None
@@ -133,7 +138,7 @@ class Experiment:
             section["lr"] = lr
         section["seed"] = int(section.get("seed", 0)) + model.seed
         start = self.model_dir
-        if meta and entry.meta_from_plain:
+        if model.from_plain:
             start = self.model_folder(model.plain_twin())
         section["model"] = str(start)
         section["out"] = str(self.run.path / "models" / model.key)
@@ -206,7 +211,7 @@ class Experiment:
             for seed in seeds:
                 for task in self.tasks(seed):
                     self.run_task(task, progress)
-                if self.config.attack is not None and len(seeds) > 1:
+                if self.config.attack is not None and seed != seeds[-1]:  # the last one is the final report
                     files = build_report(self.run.path, self.run.path, self.config.report)
                     self.console.print(f"report after seed {seed}: {files.html}")
         if self.config.attack is None:
@@ -222,9 +227,7 @@ class Experiment:
         for m in models:
             if m.entry is None:
                 continue
-            after = ()
-            if m.variant == "meta" and m.entry.meta_from_plain:
-                after = (f"unlearn-{m.plain_twin().key}",)
+            after = (f"unlearn-{m.plain_twin().key}",) if m.from_plain else ()
             out.append(Task(f"unlearn-{m.key}", "unlearn", m, after))
         if self.config.attack is not None:
             for m in models:
@@ -241,7 +244,7 @@ class Experiment:
         if task.kind == "unlearn":
             cfg = self.unlearn_config(m)
             settings = {"unlearn": cfg.model_dump(mode="json")}
-            if m.variant == "meta" and m.entry.meta_from_plain:  # a rebuilt plain model rebuilds this one
+            if m.from_plain:  # a rebuilt plain model rebuilds this one
                 settings["from"] = self.unlearn_config(m.plain_twin()).model_dump(mode="json")
             return settings, lambda: self._unlearn(cfg, progress)
         suite = self._suite(m.seed)

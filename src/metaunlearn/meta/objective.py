@@ -115,7 +115,7 @@ class MetaObjective:
         self.config = config
         self.data = data
         self.params = list(params)
-        self.base_loss = base_loss
+        self.base_loss = base_loss if config.base_weight > 0 else None  # α = 0: not even computed
         # the base loss's gradient reaches only these (a subset of params; default: all of them)
         self.base_params = list(base_params) if base_params is not None else None
         self.autocast = autocast
@@ -147,7 +147,7 @@ class MetaObjective:
         terms: dict[str, float] = {}
         if plan.attack is not None:
             terms.update(self._ascent(plan))
-        if self.base_loss is not None and self.config.base_weight > 0:
+        if self.base_loss is not None:
             with self.autocast():
                 loss, base_terms = self.base_loss(step, generator)
             (self.config.base_weight * loss).backward(inputs=self.base_params)
@@ -188,7 +188,7 @@ class MetaObjective:
         """One outer step: accumulate g, clip, ``optimizer.step()``, then the base loss's ``after_step``."""
         terms = self.accumulate(step, generator)
         terms["grad_norm"] = clip_and_step(self.params, optimizer, self.config.clip_grad_norm)
-        if self.base_loss is not None and self.config.base_weight > 0 and hasattr(self.base_loss, "after_step"):
+        if self.base_loss is not None and hasattr(self.base_loss, "after_step"):
             self.base_loss.after_step()
         return terms
 
