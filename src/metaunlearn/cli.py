@@ -2,24 +2,28 @@
 
 Every command module exposes ``register(app)``; this file only assembles them and turns a
 :class:`~metaunlearn.errors.UserError` into one line on stderr and exit code 2.
+
+Building the app imports nothing heavy (no torch, diffusers, transformers, matplotlib): command modules import
+those inside their bodies, so ``--help`` and ``--version`` answer at once. ``tests/test_cli.py`` checks it;
+``benchmarks/cli_startup.py`` measures it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
-
 import click
 import typer
-from rich.console import Console
 
+from metaunlearn import __version__
 from metaunlearn.errors import UserError
-from metaunlearn.runs import quiet_libraries
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time warnings come before quiet_libraries runs
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 app = typer.Typer(
     name="metaunlearn",
@@ -28,6 +32,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"metaunlearn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Make unlearned diffusion models resist relearning (Meta-Unlearning)."""
+
 
 COMMAND_MODULES = [
     "metaunlearn.commands.generate",
@@ -51,12 +71,40 @@ except ImportError:
     _CLICK_ERRORS = (click.ClickException,)
 
 
+def _quiet_first(callback):
+    """Run ``callback`` (a command body) after quieting diffusers/transformers, which it is about to import."""
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        from metaunlearn.runs import quiet_libraries
+
+        quiet_libraries()
+        return callback(*args, **kwargs)
+
+    return run
+
+
+def build_command():
+    """The click command of :data:`app`; every command body quiets the libraries before it runs (never ``--help``)."""
+    command = typer.main.get_command(app)
+    pending = [command]
+    while pending:
+        group = pending.pop()
+        for sub in getattr(group, "commands", {}).values():
+            if getattr(sub, "commands", None):
+                pending.append(sub)
+            elif sub.callback is not None:
+                sub.callback = _quiet_first(sub.callback)
+    return command
+
+
 def main() -> None:
     """Console-script entry point."""
+    from rich.console import Console
+
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = build_command().main(prog_name="metaunlearn", standalone_mode=False)
     except UserError as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(2)
@@ -66,8 +114,11 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
+        code = 130
+    if code == 130:  # typer turns Ctrl-C into this exit code
         err.print("interrupted")
-        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

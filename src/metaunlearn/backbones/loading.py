@@ -37,6 +37,12 @@ def inspect_model_folder(path: str | Path) -> tuple[str, bool]:
     if class_name not in PIPELINE_FAMILIES:
         known = ", ".join(PIPELINE_FAMILIES)
         raise UserError(f"{path}: unsupported pipeline {class_name!r} (supported: {known})")
+    listed = [name for name, entry in index.items()
+              if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] is not None]
+    missing = [name for name in listed if not (path / name).is_dir()]
+    if missing:
+        folders = ", ".join(f"{name}/" for name in missing)
+        raise UserError(f"model folder {path} has no {folders} (its model_index.json lists {', '.join(missing)})")
     for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
         folder = path / component
         if not folder.is_dir():

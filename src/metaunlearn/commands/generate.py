@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 import typer
 from pydantic import Field
 from rich.console import Console
@@ -15,7 +14,10 @@ from metaunlearn.config import StrictModel, read_yaml, validate
 from metaunlearn.data.config import DataConfig, SamplerSettings
 from metaunlearn.errors import UserError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # option name -> torch dtype name
 
 
 class GenerateFile(StrictModel):
@@ -30,6 +32,8 @@ class GenerateFile(StrictModel):
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked by torch."""
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -43,11 +47,13 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` -> fp16 on GPU, fp32 on CPU; otherwise one of :data:`DTYPES`."""
+    import torch
+
     if dtype == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 def _load(model: Path, device: str, dtype: str):

@@ -153,6 +153,8 @@ def check_compatible(backbone: Backbone, data: CachedSet, where: str) -> None:
 
 def load_set(backbone: Backbone, path: Path, cache_dir: Path, where: str, progress: bool) -> CachedSet:
     """A cached ``.safetensors`` set, or an image folder encoded once (and cached) by this backbone."""
+    if not path.exists():
+        raise UserError(f"{where}: data not found: {path}")
     if path.is_file() and path.suffix == ".safetensors":
         data = CachedSet.load(path)
     elif path.is_dir():

@@ -34,11 +34,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from metaunlearn.attacks.sweep import KEY_FIELDS, aggregate, read_rows, worst_case
 from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
-from metaunlearn.experiment.plots import curve_figure, save_figure
 from metaunlearn.runs import atomic_write_text
 
 VARIANT_ORDER = {"base": 0, "unlearn": 1, "meta": 2}
@@ -90,6 +88,8 @@ def _pct(mean: float, std: float | None = None, n: int = 1) -> str:
 
 def numeric_metrics(rows: Sequence[Mapping]) -> list[str]:
     """Metric names present in the rows (every numeric field that is not a key)."""
+    from metaunlearn.attacks.sweep import KEY_FIELDS
+
     names: dict[str, None] = {}
     for row in rows:
         for k, v in row.items():
@@ -125,6 +125,8 @@ def _attack_label(mode: str, lr: float) -> str:
 # ---- tables -----------------------------------------------------------------------------------------------------
 def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, Table, dict]:
     """The main table (mean ± std over seeds) and the worst-case table, plus both as JSON-able data."""
+    from metaunlearn.attacks.sweep import aggregate, worst_case
+
     metric = config.metric
     primary, sets = attack_sets_in_order(rows, config)
     steps_of = {s: sorted({r["step"] for r in rows if r["attack_set"] == s}) for s in sets}
@@ -189,6 +191,8 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
 def reduction_table(rows: Sequence[Mapping], config: ReportConfig) -> Table | None:
     """Meta against plain per method: ``1 − meta / plain`` of the mean metric under each attack of the primary set
     at each snapshot step, and of the worst case over the sweep (``None`` without a method that has both)."""
+    from metaunlearn.attacks.sweep import aggregate, worst_case
+
     metric = config.metric
     primary, _ = attack_sets_in_order(rows, config)
     ours = [r for r in rows if r["attack_set"] == primary and isinstance(r.get(metric), (int, float))]
@@ -259,6 +263,8 @@ def quality_table(rows: Sequence[Mapping], primary: str) -> Table | None:
 # ---- figures ----------------------------------------------------------------------------------------------------
 def curves(rows: Sequence[Mapping], metric: str, sets: Sequence[str]) -> dict[str, dict]:
     """``{attack set: {line label: (steps, mean, std)}}`` of ``metric`` over seeds."""
+    from metaunlearn.attacks.sweep import aggregate
+
     attacks = sorted({(r["mode"], r["lr"]) for r in rows})
     several = len(attacks) > 1
     agg = aggregate(rows, metric, by=("model", "attack_set", "mode", "lr", "step"))
@@ -279,6 +285,8 @@ def curves(rows: Sequence[Mapping], metric: str, sets: Sequence[str]) -> dict[st
 
 
 def figures(rows: Sequence[Mapping], config: ReportConfig, sets: Sequence[str], assets: Path) -> list[tuple[Path, str]]:
+    from metaunlearn.experiment.plots import curve_figure, save_figure
+
     out = []
     panels = curves(rows, config.metric, sets)
     if panels:
@@ -322,6 +330,8 @@ def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[lis
 # ---- the report -------------------------------------------------------------------------------------------------
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None) -> ReportFiles:
     """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report."""
+    from metaunlearn.attacks.sweep import KEY_FIELDS, aggregate, read_rows, worst_case
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run dir not found: {run_dir}")

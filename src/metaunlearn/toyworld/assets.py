@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diffusers import StableDiffusionPipeline
+if TYPE_CHECKING:  # loaded on use: importing this module stays free of torch and diffusers
+    from diffusers import StableDiffusionPipeline
 
-from .detector import ConceptDetector
+    from .detector import ConceptDetector
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
 MODEL_SUBDIR = "model"
@@ -26,6 +28,8 @@ def detector_path(root: str | Path = ASSET_DIR) -> Path:
 
 def load_toy_detector(root: str | Path = ASSET_DIR) -> ConceptDetector:
     """The shipped (or given) toy concept detector."""
+    from .detector import ConceptDetector
+
     return ConceptDetector.load(detector_path(root))
 
 

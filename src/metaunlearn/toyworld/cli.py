@@ -7,34 +7,22 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 import typer
-from PIL import Image
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from metaunlearn.runs import ensure_dir, progress_bar, replace_directory
 
 from .assets import ASSET_DIR, DETECTOR_FILE, EVAL_FILE, MODEL_SUBDIR, detector_path, model_dir
-from .detector import ConceptDetector, detector_accuracy, train_detector
-from .pretrain import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    ToyModelConfig,
-    config_dict,
-    evaluate_model,
-    evaluation_prompts,
-    load_model,
-    sample,
-    sample_grid,
-    save_model,
-    train_model,
-)
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, PRETRAIN_STEPS
 from .taxonomy import CONCEPTS
-from .world import render_class
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+# torch, numpy, PIL and the training code are imported inside the commands, so ``--help`` stays fast.
 
 app = typer.Typer(help="The embedded concept world: pretrain its detector and tiny diffusion model, evaluate, render.")
 console = Console()
@@ -79,7 +67,7 @@ def _replace_dir(built: Path, out: Path) -> None:
 def pretrain(
     out: Path = typer.Option(ASSET_DIR, help="Asset directory to write (model/, detector.*, eval.json)."),
     seed: int = typer.Option(0, help="Seed for data, initialisation and sampling."),
-    steps: int = typer.Option(ToyModelConfig.steps, help="Diffusion model training steps."),
+    steps: int = typer.Option(PRETRAIN_STEPS, help="Diffusion model training steps."),
     detector_steps: int = typer.Option(1500, help="Detector training steps."),
     eval_samples: int = typer.Option(32, help="Samples per prompt in the final evaluation."),
     threads: int = typer.Option(2, help="torch threads (1 is faster when other jobs share the 2 cores)."),
@@ -89,6 +77,13 @@ def pretrain(
     Writes ``model/`` (diffusers folder), ``detector.safetensors`` + ``detector.json``, ``eval.json`` (the
     per-prompt table, detector accuracy and wall times) and ``samples.png`` under ``--out``.
     """
+    import torch
+    from PIL import Image
+
+    from .detector import detector_accuracy, train_detector
+    from .pretrain import ToyModelConfig, config_dict, evaluate_model, evaluation_prompts, load_model, sample_grid
+    from .pretrain import save_model, train_model
+
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(seed)
     config = ToyModelConfig(steps=steps)
@@ -144,6 +139,11 @@ def evaluate(
     threads: int = typer.Option(2, help="torch threads (1 is faster when other jobs share the 2 cores)."),
 ) -> None:
     """Print per-prompt detector accuracy of model samples, and the detector's accuracy on fresh renders."""
+    import torch
+
+    from .detector import ConceptDetector, detector_accuracy
+    from .pretrain import evaluate_model, load_model
+
     torch.set_num_threads(max(1, threads))
     detector = ConceptDetector.load(detector_path(assets))
     acc = detector_accuracy(detector, per_class=50, seed=seed + 7)
@@ -164,6 +164,12 @@ def render_command(
     scale: int = typer.Option(8, help="Upscaling factor of the written PNGs."),
 ) -> None:
     """Write PNGs of a concept: procedural renders, or samples of the toy model (``--model``, prompt or name)."""
+    import numpy as np
+    from PIL import Image
+
+    from .pretrain import load_model, sample
+    from .world import render_class
+
     if model:
         prompt = next((c.prompt for c in CONCEPTS if c.name == concept), concept)
         images = (sample(load_model(model_dir(assets)), prompt, n, seed=seed).permute(0, 2, 3, 1).numpy() * 255)

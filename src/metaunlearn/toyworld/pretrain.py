@@ -31,12 +31,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..tokenizer import train_clip_tokenizer
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, PRETRAIN_STEPS
 from .detector import ConceptDetector
 from .taxonomy import CONCEPTS, Concept, caption_corpus, concept_of_prompt
 from .world import IMAGE_SIZE, render, to_tensor
 
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 4.0
 MAX_TOKENS = 16
 MARKER_FILE = "metaunlearn.json"
 
@@ -56,7 +55,7 @@ class ToyModelConfig:
     text_width: int = 32
     text_layers: int = 2
     text_heads: int = 4
-    steps: int = 2500
+    steps: int = PRETRAIN_STEPS
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
