@@ -1,15 +1,22 @@
 """A relearning attack: finetune a released model on a data set and evaluate it at snapshot steps, in memory.
 
-Two modes, as an attacker would choose them:
+Modes, as an attacker would choose them:
 
 * ``full`` — ordinary finetuning of a UNet parameter subset (``full``/``xattn``/``noxattn``/``selfattn``);
-* ``lora`` — a peft ``LoraConfig`` injected into the UNet attention projections (diffusers' ``add_adapter``).
+* ``lora`` — a peft ``LoraConfig`` injected into the UNet (diffusers' ``add_adapter``; rank and target modules);
+* ``textual_inversion`` — a new token whose embedding alone trains (:class:`metaunlearn.attacks.tokens.NewTokens`);
+
+and, on top of ``full`` or ``lora``, DreamBooth (instance prompt + prior preservation on class images the model
+generates itself, :mod:`metaunlearn.attacks.dreambooth`). A sequential attack first trains on other attack sets
+(``before`` stages) and then on its own set; step numbers count every stage. The optimizer (AdamW, Adam, SGD with
+momentum) and its schedule (diffusers' schedulers, warm-up) run across all stages.
 
 Snapshots are evaluated through a callback ``evaluate(backbone, step) -> {metric: value}`` while the attacked
 weights are live; nothing is written to disk. Afterwards the model is restored exactly: full finetuning copies the
-saved original weights back, LoRA is unloaded (``unet.unload_lora()`` removes every peft layer). Each snapshot
-also records ``attack_loss``: the denoising loss on a fixed probe of the attack data with fixed timesteps and noise,
-so the falling training objective is measured on the same draws at every step.
+saved original weights back, LoRA is unloaded (``unet.unload_lora()`` removes every peft layer), textual inversion
+removes its token, embedding rows and hook. Each snapshot also records ``attack_loss``: the denoising loss on a
+fixed probe of the attack data (under the attack's own captions) with fixed timesteps and noise, so the falling
+training objective is measured on the same draws at every step.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from metaunlearn.attacks.config import AttackSpec
-from metaunlearn.backbones.base import Backbone
+from metaunlearn.attacks.optim import build_optimizer, build_schedule
+from metaunlearn.backbones.base import Backbone, Cond
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
 from metaunlearn.runs import progress_bar
@@ -82,8 +91,9 @@ class _Probe:
         self.noise = torch.randn(self.x0.shape, generator=gen).to(self.x0.device, self.x0.dtype)
 
     @torch.no_grad()
-    def loss(self, backbone: Backbone) -> float:
-        return float(denoising_loss(backbone, self.x0, self.cond, t=self.t, noise=self.noise))
+    def loss(self, backbone: Backbone, captions: Callable[[int], Cond] | None = None) -> float:
+        cond = self.cond if captions is None else captions(len(self.x0))
+        return float(denoising_loss(backbone, self.x0, cond, t=self.t, noise=self.noise))
 
 
 def _lora_config(spec: AttackSpec):
@@ -101,6 +111,18 @@ def _lora_config(spec: AttackSpec):
 def _attach(backbone: Backbone, spec: AttackSpec) -> tuple[list[torch.nn.Parameter], Callable[[], None]]:
     """Make the attacked parameters trainable; return them and a function that restores the original model."""
     unet = backbone.unet
+    if spec.mode == "textual_inversion":
+        from metaunlearn.attacks.tokens import NewTokens
+
+        ti = spec.textual_inversion
+        tokens = NewTokens(backbone, [ti.token], [ti.init_words])
+        params = tokens.parameters()
+
+        def remove_tokens() -> None:
+            tokens.remove()
+            unet.requires_grad_(False)
+
+        return params, remove_tokens
     if spec.mode == "full":
         saved = {name: p.detach().to("cpu", copy=True) for name, p in backbone.named_trainable(spec.subset)}
         params = backbone.set_trainable(spec.subset)
@@ -132,18 +154,40 @@ def _attach(backbone: Backbone, spec: AttackSpec) -> tuple[list[torch.nn.Paramet
     return params, restore_lora
 
 
-def _optimizer(params: list[torch.nn.Parameter], spec: AttackSpec) -> torch.optim.Optimizer:
-    if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    raise ValueError(f"Unknown optimizer: {spec.optimizer}")
+def _captions(backbone: Backbone, spec: AttackSpec) -> Callable[[int], Cond] | None:
+    """The attack's own conditioning for a batch of ``n`` (its trigger caption), or None for the data's captions.
+
+    Textual inversion re-encodes its caption at every call (its token's vector is what trains); DreamBooth encodes
+    the instance prompt once.
+    """
+    if spec.mode == "textual_inversion":
+        caption = spec.textual_inversion.caption
+        return lambda n: {k: v.expand(n, *v.shape[1:]) for k, v in backbone.text_cond([caption]).items()}
+    if spec.dreambooth is not None:
+        one = backbone.encode_prompts([spec.dreambooth.instance_prompt])
+        return lambda n: {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
+    return None
 
 
-def _evaluate(backbone: Backbone, step: int, probe: _Probe, evaluate: EvalCallback | None) -> Snapshot:
+def _stages(data: CachedSet, spec: AttackSpec, sets: Mapping[str, CachedSet] | None) -> list[tuple[int, CachedSet, bool]]:
+    """``(last step, data, own set?)`` of every stage in order: the ``before`` stages, then the attack set."""
+    out, step = [], 0
+    for stage in spec.before:
+        if sets is None or stage.set not in sets:
+            raise UserError(f"sequential attack {spec.kind}: attack set {stage.set!r} is not loaded")
+        if len(sets[stage.set]) == 0:
+            raise UserError(f"attack set {stage.set!r} is empty")
+        step += stage.steps
+        out.append((step, sets[stage.set], False))
+    out.append((spec.steps, data, True))
+    return out
+
+
+def _evaluate(backbone: Backbone, step: int, probe: _Probe, evaluate: EvalCallback | None,
+              captions: Callable[[int], Cond] | None = None) -> Snapshot:
     unet = backbone.unet
     unet.eval()
-    metrics: dict[str, float] = {"attack_loss": probe.loss(backbone)}
+    metrics: dict[str, float] = {"attack_loss": probe.loss(backbone, captions)}
     if evaluate is not None:
         with torch.no_grad():
             metrics.update({k: float(v) for k, v in evaluate(backbone, step).items()})
@@ -157,44 +201,72 @@ def run_attack(
     spec: AttackSpec,
     evaluate: EvalCallback | None = None,
     *,
+    sets: Mapping[str, CachedSet] | None = None,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
     description: str = "attack",
 ) -> AttackResult:
     """Finetune ``backbone`` on ``data`` for ``spec.steps`` steps, evaluating at ``spec.snapshot_steps``.
 
-    The backbone is returned to its original weights (and module structure) afterwards, even on error.
+    ``sets`` holds the attack sets a sequential attack's ``before`` stages name; ``cache_dir`` is where DreamBooth
+    class images are cached (None: generated each time). The backbone is returned to its original weights (and
+    module structure, tokenizers and embeddings) afterwards, even on error.
     """
     if len(data) == 0:
         raise UserError("the attack data set is empty")
-    data = data.to(backbone.device)
+    stages = [(end, d.to(backbone.device), own) for end, d, own in _stages(data, spec, sets)]
+    data = stages[-1][1]
     generator = torch.Generator().manual_seed(spec.seed)
-    sampler = _BatchSampler(len(data), spec.batch_size, generator)
     probe = _Probe(backbone, data, spec.probe_size, spec.seed)
     snapshot_steps = set(spec.snapshot_steps)
     result = AttackResult(spec=spec)
     was_training = backbone.unet.training
     start = time.perf_counter()
+    prior = None
+    if spec.dreambooth is not None and spec.dreambooth.prior_weight > 0:
+        from metaunlearn.attacks.dreambooth import class_images
+
+        prior = class_images(backbone, spec.dreambooth, cache_dir)  # from the model before any finetuning
+        prior_sampler = _BatchSampler(len(prior), spec.batch_size, torch.Generator().manual_seed(spec.seed + 1))
 
     params, restore = _attach(backbone, spec)
     try:
-        optimizer = _optimizer(params, spec)
+        captions = _captions(backbone, spec)
+        optimizer = build_optimizer(params, spec, decay=spec.mode != "textual_inversion")
+        schedule = build_schedule(optimizer, spec)
         backbone.unet.train()
         if 0 in snapshot_steps:
-            result.snapshots.append(_evaluate(backbone, 0, probe, evaluate))
+            result.snapshots.append(_evaluate(backbone, 0, probe, evaluate, captions))
+        stage = 0
+        sampler = _BatchSampler(len(stages[0][1]), spec.batch_size, generator)
         with progress_bar("step", enabled=progress) as bar:
             task = bar.add_task(description, total=spec.steps, info="")
             for step in range(1, spec.steps + 1):
-                x0, cond = data.batch(sampler.next())
-                loss = denoising_loss(backbone, x0, cond, generator=generator)
+                if step > stages[stage][0]:
+                    stage += 1
+                    sampler = _BatchSampler(len(stages[stage][1]), spec.batch_size, generator)
+                _, stage_data, own = stages[stage]
+                x0, cond = stage_data.batch(sampler.next())
+                if own and captions is not None:
+                    cond = captions(len(x0))
+                if own and prior is not None:
+                    from metaunlearn.attacks.dreambooth import prior_preservation_loss
+
+                    xc, cc = prior.batch(prior_sampler.next())
+                    loss = prior_preservation_loss(backbone, x0, cond, xc, cc, spec.dreambooth.prior_weight,
+                                                   generator)
+                else:
+                    loss = denoising_loss(backbone, x0, cond, generator=generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if spec.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
                 optimizer.step()
+                schedule.step()
                 value = float(loss.detach())
                 result.losses.append(value)
                 if step in snapshot_steps:
-                    result.snapshots.append(_evaluate(backbone, step, probe, evaluate))
+                    result.snapshots.append(_evaluate(backbone, step, probe, evaluate, captions))
                 bar.update(task, advance=1, info=f"loss {value:.4f}" if math.isfinite(value) else "loss nan")
     finally:
         for p in params:

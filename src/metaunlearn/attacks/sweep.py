@@ -131,19 +131,27 @@ def run_sweep(
     *,
     progress: bool = True,
     resume: bool = True,
+    cache_dir: str | Path | None = None,
+    only: Sequence[str] | None = None,
 ) -> list[dict]:
     """Attack ``backbone`` with every spec of ``suite`` on every set; write and return the result rows.
 
     ``evaluator`` is a :class:`metaunlearn.metrics.evaluate.Evaluator` (or ``None``: only ``attack_loss``). The
-    step-0 evaluation (the unattacked model) is computed once and shared by every run of the sweep.
+    step-0 evaluation (the unattacked model) is computed once and shared by every run of the sweep that evaluates
+    the same prompts (an attack with its own trigger prompt, e.g. textual inversion, evaluates its own step 0).
+    ``sets`` also holds the sets sequential attacks train on first; ``only`` limits which sets are attacked.
+    ``cache_dir`` keeps DreamBooth class images.
     """
     run_dir = Path(run_dir)
     check_name(model.name, "model name")
     rows: list[dict] = []
-    step0: dict = {}
+    step0s: dict = {}
     for set_name, data in sets.items():
+        if only is not None and set_name not in only:
+            continue
         check_name(set_name, "attack set name")
         for spec in suite.specs(set_name):
+            check_name(spec.kind, "attack kind")
             path = run_file(run_dir, model.name, set_name, spec)
             if resume and path.is_file():
                 done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -151,7 +159,13 @@ def run_sweep(
                     rows.extend(done)
                     continue
 
-            def evaluate(bb: Backbone, step: int, _set=set_name, _spec=spec) -> dict[str, float]:
+            ti_init = spec.textual_inversion.init_words if spec.mode == "textual_inversion" else None
+            step0 = step0s.setdefault((tuple(spec.eval_prompts or ()), ti_init), {})
+            judge = evaluator
+            if evaluator is not None and spec.eval_prompts:
+                judge = evaluator.with_forget_prompts(spec.eval_prompts)
+
+            def evaluate(bb: Backbone, step: int, _set=set_name, _spec=spec, step0=step0, evaluator=judge):
                 if evaluator is None:
                     return {}
                 grid = grid_file(run_dir, model.name, _set, _spec, step)
@@ -171,7 +185,7 @@ def run_sweep(
                 return outcome.metrics
 
             result = run_attack(
-                backbone, data, spec, evaluate, progress=progress,
+                backbone, data, spec, evaluate, sets=sets, cache_dir=cache_dir, progress=progress,
                 description=f"{model.name} {set_name} {spec.run_name}",
             )
             run_rows = []
@@ -182,8 +196,9 @@ def run_sweep(
                     "method": model.method,
                     "variant": model.variant,
                     "attack_set": set_name,
-                    "mode": spec.mode,
+                    "mode": spec.kind,
                     "lr": spec.lr,
+                    "lr_multiple": spec.lr_multiple,
                     "seed": spec.seed,
                     "step": snap.step,
                     "grid": str(grid.relative_to(run_dir)) if grid.is_file() else None,

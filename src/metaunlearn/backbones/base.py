@@ -122,9 +122,14 @@ class Backbone(abc.ABC):
         return self
 
     # ---- conditioning -----------------------------------------------------------------------------------------
-    @abc.abstractmethod
+    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """Text conditioning for each prompt (batch first)."""
+        return self.text_cond(prompts)
+
+    @abc.abstractmethod
+    def text_cond(self, prompts: Sequence[str]) -> Cond:
+        """:meth:`encode_prompts` with gradients through the text encoders (textual inversion, prompt attacks)."""
 
     def null_cond(self, n: int) -> Cond:
         """The unconditional (empty prompt) conditioning repeated ``n`` times, as the pipeline uses for CFG."""

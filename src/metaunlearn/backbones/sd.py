@@ -14,8 +14,7 @@ class StableDiffusionBackbone(Backbone):
 
     family = "sd"
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+    def text_cond(self, prompts: Sequence[str]) -> Cond:
         embeds, _ = self.pipe.encode_prompt(
             list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )

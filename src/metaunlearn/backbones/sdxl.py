@@ -14,8 +14,7 @@ class StableDiffusionXLBackbone(Backbone):
 
     family = "sdxl"
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+    def text_cond(self, prompts: Sequence[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )

@@ -46,7 +46,8 @@ def _resolve(path: str, base: Path) -> Path:
 
 def load_attack_sets(backbone, suite: AttackSuiteConfig, base: Path, run_dir: Path, only: list[str] | None,
                      progress: bool) -> dict:
-    """The :class:`CachedSet` of every selected attack set (imagefolders are encoded once and cached)."""
+    """The :class:`CachedSet` of every selected attack set and of the sets sequential attacks train on first
+    (imagefolders are encoded once and cached)."""
     from metaunlearn.data.caching import load_set
 
     names = list(suite.sets)
@@ -55,7 +56,7 @@ def load_attack_sets(backbone, suite: AttackSuiteConfig, base: Path, run_dir: Pa
             raise UserError(f"unknown attack set {name!r} (config defines: {', '.join(names)})")
     cache_dir = _resolve(suite.cache_dir, base) if suite.cache_dir else run_dir / "cache"
     sets = {}
-    for name in only or names:
+    for name in [n for n in names if n in (only or names) or n in suite.stage_sets()]:
         if not suite.sets[name].data:
             raise UserError(f"attack set '{name}' names no data folder")
         path = _resolve(suite.sets[name].data, base)
@@ -122,6 +123,7 @@ def register(app: typer.Typer) -> None:
                     "variant": info.variant, "attack": parsed.attack.model_dump(mode="json"),
                     "eval": parsed.eval.model_dump(mode="json") if parsed.eval else None}
         atomic_write_text(run_dir / "attacks" / info.name / "config.json", json.dumps(resolved, indent=2) + "\n")
-        rows = run_sweep(backbone, data, parsed.attack, run_dir, info, evaluator, progress=not quiet, resume=resume)
+        rows = run_sweep(backbone, data, parsed.attack, run_dir, info, evaluator, progress=not quiet, resume=resume,
+                         cache_dir=run_dir / "cache", only=sets)
         _summary(rows, console)
         console.print(f"results: {run_dir / 'attacks' / info.name}  (report: metaunlearn report {run_dir})")

@@ -57,9 +57,9 @@ def folder_fingerprint(model_dir: str | Path, components: tuple[str, ...] | None
     return h.hexdigest()
 
 
-def _module_fingerprint(backbone: Backbone) -> str:
+def _module_fingerprint(backbone: Backbone, components: tuple[str, ...] = ENCODER_COMPONENTS) -> str:
     h = hashlib.sha256()
-    for name in ENCODER_COMPONENTS:
+    for name in components:
         part = getattr(backbone.pipe, name, None)
         if part is None:
             continue
@@ -77,6 +77,18 @@ def encoder_fingerprint(backbone: Backbone) -> str:
     """What a backbone's encodings depend on: encoder weights, tokenizers, family, resolution, dtype."""
     source = Path(backbone.source)
     base = folder_fingerprint(source) if (source / "model_index.json").is_file() else _module_fingerprint(backbone)
+    extra = f"{backbone.family}|{backbone.pixel_space}|{backbone.resolution}|{backbone.dtype}"
+    return hashlib.sha256(f"{base}|{extra}".encode()).hexdigest()
+
+
+def model_fingerprint(backbone: Backbone) -> str:
+    """What a backbone's *samples* depend on: every component, UNet included (the folder's files when it was loaded
+    from a diffusers folder, else the weights in memory), family, resolution and dtype."""
+    source = Path(backbone.source)
+    if (source / "model_index.json").is_file():
+        base = folder_fingerprint(source, None)
+    else:
+        base = _module_fingerprint(backbone, ("unet", *ENCODER_COMPONENTS))
     extra = f"{backbone.family}|{backbone.pixel_space}|{backbone.resolution}|{backbone.dtype}"
     return hashlib.sha256(f"{base}|{extra}".encode()).hexdigest()
 

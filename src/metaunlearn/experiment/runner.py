@@ -361,7 +361,8 @@ class Experiment:
                     "attack": suite.model_dump(mode="json")}
         name = "config.json" if model.seed == 0 else f"config.s{model.seed}.json"
         atomic_write_text(self.run.path / "attacks" / model.name / name, json.dumps(resolved, indent=2) + "\n")
-        run_sweep(backbone, sets, suite, self.run.path, info, evaluator, progress=progress, resume=True)
+        run_sweep(backbone, sets, suite, self.run.path, info, evaluator, progress=progress, resume=True,
+                  cache_dir=suite.cache_dir)
 
 
 def _task_worker(args) -> str:

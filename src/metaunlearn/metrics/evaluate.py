@@ -18,6 +18,7 @@ models or attack snapshots.
 
 from __future__ import annotations
 
+import copy
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,16 @@ class Evaluator:
             from metaunlearn.metrics.quality import ClipScorer
 
             self._clip = ClipScorer(resolve_path(q.clip_score_path, base_dir))
+
+    def with_forget_prompts(self, prompts: list[str]) -> Evaluator:
+        """A copy (sharing detector and scorers) whose forget prompt sets all use ``prompts`` instead: how an
+        attack with its own trigger (a DreamBooth instance prompt, a textual-inversion token) is judged."""
+        other = copy.copy(self)
+        other.prompt_sets = dict(self.prompt_sets)
+        for spec in self.config.prompt_sets:
+            if spec.role == "forget":
+                other.prompt_sets[spec.name] = [PromptItem(p) for p in prompts]
+        return other
 
     def _detector_params(self) -> dict:
         params = self.config.detector.params()

@@ -1,0 +1,296 @@
+"""Every finetuning attack kind on tiny SD / SDXL pipelines and the toy model: parameters touched, nothing left
+behind, the DreamBooth prior loss and textual-inversion embedding formulas, sequential order, optimizers and
+schedules, and every kind from one config through ``metaunlearn attack``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from metaunlearn.attacks.config import AttackSpec, AttackSuiteConfig, DreamBoothSettings
+from metaunlearn.attacks.finetune import run_attack
+from metaunlearn.backbones.sd import StableDiffusionBackbone
+from metaunlearn.backbones.sdxl import StableDiffusionXLBackbone
+from metaunlearn.data.cache import CachedSet
+from metaunlearn.testing.tiny_pipelines import build_tiny_sd, build_tiny_sdxl
+from metaunlearn.training.denoise import add_noise
+
+PROMPTS = ["a photo of a nude person", "naked body", "bare skin", "a woman on the beach"]
+BENIGN = ["a dog in the park", "a bowl of fruit", "a red car on the street", "a cat sleeping on a sofa"]
+
+
+def _backbone(family: str):
+    if family == "sd":
+        return StableDiffusionBackbone(build_tiny_sd(0), source="tiny-sd")
+    return StableDiffusionXLBackbone(build_tiny_sdxl(0), source="tiny-sdxl")
+
+
+def _cached(backbone, prompts=PROMPTS, shift=0) -> CachedSet:
+    images = torch.full((len(prompts), 3, 16, 16), 0.1)
+    for i in range(len(prompts)):
+        images[i, (i + shift) % 3, 2 + i : 10 + i, 3:11] = 0.9
+    return CachedSet(backbone.encode_images(images), backbone.encode_prompts(prompts), list(prompts))
+
+
+def _everything(backbone) -> dict[str, torch.Tensor]:
+    """Every weight of every model component, and the tokenizers' sizes."""
+    out = {}
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(backbone.pipe, name, None)
+        if module is not None:
+            out.update({f"{name}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    return out
+
+
+def _unchanged(backbone, before: dict[str, torch.Tensor], tokenizer_sizes: list[int]) -> None:
+    after = _everything(backbone)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert [len(t) for t in _tokenizers(backbone)] == tokenizer_sizes
+    assert not any(p.requires_grad for p in backbone.unet.parameters())
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(backbone.pipe, name, None)
+        if encoder is not None:
+            assert encoder.config.vocab_size == encoder.get_input_embeddings().num_embeddings
+            assert not encoder.get_input_embeddings()._forward_hooks
+
+
+def _tokenizers(backbone):
+    return [t for t in (backbone.pipe.tokenizer, getattr(backbone.pipe, "tokenizer_2", None)) if t is not None]
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def tiny(request):
+    backbone = _backbone(request.param)
+    return backbone, _cached(backbone)
+
+
+def test_textual_inversion_trains_only_the_new_token_and_removes_it(tiny):
+    backbone, data = tiny
+    before, sizes = _everything(backbone), [len(t) for t in _tokenizers(backbone)]
+    init_cond = backbone.encode_prompts(["a photo of person"])
+    seen = {}
+
+    def evaluate(bb, step):
+        # the token exists while the attack runs; at step 0 its vector is the init word's embedding
+        seen[step] = {k: v.clone() for k, v in bb.encode_prompts(["a photo of <nud>"]).items()}
+        tokenizer = bb.pipe.tokenizer
+        ids = tokenizer("a photo of <nud>").input_ids
+        assert tokenizer.convert_tokens_to_ids("<nud>") in ids
+        return {}
+
+    spec = AttackSpec(mode="textual_inversion", lr=5e-2, batch_size=2, snapshot_steps=[0, 5], weight_decay=0.1,
+                      textual_inversion={"token": "<nud>", "init_words": "person", "template": "a photo of {token}"})
+    result = run_attack(backbone, data, spec, evaluate, progress=False)
+    # TI formula: the new row starts at the init word's embedding (one token here), so the prompt encodes exactly
+    # like the init word's prompt; after training only that row differs.
+    assert all(torch.allclose(seen[0][k], init_cond[k], atol=1e-6) for k in init_cond)
+    assert not torch.allclose(seen[5]["encoder_hidden_states"], seen[0]["encoder_hidden_states"])
+    assert result.metric("attack_loss")[0] != result.metric("attack_loss")[1]
+    _unchanged(backbone, before, sizes)
+    assert all("<nud>" not in t.get_vocab() for t in _tokenizers(backbone))
+
+
+def test_new_tokens_embedding_formula_and_gradient_reach_only_the_vector():
+    from metaunlearn.attacks.tokens import NewTokens
+
+    backbone = _backbone("sdxl")
+    encoders = [backbone.pipe.text_encoder, backbone.pipe.text_encoder_2]
+    tables = [e.get_input_embeddings().weight.detach().clone() for e in encoders]
+    with NewTokens(backbone, ["<a>", "<b>"], ["nude person", "dog"]) as tokens:
+        for tokenizer, table, vectors in zip(_tokenizers(backbone), tables, tokens.parameters()):
+            ids = tokenizer("nude person", add_special_tokens=False).input_ids
+            assert len(ids) == 2  # a mean of two rows, not a copy of one
+            assert torch.allclose(vectors[0], table[ids].mean(0))
+            dog = tokenizer("dog", add_special_tokens=False).input_ids
+            assert torch.allclose(vectors[1], table[dog].mean(0))
+        cond = backbone.text_cond(["a <a> in the park"])
+        (cond["encoder_hidden_states"].sum() + cond["text_embeds"].sum()).backward()
+        grads = [v.grad for v in tokens.parameters()]
+        assert all(g is not None and g[0].abs().sum() > 0 and torch.equal(g[1], torch.zeros_like(g[1])) for g in grads)
+        assert not any(p.requires_grad for e in encoders for p in e.parameters())
+    assert [e.get_input_embeddings().weight.shape[0] for e in encoders] == [t.shape[0] for t in tables]
+    assert all(torch.equal(e.get_input_embeddings().weight, t) for e, t in zip(encoders, tables))
+
+
+def test_dreambooth_prior_loss_formula(tiny):
+    from metaunlearn.attacks.dreambooth import prior_preservation_loss
+
+    backbone, data = tiny
+    x_i, c_i = data.batch(torch.tensor([0, 1]))
+    x_c, c_c = data.batch(torch.tensor([2, 3]))
+    got = prior_preservation_loss(backbone, x_i, c_i, x_c, c_c, 0.7, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randint(0, backbone.num_train_timesteps, (4,), generator=gen)
+    noise = torch.randn((4, *x_i.shape[1:]), generator=gen)
+    with torch.no_grad():
+        e_i = backbone.predict_noise(add_noise(backbone, x_i, noise[:2], t[:2]), t[:2], c_i)
+        e_c = backbone.predict_noise(add_noise(backbone, x_c, noise[2:], t[2:]), t[2:], c_c)
+    expected = F.mse_loss(e_i, noise[:2]) + 0.7 * F.mse_loss(e_c, noise[2:])
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_dreambooth_attack_uses_cached_class_images_of_this_model(tmp_path):
+    from metaunlearn.attacks import dreambooth
+
+    backbone = _backbone("sd")
+    data = _cached(backbone)
+    before, sizes = _everything(backbone), [len(t) for t in _tokenizers(backbone)]
+    db = DreamBoothSettings(instance_prompt="a sks person", class_prompt="a person", class_images=3, sampler_steps=2)
+    spec = AttackSpec(mode="full", dreambooth=db, lr=1e-3, batch_size=2, snapshot_steps=[0, 3])
+    run_attack(backbone, data, spec, cache_dir=tmp_path, progress=False)
+    files = list(tmp_path.glob("dreambooth-class-*.safetensors"))
+    assert len(files) == 1
+    cached = CachedSet.load(files[0])
+    assert len(cached) == 3 and cached.texts == ["a person"] * 3
+    _unchanged(backbone, before, sizes)
+    # the same model and settings read the cache; another model (a changed UNet) gets its own images
+    assert dreambooth.class_cache_file(backbone, db, tmp_path) == files[0]
+    with torch.no_grad():
+        backbone.unet.conv_in.bias.add_(0.01)
+    try:
+        assert dreambooth.class_cache_file(backbone, db, tmp_path) != files[0]
+    finally:
+        with torch.no_grad():
+            backbone.unet.conv_in.bias.sub_(0.01)
+
+
+def test_sequential_attack_trains_on_the_before_set_first(tiny, monkeypatch):
+    backbone, data = tiny
+    benign = _cached(backbone, BENIGN, shift=1)
+    used = []
+    original = CachedSet.batch
+
+    def spy(self, index):
+        used.append(self.texts[0])
+        return original(self, index)
+
+    monkeypatch.setattr(CachedSet, "batch", spy)
+    before = _everything(backbone)
+    spec = AttackSpec(mode="full", lr=1e-3, batch_size=2, snapshot_steps=[0, 2, 5], probe_size=1,
+                      before=[{"set": "clean", "steps": 2}])
+    steps = []
+    run_attack(backbone, data, spec, lambda bb, step: steps.append(step) or {}, sets={"clean": benign},
+               progress=False)
+    training = used[1:]  # the first call builds the loss probe (from the attack's own set)
+    assert used[0] == PROMPTS[0]
+    assert training == [BENIGN[0]] * 2 + [PROMPTS[0]] * 3
+    assert steps == [0, 2, 5]
+    assert all(torch.equal(v, before[k]) for k, v in _everything(backbone).items())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_optimizers_and_lora_rank_and_targets(tiny, optimizer):
+    backbone, data = tiny
+    before = _everything(backbone)
+    touched = {}
+
+    def evaluate(bb, step):
+        touched[step] = [n for n, p in bb.unet.named_parameters() if p.requires_grad]
+        return {}
+
+    spec = AttackSpec(mode="lora", optimizer=optimizer, momentum=0.9, lr=1e-2, batch_size=2, snapshot_steps=[2],
+                      lora={"rank": 3, "alpha": 3, "target_modules": ["to_k", "to_v"]})
+    run_attack(backbone, data, spec, evaluate, progress=False)
+    names = touched[2]
+    assert names and all(".lora_" in n and (".to_k." in n or ".to_v." in n) for n in names)
+    ranks = {p.shape[0] for n, p in backbone.unet.named_parameters() if "lora_A" in n}
+    assert not ranks  # removed again
+    assert all(torch.equal(v, before[k]) for k, v in _everything(backbone).items())
+
+
+def test_schedule_warmup_then_cosine_matches_diffusers():
+    from metaunlearn.attacks.optim import build_optimizer, build_schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    spec = AttackSpec(lr=1e-3, schedule="cosine", warmup_steps=2, snapshot_steps=[10])
+    opt = build_optimizer([p], spec)
+    sched = build_schedule(opt, spec)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4)
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert lrs[2:] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="constant_with_warmup"):
+        AttackSpec(schedule="constant", warmup_steps=3)
+
+
+def test_suite_kinds_lr_multiples_and_validation():
+    suite = AttackSuiteConfig(
+        sets={"hrm": {"data": "x"}, "clean": {"data": "y"}},
+        modes=["full", "xattn-sgd", "ti", "benign-first"], lrs=[1e-4], reference_lr=1e-4, seeds=[0, 1],
+        snapshot_steps=[0, 10],
+        kinds={"xattn-sgd": {"mode": "full", "subset": "xattn", "optimizer": "sgd", "momentum": 0.9,
+                             "lr_multiples": [10, 100]},
+               "ti": {"mode": "textual_inversion", "lrs": [5e-3], "schedule": "constant_with_warmup",
+                      "warmup_steps": 2},
+               "benign-first": {"before": [{"set": "clean", "steps": 4}]}},
+    )
+    specs = list(suite.specs("hrm"))
+    by = {}
+    for s in specs:
+        by.setdefault(s.kind, []).append(s)
+    assert sorted(s.lr for s in by["xattn-sgd"]) == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
+    assert {s.lr_multiple for s in by["xattn-sgd"]} == {10, 100}
+    assert all(s.subset == "xattn" and s.optimizer == "sgd" and s.momentum == 0.9 for s in by["xattn-sgd"])
+    assert [s.lr for s in by["ti"]] == [5e-3, 5e-3] and by["ti"][0].warmup_steps == 2
+    assert by["full"][0].lr_multiple == pytest.approx(1.0) and by["full"][0].run_name == "full_lr0.0001_s0"
+    assert by["benign-first"][0].before[0].set == "clean" and suite.stage_sets() == {"clean"}
+    assert by["ti"][0].eval_prompts == ["a picture of <concept>"]
+    assert len(specs) == 2 * (1 + 2 + 1 + 1)
+    with pytest.raises(ValueError, match="neither full, lora"):
+        AttackSuiteConfig(sets={"a": {"data": "x"}}, modes=["nope"])
+    with pytest.raises(ValueError, match="reference_lr"):
+        AttackSuiteConfig(sets={"a": {"data": "x"}}, modes=["k"], kinds={"k": {"lr_multiples": [3]}})
+    with pytest.raises(ValueError, match="not under 'sets'"):
+        AttackSuiteConfig(sets={"a": {"data": "x"}}, modes=["k"], kinds={"k": {"before": [{"set": "b", "steps": 1}]}})
+    with pytest.raises(ValueError, match="take every step"):
+        AttackSpec(snapshot_steps=[0, 5], before=[{"set": "b", "steps": 5}])
+
+
+def test_every_kind_from_one_config_through_the_cli(tmp_path, run_cli, tiny_sdxl_dir):
+    """One config names every kind; ``metaunlearn attack`` runs them all on tiny SDXL and writes their curves."""
+    from metaunlearn.backbones.loading import load_backbone
+
+    backbone = load_backbone(tiny_sdxl_dir)
+    _cached(backbone).save(tmp_path / "hrm.safetensors")
+    _cached(backbone, BENIGN, shift=1).save(tmp_path / "clean.safetensors")
+    kinds = {
+        "xattn": {"mode": "full", "subset": "xattn", "optimizer": "adam"},
+        "lora8": {"mode": "lora", "lora": {"rank": 8, "alpha": 8}, "lr_multiples": [10]},
+        "sgd-cosine": {"mode": "full", "optimizer": "sgd", "momentum": 0.9, "schedule": "cosine", "warmup_steps": 1},
+        "dreambooth": {"mode": "full", "dreambooth": {"instance_prompt": "a sks person", "class_prompt": "a person",
+                                                      "class_images": 2, "sampler_steps": 2}},
+        "ti": {"mode": "textual_inversion", "lrs": [1e-2],
+               "textual_inversion": {"token": "<x>", "init_words": "person", "template": "a photo of {token}"}},
+        "clean-first": {"mode": "full", "before": [{"set": "clean", "steps": 1}]},
+    }
+    config = {"attack": {"sets": {"hrm": {"data": "hrm.safetensors"}, "clean": {"data": "clean.safetensors",
+                                                                             "modes": ["full"]}},
+                         "modes": ["full", *kinds], "kinds": kinds, "lrs": [1e-3], "reference_lr": 1e-3,
+                         "snapshot_steps": [0, 2], "batch_size": 2, "grid_images": 0}}
+    (tmp_path / "attack.yaml").write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    result = run_cli("attack", tiny_sdxl_dir, tmp_path / "attack.yaml", "--run-dir", run_dir, "--quiet",
+                     "--name", "x-meta")
+    assert result.exit_code == 0, result.stderr
+    files = sorted(p.name for p in (run_dir / "attacks" / "x-meta" / "hrm").glob("*.jsonl"))
+    assert files == sorted(["full_lr0.001_s0.jsonl", "xattn_lr0.001_s0.jsonl", "lora8_lr0.01_s0.jsonl",
+                            "sgd-cosine_lr0.001_s0.jsonl", "dreambooth_lr0.001_s0.jsonl", "ti_lr0.01_s0.jsonl",
+                            "clean-first_lr0.001_s0.jsonl"])
+    rows = [json.loads(line) for f in (run_dir / "attacks" / "x-meta" / "hrm").glob("*.jsonl")
+            for line in f.read_text().splitlines()]
+    assert all(math.isfinite(r["attack_loss"]) for r in rows)
+    assert {r["lr_multiple"] for r in rows if r["mode"] == "lora8"} == {10}
+    assert list((run_dir / "cache").glob("dreambooth-class-*.safetensors"))
+    # the model folder is untouched
+    again = load_backbone(tiny_sdxl_dir)
+    assert all(torch.equal(a, b) for a, b in zip(again.unet.state_dict().values(), backbone.unet.state_dict().values()))
