@@ -317,7 +317,8 @@ def test_inner_optimizer_matches_torch(kind):
                 torch.testing.assert_close(a, b.detach())
 
 
-def test_bf16_autocast_and_gradient_checkpointing_run():
+@pytest.mark.parametrize("order", ["first", "second", "second_fd"])
+def test_bf16_autocast_and_gradient_checkpointing_run(order):
     from metaunlearn.meta import autocast_factory
 
     backbone = make_backbone("sd")
@@ -325,7 +326,7 @@ def test_bf16_autocast_and_gradient_checkpointing_run():
     backbone.unet.train()
     data = meta_data(backbone)
     params = backbone.set_trainable("xattn")
-    config = MetaConfig(attacks=[AttackConfig(steps=1, batch_size=2)], batch_size=2)
+    config = MetaConfig(attacks=[AttackConfig(steps=2, batch_size=2)], batch_size=2, order=order)
     objective = MetaObjective(backbone, config, data, params, autocast=autocast_factory(backbone.device, "bf16"))
     opt = torch.optim.AdamW(params, lr=1e-4)
     terms = objective.step(1, torch.Generator().manual_seed(0), opt)

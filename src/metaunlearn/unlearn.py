@@ -88,8 +88,8 @@ class UnlearnConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> UnlearnConfig:
-        if self.meta is not None and self.meta.order == "second" and self.gradient_checkpointing:
-            raise ValueError("meta.order 'second' cannot be combined with gradient_checkpointing")
+        if self.meta is not None and self.meta.order == "second_unrolled" and self.gradient_checkpointing:
+            raise ValueError("meta.order 'second_unrolled' cannot be combined with gradient_checkpointing")
         return self
 
     @property

@@ -4,7 +4,8 @@ Library defaults: retain γ = 1 on both benign sets, ascent β_f = 0.1, β_rel =
 ratios the official scripts probably meant, with retain weights strong enough to hold benign concepts in place (a
 proxy run of the official weights, γ_ir 0.1 / γ_rel 0.01, collapsed the model before any attack).
 On the toy world these first-order settings did not slow relearning; the demo uses exact second order with γ = 2,
-β = 1/1/0.1 and 5 inner AdamW steps (README, "How the meta settings were chosen").
+β = 1/1/0.1 and 5 inner AdamW steps (README, "How the meta settings were chosen"). Second order is computed in
+reverse mode (:mod:`metaunlearn.meta.reverse`): memory of about 1.5 first-order steps plus host-side snapshots.
 
 The official simulated attack is one epoch of AdamW (lr 1e-5, clip 1.0, weight decay 1e-4, fresh state every
 outer step) over forget-train at batch 10 on the full UNet: ``AttackConfig()``'s defaults.
@@ -66,16 +67,30 @@ class MetaConfig(StrictModel):
                     "the method's subset, so e.g. ESD-x keeps its cross-attention edit while the meta terms shape "
                     "the whole UNet an attacker would finetune",
     )
-    order: Literal["first", "second"] = Field(
-        "first", description="first: gradients at θ' applied to θ; second: exact, through the inner steps"
+    order: Literal["first", "second", "second_fd", "second_unrolled"] = Field(
+        "first",
+        description="first: gradients at θ' applied to θ (dθ'/dθ ≈ I); second: exact, reverse mode through the inner "
+                    "steps (one double backward per step, parameter snapshots); second_fd: the same with "
+                    "finite-difference Hessian-vector products (approximate, error O(fd_eps²)); second_unrolled: exact "
+                    "by unrolling every inner step into one autograd graph (reference; memory grows with the steps)",
+    )
+    fd_eps: float = Field(
+        1e-3, gt=0, description="second_fd: relative step of the central difference, h = fd_eps·‖x‖/‖w‖"
+    )
+    offload: bool = Field(
+        True, description="second/second_fd: keep the saved θ and the inner-step snapshots in host memory"
     )
     attacks: list[AttackConfig] = Field(default_factory=lambda: [AttackConfig()], min_length=1)
 
     @model_validator(mode="after")
     def _second_order_support(self) -> MetaConfig:
-        if self.order == "second" and any(a.trainable == "lora" for a in self.attacks):
-            raise ValueError("order 'second' supports UNet-subset attacks only, not lora")
+        if self.order == "second_unrolled" and any(a.trainable == "lora" for a in self.attacks):
+            raise ValueError("order 'second_unrolled' supports UNet-subset attacks only, not lora")
         return self
+
+    @property
+    def second_order(self) -> bool:
+        return self.order != "first"
 
     @property
     def needs_attack(self) -> bool:

@@ -20,7 +20,8 @@ def clip_by_global_norm_(grads: Sequence[torch.Tensor], max_norm: float | None) 
     """Scale ``grads`` in place so their joint L2 norm is at most ``max_norm`` (as ``clip_grad_norm_``); return
     the norm before clipping."""
     norms = torch._foreach_norm(list(grads))
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    dtype = torch.promote_types(grads[0].dtype, torch.float32)  # half precision upcast; float64 stays float64
+    total = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
     if max_norm is not None:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(list(grads), coef.to(grads[0].dtype))

@@ -6,8 +6,9 @@ a cached set, θ the trained UNet parameters and θ' = A(θ) a simulated attack 
     g = α ∇L_base(θ) + γ_ir ∇L(θ; irrelevant) + γ_rel ∇L(θ; related)
         − β_f ∇L(θ'; forget-test) − β_rel ∇L(θ'; related) − β_ir ∇L(θ'; irrelevant)
 
-First order (default): the gradients at θ' are applied to θ. Second order: exact, through the inner steps
-(:mod:`metaunlearn.meta.second_order`). Then ‖g‖ is clipped and the outer optimizer steps.
+First order (default): the gradients at θ' are applied to θ. Second order: exact, through the inner steps, by
+reverse mode (:mod:`metaunlearn.meta.reverse`; ``second_fd`` with finite-difference Hessian-vector products), or
+by the full unroll kept as a reference (:mod:`metaunlearn.meta.unrolled`). Then ‖g‖ is clipped and the outer optimizer steps.
 
 The objective knows nothing about the base method: it receives an optional ``base_loss`` callable
 ``(step, generator) -> (loss, terms)`` (ESD, SDD) or none (after a UCE/RECE edit); α = ``base_weight`` 0 leaves it
@@ -29,8 +30,9 @@ import torch
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.meta.config import MetaConfig
 from metaunlearn.meta.plan import MetaData, StepPlan, make_plan
-from metaunlearn.meta.second_order import second_order_ascent
+from metaunlearn.meta.reverse import Trajectory, reverse_meta_gradient
 from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad
+from metaunlearn.meta.unrolled import second_order_ascent
 
 BaseLossFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
@@ -80,6 +82,29 @@ class PlainObjective:
         loss.backward()
         return dict(terms)
 
+    def _reverse(self, plan: StepPlan, ascent, train) -> dict[str, float]:
+        """Exact second order by reverse mode: the ascent terms are the outer loss at the attack's end point."""
+        terms: dict[str, float] = {}
+        last = len(plan.inner)
+
+        def loss_at(k: int) -> torch.Tensor | None:
+            if k != last:
+                return None
+            total = None
+            for role, weight, draw, data in ascent:
+                with self.autocast():
+                    loss = draw.loss(self.backbone, data)
+                terms[f"ascent_{role}"] = float(loss.detach())
+                total = -weight * loss if total is None else total - weight * loss
+            return total
+
+        terms.update(reverse_meta_gradient(
+            self.attacks, plan.attack, plan.inner, train, self.params, loss_at, trajectory=self.trajectory,
+            hvp="finite_difference" if self.config.order == "second_fd" else "double_backward",
+            fd_eps=self.config.fd_eps, autocast=self.autocast,
+        ))
+        return terms
+
     def step(self, step: int, generator: torch.Generator, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         terms = self.accumulate(step, generator)
         terms["grad_norm"] = clip_and_step(self.params, optimizer, self.clip_grad_norm)
@@ -120,7 +145,11 @@ class MetaObjective:
         self.base_params = list(base_params) if base_params is not None else None
         self.autocast = autocast
         self._check_data()
-        self.attacks = AttackRunner(backbone, config.attacks, seed=seed) if config.needs_attack else None
+        self.attacks = (
+            AttackRunner(backbone, config.attacks, seed=seed, offload=config.offload and config.second_order)
+            if config.needs_attack else None
+        )
+        self.trajectory = Trajectory("cpu" if config.offload else None)
         set_requires_grad(self.params, True)
 
     def _check_data(self) -> None:
@@ -165,7 +194,9 @@ class MetaObjective:
         attack = cfg.attacks[plan.attack]
         ascent = [(role, getattr(cfg, ASCENT_WEIGHTS[role]), draw, self.data.get(role)) for role, draw in plan.ascent.items()]
         train = self.data.get("forget_train")
-        if cfg.order == "second":
+        if cfg.order in ("second", "second_fd"):
+            return self._reverse(plan, ascent, train)
+        if cfg.order == "second_unrolled":
             space = self.attacks.space(plan.attack)
             return second_order_ascent(
                 self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast
@@ -182,6 +213,29 @@ class MetaObjective:
         finally:
             self.attacks.undo()
             set_requires_grad(self.params, True)
+        return terms
+
+    def _reverse(self, plan: StepPlan, ascent, train) -> dict[str, float]:
+        """Exact second order by reverse mode: the ascent terms are the outer loss at the attack's end point."""
+        terms: dict[str, float] = {}
+        last = len(plan.inner)
+
+        def loss_at(k: int) -> torch.Tensor | None:
+            if k != last:
+                return None
+            total = None
+            for role, weight, draw, data in ascent:
+                with self.autocast():
+                    loss = draw.loss(self.backbone, data)
+                terms[f"ascent_{role}"] = float(loss.detach())
+                total = -weight * loss if total is None else total - weight * loss
+            return total
+
+        terms.update(reverse_meta_gradient(
+            self.attacks, plan.attack, plan.inner, train, self.params, loss_at, trajectory=self.trajectory,
+            hvp="finite_difference" if self.config.order == "second_fd" else "double_backward",
+            fd_eps=self.config.fd_eps, autocast=self.autocast,
+        ))
         return terms
 
     def step(self, step: int, generator: torch.Generator, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -50,14 +50,20 @@ def _distinct(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 class AttackSpace:
     """The parameters one kind of attack trains, their saved copy, and their inner optimizers."""
 
-    def __init__(self, params: list[torch.nn.Parameter], adapter: str | None = None) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], adapter: str | None = None, offload: bool = False) -> None:
         self.params = params
         self.adapter = adapter
-        self.saved = [p.detach().clone() for p in params]
+        self.offload = offload
+        # adapters: their start values, now; a subset: θ, allocated at the first attack
+        self.saved: list[torch.Tensor] = [p.detach().clone() for p in params] if adapter else []
         self.optimizers: dict[str, InnerOptimizer] = {}
 
+    @staticmethod
+    def key(config: AttackConfig) -> str:
+        return config.optimizer if config.optimizer == "adamw" else f"sgd{config.momentum > 0}"
+
     def optimizer(self, config: AttackConfig) -> InnerOptimizer:
-        key = config.optimizer if config.optimizer == "adamw" else f"sgd{config.momentum > 0}"
+        key = self.key(config)
         if key not in self.optimizers:
             self.optimizers[key] = InnerOptimizer(self.params, config)
         opt = self.optimizers[key]
@@ -68,6 +74,11 @@ class AttackSpace:
     def save(self) -> None:
         """Remember θ (not needed for adapters, whose start values never change)."""
         if self.adapter is None:
+            if not self.saved:
+                pin = self.offload and self.params[0].device.type == "cuda"
+                device = "cpu" if self.offload else None
+                self.saved = [torch.empty(p.shape, dtype=p.dtype, device=device or p.device, pin_memory=pin)
+                              for p in self.params]
             torch._foreach_copy_(self.saved, [p.detach() for p in self.params])
 
     @torch.no_grad()
@@ -84,7 +95,8 @@ def space_key(config: AttackConfig) -> tuple:
 class AttackRunner:
     """Runs any configured attack in place on ``backbone.unet`` (see the module docstring)."""
 
-    def __init__(self, backbone: Backbone, attacks: Sequence[AttackConfig], seed: int = 0) -> None:
+    def __init__(self, backbone: Backbone, attacks: Sequence[AttackConfig], seed: int = 0, offload: bool = False) -> None:
+        """``offload``: keep the saved copy of θ in host memory (pinned when the UNet is on a GPU)."""
         self.backbone = backbone
         self.attacks = list(attacks)
         self.spaces: dict[tuple, AttackSpace] = {}
@@ -93,7 +105,7 @@ class AttackRunner:
             key = space_key(config)
             if key[0] == "subset" and key not in self.spaces:
                 params = [p for n, p in backbone.named_trainable(config.trainable) if "lora_" not in n]
-                self.spaces[key] = AttackSpace(params)
+                self.spaces[key] = AttackSpace(params, offload=offload)
         for config in self.attacks:
             key = space_key(config)
             if key[0] == "lora" and key not in self.spaces:
@@ -130,9 +142,18 @@ class AttackRunner:
         return self.spaces[space_key(self.attacks[index])]
 
     def run(
-        self, index: int, draws: Sequence[Draw], data: CachedSet, frozen: Sequence[torch.Tensor], autocast: Autocast = nullcontext
+        self,
+        index: int,
+        draws: Sequence[Draw],
+        data: CachedSet,
+        frozen: Sequence[torch.Tensor],
+        autocast: Autocast = nullcontext,
+        on_gradient: Callable[[int, list[torch.Tensor]], None] | None = None,
     ) -> dict[str, float]:
-        """Finetune in place (θ → θ'); ``frozen`` parameters get no gradient. Call :meth:`undo` afterwards."""
+        """Finetune in place (θ → θ'); ``frozen`` parameters get no gradient. Call :meth:`undo` afterwards.
+
+        ``on_gradient(k, grads)`` (optional) sees the clipped gradient ĝ_k of inner step k = 1 … M before the
+        optimizer consumes it."""
         config = self.attacks[index]
         space = self.space(index)
         space.save()
@@ -145,13 +166,17 @@ class AttackRunner:
         set_requires_grad(space.params, True)
         opt = space.optimizer(config)
         losses = []
-        for draw in draws:
+        for k, draw in enumerate(draws, start=1):
             with autocast():
                 loss = draw.loss(self.backbone, data)
-            grads = _distinct(torch.autograd.grad(loss, space.params, allow_unused=True, materialize_grads=True))
-            clip_by_global_norm_(grads, config.clip_grad_norm)
-            opt.step(grads)
             losses.append(float(loss.detach()))
+            grads = _distinct(torch.autograd.grad(loss, space.params, allow_unused=True, materialize_grads=True))
+            del loss
+            clip_by_global_norm_(grads, config.clip_grad_norm)
+            if on_gradient is not None:
+                on_gradient(k, grads)
+            opt.step(grads)
+            del grads  # not held through the next forward pass (one parameter copy less at the peak)
         set_requires_grad(space.params, False)
         return {"attack_first": losses[0], "attack_last": losses[-1]} if losses else {}
 

@@ -1,10 +1,12 @@
-"""Exact meta gradient through the simulated attack (for small models).
+"""Exact meta gradient through the simulated attack by a full unroll (``meta.order: second_unrolled``): the
+reference the scalable reverse mode (:mod:`metaunlearn.meta.reverse`) is tested against; small models only.
 
 θ' = A(θ) is unrolled functionally: the attacked parameters are carried as tensors in the autograd graph
 (``torch.func.functional_call`` via :class:`~metaunlearn.methods.base.SwappedUNet`), every inner gradient is taken
 with ``create_graph=True``, and the SGD or AdamW update (and the global-norm clip) is written with differentiable
 ops. Back-propagating the ascent terms at θ' then yields d/dθ of L(A(θ)), Jacobian of the attack included.
-Memory grows with the number of inner steps; use it on the toy model or tiny pipelines. Attention runs on
+Memory grows with the number of inner steps (every step's activations and double-backward graph stay alive); use it
+on the toy model or tiny pipelines. Attention runs on
 PyTorch's math SDPA backend here, the fused kernels having no double backward.
 """
 
