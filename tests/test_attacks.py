@@ -158,7 +158,7 @@ def test_sweep_writes_rows_per_run_and_resumes(tmp_path):
 
 
 def _row(model, attack_set, mode, lr, seed, step, rate):
-    return {"model": model, "method": model.split("-")[0], "variant": "meta" if model.endswith("meta") else "unlearn",
+    return {"model": model, "method": model.split("-")[0], "variant": "meta" if model.endswith("meta") else "plain",
             "attack_set": attack_set, "mode": mode, "lr": lr, "seed": seed, "step": step, "forget_rate": rate}
 
 

@@ -16,6 +16,7 @@ import yaml
 from metaunlearn.attacks.sweep import write_jsonl
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.plots import image_grid, save_png
+from metaunlearn.experiment.formatting import format_lr
 from metaunlearn.experiment.report import ReportConfig, build_report
 
 torch.set_num_threads(1)
@@ -33,15 +34,15 @@ RATES = {
 }
 
 
-def _synthetic_run(run_dir):
-    for (model, attack_set, seed), rates in RATES.items():
+def _synthetic_run(run_dir, rates_of=RATES, plain="plain"):
+    for (model, attack_set, seed), rates in rates_of.items():
         rows = []
         for step, rate in zip((0, 50, 100), rates):
             grid = f"grids/{model}/{attack_set}/full_lr1e-05_s{seed}/step{step}.png"
             colour = torch.zeros(4, 3, 16, 16)
             colour[:, 0] = rate
             save_png(image_grid(colour), run_dir / grid)
-            rows.append({"model": model, "method": "esd", "variant": "meta" if model.endswith("meta") else "unlearn",
+            rows.append({"model": model, "method": "esd", "variant": "meta" if model.endswith("meta") else plain,
                          "attack_set": attack_set, "mode": "full", "lr": 1e-5, "seed": seed, "step": step,
                          "grid": grid, "forget_rate": rate, "related_acc": 1.0 - rate / 2, "attack_loss": 0.1})
         write_jsonl(rows, run_dir / "attacks" / model / attack_set / f"full_lr1e-05_s{seed}.jsonl")
@@ -52,7 +53,7 @@ def test_report_writes_every_file_with_the_paper_table(tmp_path):
     files = build_report(tmp_path)
     for path in (files.results_json, files.results_csv, files.summary_csv, files.markdown, files.html):
         assert path.is_file() and path.stat().st_size > 0
-    assert {p.name for p in files.figures} == {"relearning_curves.png", "self_destruct.png"}
+    assert {p.name for p in files.figures} == {"relearning_curves.png", "relearning_other_sets.png", "self_destruct.png"}
 
     results = json.loads(files.results_json.read_text())
     assert len(results["rows"]) == 8 * 3
@@ -63,23 +64,62 @@ def test_report_writes_every_file_with_the_paper_table(tmp_path):
 
     md = files.markdown.read_text()
     # esd on hrm-m at step 50: seeds 0.6 and 0.4 -> 50.0 ± 14.1 (sample std sqrt(0.02) = 0.1414)
-    assert "| esd | unlearn | full lr 1e-05 | 10.0 ± 0.0 | 50.0 ± 14.1 | 85.0 ± 7.1 | 20.0 ± 0.0 |" in md
-    assert "| esd | meta | full lr 1e-05 | 10.0 ± 0.0 | 15.0 ± 7.1 | 40.0 ± 14.1 | 10.0 ± 0.0 |" in md
+    assert "| esd | plain | full lr 1e-5 | 10.0 ± 0.0 | 50.0 ± 14.1 | 85.0 ± 7.1 | 20.0 ± 0.0 |" in md
+    assert "| esd | meta | full lr 1e-5 | 10.0 ± 0.0 | 15.0 ± 7.1 | 40.0 ± 14.1 | 10.0 ± 0.0 |" in md
+    assert "forget rate (%): mean ± std over 2 seeds" in md
     # worst case: the maximum over seeds, and which run reached it at the last hrm-m step
-    assert "| esd | unlearn | 10.0 | 60.0 | 90.0 | 20.0 | full lr 1e-05 seed 1 |" in md
+    assert "| esd | plain | 10.0 | 60.0 | 90.0 | 20.0 | full lr 1e-5 seed 1 |" in md
     assert "report_assets/relearning_curves.png" in md
     # meta vs plain: 1 - 0.15/0.50 = 70% at step 50, 1 - 0.40/0.85 = 53% at 100; worst case 1 - 0.2/0.6, 1 - 0.5/0.9
-    assert "| esd | full lr 1e-05 | 70% | 53% |" in md
+    assert "| esd | full lr 1e-5 | 70% | 53% |" in md
     assert "| esd | worst case | 67% | 44% |" in md
     # related accuracy (1 - rate/2 here) per attack and step, the self-destruct table
-    assert "| esd | meta | full lr 1e-05 | 95.0 ± 0.0 | 92.5 ± 3.5 | 80.0 ± 7.1 | 95.0 ± 0.0 |" in md
+    assert "| esd | meta | full lr 1e-5 | 95.0 ± 0.0 | 92.5 ± 3.5 | 80.0 ± 7.1 | 95.0 ± 0.0 |" in md
+    assert "| unlearn |" not in md and "lr 1e-05" not in md and "0.0001" not in md
 
     html = files.html.read_text()
     assert html.startswith("<!DOCTYPE html>")
     assert "<table>" in html and "50.0 ± 14.1" in html and "hrm-m @100" in html
-    # two curve figures + before/after grids of two models, all inline
-    assert html.count('src="data:image/png;base64,') == 2 + 2 * 2
+    # three curve figures + before/after grids of two models, all inline
+    assert html.count('src="data:image/png;base64,') == 3 + 2 * 2
     assert 'src="grids/' not in html and "report_assets/" not in html
+
+
+def test_one_seed_shows_no_std_and_old_variant_names_read_as_plain(tmp_path):
+    _synthetic_run(tmp_path, {k: v for k, v in RATES.items() if k[2] == 0}, plain="unlearn")
+    files = build_report(tmp_path, config=ReportConfig(budget_steps=50))
+    md = files.markdown.read_text()
+    assert "±" not in md.replace("± 1 std", "")
+    assert "forget rate (%): one seed" in md and "worst case over every mode × learning rate |" not in md
+    assert "| esd | plain | full lr 1e-5 | 10.0 | 60.0 | 80.0 | 20.0 |" in md
+    assert "hrm-m @50 (budget)" in md and "the attack budget (50 steps)" in md
+    assert "| unlearn |" not in md and "unlearn]" not in md
+    with files.summary_csv.open() as f:
+        summary = list(csv.DictReader(f))
+    assert summary and all(row["std"] == "" and row["n"] == "1" for row in summary)
+    results = json.loads(files.results_json.read_text())
+    assert {r["variant"] for r in results["rows"]} == {"plain", "meta"}
+    assert all(cell is None or cell["std"] is None for row in results["table"]["mean"] for cell in row["cells"])
+
+
+def test_learning_rates_read_as_people_write_them():
+    assert [format_lr(x) for x in (1e-4, 3e-4, 2.5e-5, 1e-3, 0.1, 5e-6, 0.0)] == [
+        "1e-4", "3e-4", "2.5e-5", "1e-3", "1e-1", "5e-6", "0"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_report_files_have_the_usual_permissions(tmp_path, umask):
+    _synthetic_run(tmp_path)
+    old = os.umask(umask)
+    try:
+        build_report(tmp_path, tmp_path / "out")
+    finally:
+        os.umask(old)
+    written = [p for p in (tmp_path / "out").rglob("*")]
+    assert len([p for p in written if p.suffix == ".png"]) == 3
+    for path in written:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
 
 
 def test_report_errors(tmp_path):

@@ -134,6 +134,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a binary file (e.g. a PNG) through a temporary file and a rename, with the usual permissions."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 # ---- progress ---------------------------------------------------------------------------------------------------
 class RateColumn(ProgressColumn):
     """Items (images, steps) per second, or seconds per item when slower than one per second."""

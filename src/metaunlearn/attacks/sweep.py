@@ -42,7 +42,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """How a model appears in results: its name, the base method and the variant (base / unlearn / meta)."""
+    """How a model appears in results: its name, the base method and the variant (base / plain / meta)."""
 
     name: str
     method: str
@@ -59,7 +59,7 @@ class ModelInfo:
             elif re.search(r"[-_.]meta$", lowered):
                 variant = "meta"
             else:
-                variant = "unlearn"
+                variant = "plain"
         if method is None:
             method = re.sub(r"[-_.](meta|unlearn|plain)$", "", name) if variant != "base" else "base"
         return cls(name=name, method=method, variant=variant)

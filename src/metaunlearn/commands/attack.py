@@ -68,13 +68,16 @@ def load_attack_sets(backbone, suite: AttackSuiteConfig, base: Path, run_dir: Pa
 def _summary(rows: list[dict], console: Console) -> None:
     from metaunlearn.attacks.sweep import aggregate
 
+    from metaunlearn.experiment.formatting import format_lr, mean_std, seeds_phrase
+
     metric = "forget_rate" if any("forget_rate" in r for r in rows) else "attack_loss"
-    table = Table(title=f"{metric} (mean ± std over seeds)")
+    stats = aggregate(rows, metric, by=("attack_set", "mode", "lr", "step"))
+    table = Table(title=f"{metric} ({seeds_phrase(a['n'] for a in stats)})")
     for column in ("attack set", "mode", "lr", "step", metric, "runs"):
         table.add_column(column)
-    for a in aggregate(rows, metric, by=("attack_set", "mode", "lr", "step")):
-        table.add_row(a["attack_set"], a["mode"], f"{a['lr']:g}", str(a["step"]),
-                      f"{a['mean']:.4g} ± {a['std']:.2g}", str(a["n"]))
+    for a in stats:
+        table.add_row(a["attack_set"], a["mode"], format_lr(a["lr"]), str(a["step"]),
+                      mean_std(a["mean"], a["std"], a["n"]), str(a["n"]))
     console.print(table)
 
 
@@ -89,7 +92,7 @@ def register(app: typer.Typer) -> None:
         name: Optional[str] = typer.Option(None, "--name", help="Model name in results (default: folder name)."),
         method: Optional[str] = typer.Option(None, "--method", help="Base method label, e.g. esd (default: from name)."),
         variant: Optional[str] = typer.Option(
-            None, "--variant", help="base, unlearn or meta (default: 'meta' if the name ends in -meta, else unlearn)."
+            None, "--variant", help="base, plain or meta (default: 'meta' if the name ends in -meta, else plain)."
         ),
         sets: Optional[list[str]] = typer.Option(None, "--set", help="Only this attack set (repeatable)."),
         resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip attack runs already complete."),
@@ -107,8 +110,8 @@ def register(app: typer.Typer) -> None:
         parsed = load_attack_file(config)
         base = config.resolve().parent
         info = ModelInfo.infer(name or model_dir.resolve().name, method, variant)
-        if info.variant not in ("base", "unlearn", "meta"):
-            raise UserError(f"--variant must be base, unlearn or meta, not {info.variant!r}")
+        if info.variant not in ("base", "plain", "meta"):
+            raise UserError(f"--variant must be base, plain or meta, not {info.variant!r}")
         inspect_model_folder(model_dir)
         evaluator = None
         if parsed.eval is not None:

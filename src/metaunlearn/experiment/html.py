@@ -16,7 +16,8 @@ p.meta{color:#666;margin-top:0}p.note{color:#555;font-size:.9em}
 table{border-collapse:collapse;margin:8px 0 4px;font-size:.92em}
 th,td{border:1px solid #d0d0d0;padding:4px 9px;text-align:right;white-space:nowrap}
 th{background:#f3f4f6}td.l,th.l{text-align:left}tr:nth-child(even) td{background:#fafafa}
-img.fig{max-width:100%;border:1px solid #eee}
+img.fig{max-width:100%;height:auto;border:1px solid #eee}figure{margin:12px 0 20px}
+div.wide{overflow-x:auto;max-width:100%}h3{font-size:1.02em;margin:22px 0 4px}
 table.grids td,table.grids th{text-align:center;vertical-align:top}table.grids img{image-rendering:pixelated;width:220px}
 """
 
@@ -47,7 +48,8 @@ class Table:
         head = "".join(cell("th", i, c) for i, c in enumerate(self.columns))
         body = "".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>" for r in self.rows)
         note = f'<p class="note">{html.escape(self.note)}</p>' if self.note else ""
-        return f"<h3>{html.escape(self.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f'<h3>{html.escape(self.title)}</h3><div class="wide">{table}</div>{note}'
 
 
 def data_uri(png: Path) -> str:
@@ -78,9 +80,9 @@ def render_markdown(title: str, subtitle: str, sections: list[Section], base: Pa
         out += [f"## {s.title}", ""]
         if s.text:
             out += [s.text, ""]
-        out += [t.markdown() for t in s.tables]
         for path, caption in s.figures:
             out += [f"![{caption}]({_rel(path, base)})", "", f"_{caption}_", ""]
+        out += [t.markdown() for t in s.tables]
         if s.grid_rows:
             out += ["| " + " | ".join(s.grid_columns) + " |", "|" + "|".join(":-:" for _ in s.grid_columns) + "|"]
             for label, cells in s.grid_rows:
@@ -102,12 +104,12 @@ def render_html(title: str, subtitle: str, sections: list[Section]) -> str:
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.text:
             parts.append(f"<p>{html.escape(s.text)}</p>")
-        parts += [t.html() for t in s.tables]
         for path, caption in s.figures:
             parts.append(
                 f'<figure><img class="fig" src="{data_uri(path)}" alt="{html.escape(caption)}">'
                 f"<figcaption class=\"note\">{html.escape(caption)}</figcaption></figure>"
             )
+        parts += [t.html() for t in s.tables]
         if s.grid_rows:
             head = "".join(f"<th>{html.escape(c)}</th>" for c in s.grid_columns)
             rows = []
@@ -118,6 +120,7 @@ def render_html(title: str, subtitle: str, sections: list[Section]) -> str:
                     for p, cap in cells
                 )
                 rows.append(f'<tr><td class="l">{html.escape(label)}</td>{tds}</tr>')
-            parts.append(f'<table class="grids"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            parts.append(f'<div class="wide"><table class="grids"><thead><tr>{head}</tr></thead>'
+                         f'<tbody>{"".join(rows)}</tbody></table></div>')
     parts.append("</body></html>")
     return "\n".join(parts)

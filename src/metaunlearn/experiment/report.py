@@ -14,12 +14,14 @@ and writes (into RUN_DIR unless another folder is given)::
     summary.csv          mean / std (ddof=1, over seeds) / min / max / n per metric and snapshot step
     report.md            Markdown; figures linked from report_assets/
     report.html          self-contained (CSS inline, every image embedded as base64 PNG)
-    report_assets/*.png  relearning curves, self-destruct curves
+    report_assets/*.png  relearning curves (small multiples, :mod:`metaunlearn.experiment.figures`), self-destruct
 
-The main table has the paper's shape: one row per method × variant (base / unlearn / meta) × attack (mode, lr);
-columns "before FT" (step 0), the primary attack set (HRM-m) at every snapshot step, and every other set (HRM-s,
-CLEAN) at its last step; cells are the forget rate in % as mean ± std over seeds. A second table gives the worst
-case: the maximum over every mode × lr × seed.
+The main table has the paper's shape: one row per method × variant (base / plain / meta) × attack (mode, lr);
+columns "before FT" (step 0), the primary attack set (HRM-m) at every snapshot step (the attack budget,
+``report.budget_steps``, marked), and every other set (HRM-s, CLEAN) at its last step; cells are the forget rate in
+% as mean ± std over seeds where more than one seed ran, the value alone otherwise (likewise ``std`` is empty in
+``summary.csv`` and null in ``results.json`` for one seed). A second table gives the worst case: the maximum over
+every mode × lr × seed. Result rows written by earlier versions with the variant ``unlearn`` read as ``plain``.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from pydantic import Field
 
 from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
+from metaunlearn.experiment.figures import report_figures
+from metaunlearn.experiment.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
 from metaunlearn.runs import atomic_write_text
 
-VARIANT_ORDER = {"base": 0, "unlearn": 1, "meta": 2}
+VARIANT_ORDER = {"base": 0, "plain": 1, "meta": 2}
 METRIC_LABELS = {
     "forget_rate": "forget rate (%)",
     "related_acc": "related-concept accuracy (%)",
@@ -56,6 +60,9 @@ class ReportConfig(StrictModel):
     related_metric: str = Field("related_acc", description="plotted against attack steps (self-destruct)")
     primary_set: str | None = Field(None, description="attack set shown at every step (default: hrm-m if present)")
     set_order: list[str] | None = Field(None, description="column order of attack sets")
+    budget_steps: int | None = Field(
+        None, ge=1, description="attack steps the defence is meant to hold out (marked in the tables and figures)"
+    )
 
 
 @dataclass
@@ -78,12 +85,6 @@ def _csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     for row in rows:
         writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()})
     return buf.getvalue()
-
-
-def _pct(mean: float, std: float | None = None, n: int = 1) -> str:
-    if mean is None or not math.isfinite(mean):
-        return "—"
-    return f"{100 * mean:.1f}" if std is None or n < 2 else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def numeric_metrics(rows: Sequence[Mapping]) -> list[str]:
@@ -113,13 +114,9 @@ def attack_sets_in_order(rows: Sequence[Mapping], config: ReportConfig) -> tuple
 
 
 def _model_rows(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
-    """``(model, method, variant)`` in table order: base first, then by method, then unlearn before meta."""
+    """``(model, method, variant)`` in table order: base first, then by method, then plain before meta."""
     models = {(r["model"], r["method"], r["variant"]) for r in rows}
     return sorted(models, key=lambda m: (m[2] != "base", m[1], VARIANT_ORDER.get(m[2], 9), m[0]))
-
-
-def _attack_label(mode: str, lr: float) -> str:
-    return f"{mode} lr {lr:g}"
 
 
 # ---- tables -----------------------------------------------------------------------------------------------------
@@ -131,7 +128,8 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
     primary, sets = attack_sets_in_order(rows, config)
     steps_of = {s: sorted({r["step"] for r in rows if r["attack_set"] == s}) for s in sets}
     columns_spec: list[tuple[str, str, int]] = [("before FT", primary, 0)]
-    columns_spec += [(f"{primary} @{k}", primary, k) for k in steps_of[primary] if k > 0]
+    columns_spec += [(f"{primary} @{k}" + (" (budget)" if k == config.budget_steps else ""), primary, k)
+                     for k in steps_of[primary] if k > 0]
     columns_spec += [(f"{s} @{steps_of[s][-1]}", s, steps_of[s][-1]) for s in sets if s != primary and steps_of[s][-1] > 0]
 
     agg = {(a["model"], a["attack_set"], a["mode"], a["lr"], a["step"]): a
@@ -144,34 +142,37 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
     attacks = sorted({(r["mode"], r["lr"]) for r in rows})
 
     main_rows, worst_rows, data = [], [], {"columns": [c[0] for c in columns_spec], "mean": [], "worst": []}
+    counts: list[int] = []
     for model, method, variant in models:
         label = [method, variant] + ([] if names_unique else [model])
         for mode, lr in attacks:
             cells, values = [], []
             for _, s, k in columns_spec:
                 a = agg.get((model, s, mode, lr, k))
-                cells.append(_pct(a["mean"], a["std"], a["n"]) if a else "—")
-                values.append({"mean": a["mean"], "std": a["std"], "n": a["n"]} if a else None)
+                cells.append(percent(a["mean"], a["std"], a["n"]) if a else "—")
+                values.append({"mean": a["mean"], "std": a["std"] if a["n"] > 1 else None, "n": a["n"]} if a else None)
+                counts.append(a["n"] if a else 0)
             if any(v is not None for v in values):
-                main_rows.append(label + [_attack_label(mode, lr)] + cells)
+                main_rows.append(label + [attack_label(mode, lr)] + cells)
                 data["mean"].append({"model": model, "method": method, "variant": variant, "mode": mode,
                                      "lr": lr, "cells": values})
         cells, values = [], []
         for _, s, k in columns_spec:
             w = worst.get((model, s, k))
-            cells.append(_pct(w["worst"]) if w else "—")
+            cells.append(percent(w["worst"]) if w else "—")
             values.append(w)
         final = worst.get((model, primary, steps_of[primary][-1]))
         reached = "—"
         if final and final["at"]:
             at = final["at"]
-            reached = f"{at.get('mode', '?')} lr {at.get('lr', float('nan')):g} seed {at.get('seed', '?')}"
+            lr = at.get("lr")
+            reached = f"{at.get('mode', '?')} lr {format_lr(lr) if lr is not None else '?'} seed {at.get('seed', '?')}"
         worst_rows.append(label + cells + [reached])
         data["worst"].append({"model": model, "method": method, "variant": variant, "cells": values})
 
     what = METRIC_LABELS.get(metric, metric)
     main = Table(
-        title=f"{what}: mean ± std over seeds",
+        title=f"{what}: {seeds_phrase(c for c in counts if c)}",
         columns=labels + ["attack"] + [c[0] for c in columns_spec],
         rows=main_rows,
         note=(f"Columns: before finetuning (step 0), attack set {primary} after each snapshot step, other attack "
@@ -179,7 +180,7 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
         label_columns=len(labels) + 1,
     )
     worst_table = Table(
-        title=f"{what}: worst case over every mode × learning rate × seed",
+        title=f"{what}: worst case over every mode × learning rate" + (" × seed" if max(counts, default=1) > 1 else ""),
         columns=labels + [c[0] for c in columns_spec] + [f"worst {primary} run"],
         rows=worst_rows,
         note="Each cell is the maximum over the whole attack sweep at that step.",
@@ -198,7 +199,7 @@ def reduction_table(rows: Sequence[Mapping], config: ReportConfig) -> Table | No
     ours = [r for r in rows if r["attack_set"] == primary and isinstance(r.get(metric), (int, float))]
     steps = sorted({r["step"] for r in ours if r["step"] > 0})
     models = {(m[1], m[2]): m[0] for m in _model_rows(ours)}
-    methods = sorted({method for method, variant in models if variant == "meta" and (method, "unlearn") in models})
+    methods = sorted({method for method, variant in models if variant == "meta" and (method, "plain") in models})
     if not methods or not steps:
         return None
     mean = {(a["model"], a["mode"], a["lr"], a["step"]): a["mean"]
@@ -213,15 +214,16 @@ def reduction_table(rows: Sequence[Mapping], config: ReportConfig) -> Table | No
     attacks = sorted({(r["mode"], r["lr"]) for r in ours})
     out = []
     for method in methods:
-        plain, meta = models[(method, "unlearn")], models[(method, "meta")]
+        plain, meta = models[(method, "plain")], models[(method, "meta")]
         for mode, lr in attacks:
-            out.append([method, _attack_label(mode, lr)]
+            out.append([method, attack_label(mode, lr)]
                        + [cell(mean.get((plain, mode, lr, k)), mean.get((meta, mode, lr, k))) for k in steps])
         out.append([method, "worst case"] + [cell(worst.get((plain, k)), worst.get((meta, k))) for k in steps])
     what = METRIC_LABELS.get(metric, metric)
     return Table(
         title=f"meta vs plain: relative reduction of the {what.split(' (')[0]} on {primary}",
-        columns=["method", "attack"] + [f"{primary} @{k}" for k in steps],
+        columns=["method", "attack"] + [f"{primary} @{k}" + (" (budget)" if k == config.budget_steps else "")
+                                        for k in steps],
         rows=out,
         note=("1 − meta / plain of the mean over seeds (worst case: of the maximum over every mode × lr × seed); "
               "higher is better for the defender; — where plain is 0."),
@@ -261,52 +263,6 @@ def quality_table(rows: Sequence[Mapping], primary: str) -> Table | None:
 
 
 # ---- figures ----------------------------------------------------------------------------------------------------
-def curves(rows: Sequence[Mapping], metric: str, sets: Sequence[str]) -> dict[str, dict]:
-    """``{attack set: {line label: (steps, mean, std)}}`` of ``metric`` over seeds."""
-    from metaunlearn.attacks.sweep import aggregate
-
-    attacks = sorted({(r["mode"], r["lr"]) for r in rows})
-    several = len(attacks) > 1
-    agg = aggregate(rows, metric, by=("model", "attack_set", "mode", "lr", "step"))
-    panels: dict[str, dict] = {}
-    for s in sets:
-        lines: dict[str, tuple[list, list, list]] = {}
-        for a in agg:
-            if a["attack_set"] != s:
-                continue
-            label = a["model"] + (f" ({_attack_label(a['mode'], a['lr'])})" if several else "")
-            steps, means, stds = lines.setdefault(label, ([], [], []))
-            steps.append(a["step"])
-            means.append(a["mean"])
-            stds.append(a["std"])
-        if lines:
-            panels[s] = lines
-    return panels
-
-
-def figures(rows: Sequence[Mapping], config: ReportConfig, sets: Sequence[str], assets: Path) -> list[tuple[Path, str]]:
-    from metaunlearn.experiment.plots import curve_figure, save_figure
-
-    out = []
-    panels = curves(rows, config.metric, sets)
-    if panels:
-        fig = curve_figure(panels, METRIC_LABELS.get(config.metric, config.metric), "Relearning under finetuning")
-        out.append((save_figure(fig, assets / "relearning_curves.png"),
-                    f"{config.metric} vs attack steps, mean ± std over seeds (shaded)"))
-    related = curves(rows, config.related_metric, sets)
-    if related:
-        irrelevant = curves(rows, "irrelevant_acc", sets)
-        merged = {s: {**related.get(s, {}), **{f"{k} · irrelevant": v for k, v in irrelevant.get(s, {}).items()}}
-                  for s in related}
-        fig = curve_figure(merged, "accuracy (%)", "Benign concepts during the attack (self-destruct)",
-                           dashed=("· irrelevant",))
-        shown = f"{config.related_metric} (solid) and irrelevant_acc (dashed)" if irrelevant else config.related_metric
-        out.append((save_figure(fig, assets / "self_destruct.png"),
-                    f"{shown} vs attack steps, mean ± std over seeds; a falling related accuracy under attack is the "
-                    "self-destruct the meta objective aims for"))
-    return out
-
-
 def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[list[str], list]:
     """Per model: the sample grid before the attack and after the last step (first mode / lr / seed with grids)."""
     out = []
@@ -321,7 +277,7 @@ def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[lis
         for step in (0, last):
             r = by_step.get(step)
             path = run_dir / r["grid"] if r else None
-            caption = f"step {step} ({_attack_label(run[0], run[1])}, seed {run[2]})"
+            caption = f"step {step} ({attack_label(run[0], run[1])}, seed {run[2]})"
             cells.append((path if path and path.is_file() else None, caption))
         out.append((f"{model} [{method}, {variant}]", cells))
     return ["model", "before attack", f"after {last} steps"], out
@@ -337,12 +293,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
         raise UserError(f"run dir not found: {run_dir}")
     config = config or ReportConfig()
     out = Path(out_dir) if out_dir else run_dir
-    rows = read_rows(run_dir)
+    rows = [{**r, "variant": canonical_variant(r["variant"])} for r in read_rows(run_dir)]
     if not any(isinstance(r.get(config.metric), (int, float)) for r in rows):
         raise UserError(f"no result row of {run_dir} has the metric {config.metric!r}")
     primary, sets = attack_sets_in_order(rows, config)
     metrics = numeric_metrics(rows)
-    summary = [a for m in metrics for a in aggregate(rows, m)]
+    summary = [{**a, "std": a["std"] if a["n"] > 1 else None} for m in metrics for a in aggregate(rows, m)]
     worst = [w for m in metrics for w in worst_case(rows, m)]
     main, worst_table, table_data = paper_table(rows, config)
     reduction = reduction_table(rows, config)
@@ -355,7 +311,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     quality = quality_table(rows, primary)
 
     assets = out / ASSETS
-    figs = figures(rows, config, sets, assets)
+    figs = report_figures(rows, config.metric, METRIC_LABELS.get(config.metric, config.metric),
+                          config.related_metric if config.related_metric != config.metric else None,
+                          primary, sets, config.budget_steps, assets)
     grid_columns, grids = grid_rows(rows, run_dir, primary)
 
     n_runs = len({(r["model"], r["attack_set"], r["mode"], r["lr"], r["seed"]) for r in rows})
@@ -363,16 +321,21 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     subtitle = (f"{len({r['model'] for r in rows})} models · attack sets {', '.join(sets)} · "
                 f"{n_runs} attack runs · seeds {', '.join(map(str, seeds))} · source {run_dir.resolve()}")
 
+    by_name = {path.stem: (path, caption) for path, caption in figs}
+    relearning = [by_name[n] for n in ("relearning_curves", "relearning_other_sets") if n in by_name]
+    destruct = [by_name["self_destruct"]] if "self_destruct" in by_name else []
+
     def sections(grid_cells) -> list[Section]:
-        s = [
-            Section("Forget rate before and after finetuning attacks",
-                    tables=[main, worst_table] + ([reduction] if reduction else [])),
-        ]
-        if related:
-            s.append(Section("Related concepts under attack (self-destruct)", tables=[related]))
+        s = []
+        if relearning:
+            s.append(Section("Relearning under attack", figures=relearning))
+        s.append(Section("Forget rate before and after finetuning attacks",
+                         tables=[main, worst_table] + ([reduction] if reduction else [])))
+        if related or destruct:
+            s.append(Section("Related concepts under attack (self-destruct)", figures=destruct,
+                             tables=[related] if related else []))
         if quality:
             s.append(Section("Benign concepts and quality", tables=[quality]))
-        s.append(Section("Curves", figures=figs))
         if grids:
             s.append(Section(f"Samples of the grid prompt set (attack {primary})", grid_rows=grid_cells,
                              grid_columns=grid_columns))

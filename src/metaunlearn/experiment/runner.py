@@ -53,7 +53,7 @@ class GridModel:
     def plain_twin(self) -> GridModel:
         """The plain model of the same grid entry and seed (a ``meta_from_plain`` meta variant starts from it)."""
         assert self.entry is not None
-        return GridModel(f"{self.entry.model_label}-plain", self.method, "unlearn", self.entry, self.seed)
+        return GridModel(f"{self.entry.model_label}-plain", self.method, "plain", self.entry, self.seed)
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,7 @@ class Experiment:
                 out.append(GridModel("base", "base", "base", seed=seed))
             for entry in grid.methods:
                 for variant in grid.variants:
-                    suffix = "meta" if variant == "meta" else "plain"
-                    out.append(GridModel(f"{entry.model_label}-{suffix}", entry.name,
-                                         "meta" if variant == "meta" else "unlearn", entry, seed))
+                    out.append(GridModel(f"{entry.model_label}-{variant}", entry.name, variant, entry, seed))
         return out
 
     def model_folder(self, model: GridModel) -> Path:
