@@ -44,7 +44,8 @@ def _synthetic_run(run_dir, rates_of=RATES, plain="plain"):
             save_png(image_grid(colour), run_dir / grid)
             rows.append({"model": model, "method": "esd", "variant": "meta" if model.endswith("meta") else plain,
                          "attack_set": attack_set, "mode": "full", "lr": 1e-5, "seed": seed, "step": step,
-                         "grid": grid, "forget_rate": rate, "related_acc": 1.0 - rate / 2, "attack_loss": 0.1})
+                         "lr_multiple": 1.0, "grid": grid, "forget_rate": rate, "related_acc": 1.0 - rate / 2,
+                         "attack_loss": 0.1})
         write_jsonl(rows, run_dir / "attacks" / model / attack_set / f"full_lr1e-05_s{seed}.jsonl")
 
 
@@ -60,7 +61,9 @@ def test_report_writes_every_file_with_the_paper_table(tmp_path):
     assert results["primary_set"] == "hrm-m" and results["attack_sets"] == ["hrm-m", "clean"]
     assert results["table"]["columns"] == ["before FT", "hrm-m @50", "hrm-m @100", "clean @100"]
     with files.results_csv.open() as f:
-        assert len(list(csv.DictReader(f))) == 24
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 24 and all(r["lr_multiple"] == "1.0" for r in csv_rows)
+    assert {a["metric"] for a in results["summary"]} == {"forget_rate", "related_acc", "attack_loss"}
 
     md = files.markdown.read_text()
     # esd on hrm-m at step 50: seeds 0.6 and 0.4 -> 50.0 ± 14.1 (sample std sqrt(0.02) = 0.1414)

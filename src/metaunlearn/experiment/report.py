@@ -50,6 +50,8 @@ METRIC_LABELS = {
     "irrelevant_acc": "irrelevant-concept accuracy (%)",
 }
 ASSETS = "report_assets"
+SETTING_FIELDS = ("lr_multiple", "grid")
+"""Row fields that describe the run rather than measure it (never aggregated as metrics)."""
 
 
 class ReportConfig(StrictModel):
@@ -88,13 +90,14 @@ def _csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
 
 
 def numeric_metrics(rows: Sequence[Mapping]) -> list[str]:
-    """Metric names present in the rows (every numeric field that is not a key)."""
+    """Metric names present in the rows (every numeric field that is not a key or a setting)."""
     from metaunlearn.attacks.sweep import KEY_FIELDS
 
     names: dict[str, None] = {}
     for row in rows:
         for k, v in row.items():
-            if k not in KEY_FIELDS and k != "grid" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if (k not in KEY_FIELDS and k not in SETTING_FIELDS and isinstance(v, (int, float))
+                    and not isinstance(v, bool)):
                 names.setdefault(k, None)
     return list(names)
 
@@ -343,7 +346,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
 
     results = {"rows": rows, "summary": summary, "worst_case": worst, "table": table_data,
                "primary_set": primary, "attack_sets": sets}
-    columns = list(KEY_FIELDS) + ["grid"] + metrics
+    settings = [k for k in SETTING_FIELDS if k == "grid" or any(k in r for r in rows)]
+    columns = list(KEY_FIELDS) + settings + metrics
     summary_columns = ["metric", "model", "method", "variant", "attack_set", "mode", "lr", "step",
                        "mean", "std", "min", "max", "n"]
     files = ReportFiles(
