@@ -185,9 +185,16 @@ def test_attack_and_report_commands_end_to_end(tmp_path, capsys):
     }
     (tmp_path / "attack.yaml").write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
-    code = _cli(["attack", str(model_dir), str(tmp_path / "attack.yaml"), "--run-dir", str(run_dir), "--quiet",
-                 "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
+    umask = os.umask(0o027)  # every output (rows, grids, cache, report) is readable by the group, as umask says
+    try:
+        code = _cli(["attack", str(model_dir), str(tmp_path / "attack.yaml"), "--run-dir", str(run_dir), "--quiet",
+                     "--device", "cpu"])
+        assert code == 0, capsys.readouterr().err
+        assert _cli(["report", str(run_dir)]) == 0
+    finally:
+        os.umask(umask)
+    for path in [run_dir, *run_dir.rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path
     rows = [json.loads(line) for f in sorted((run_dir / "attacks" / "esd-meta" / "hrm-m").glob("*.jsonl"))
             for line in f.read_text().splitlines()]
     assert len(rows) == 4
@@ -200,7 +207,6 @@ def test_attack_and_report_commands_end_to_end(tmp_path, capsys):
     # The model folder on disk is untouched by the attack.
     assert torch.equal(load_backbone(model_dir).unet.conv_in.weight, backbone.unet.conv_in.weight)
 
-    assert _cli(["report", str(run_dir)]) == 0
     assert (run_dir / "report.html").is_file() and (run_dir / "results.csv").is_file()
 
     capsys.readouterr()

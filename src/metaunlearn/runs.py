@@ -134,6 +134,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def usual_mode(directory: bool = False) -> int:
+    """The permissions a new file (or folder) gets under the current umask, e.g. ``0o644`` under umask 022."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write a binary file (e.g. a PNG) through a temporary file and a rename, with the usual permissions."""
     path = Path(path)

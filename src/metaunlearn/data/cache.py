@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from metaunlearn.backbones.base import Cond, cond_index
 from metaunlearn.errors import UserError
+from metaunlearn.runs import usual_mode
 
 
 @dataclass
@@ -57,6 +58,7 @@ class CachedSet:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, usual_mode())  # mkstemp made it private to the owner
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

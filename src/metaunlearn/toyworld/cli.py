@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from metaunlearn.runs import ensure_dir, progress_bar, replace_directory
+from metaunlearn.runs import ensure_dir, progress_bar, replace_directory, usual_mode
 
 from .assets import ASSET_DIR, DETECTOR_FILE, EVAL_FILE, MODEL_SUBDIR, detector_path, model_dir
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, PRETRAIN_STEPS
@@ -58,7 +58,7 @@ def _print_eval(rows: list[dict[str, object]], title: str) -> None:
 def _replace_dir(built: Path, out: Path) -> None:
     """Move ``built`` into place at ``out`` (old contents removed only after the new ones are there)."""
     for path in [built, *built.rglob("*")]:  # mkdtemp and some writers create owner-only files
-        path.chmod(0o755 if path.is_dir() else 0o644)
+        path.chmod(usual_mode(path.is_dir()))
     ensure_dir(out.parent)
     replace_directory(built, out)
 
