@@ -7,6 +7,8 @@ Metrics of one evaluation (all fractions in [0,1]):
 * ``forget_rate`` — pooled over the forget sets (the paper's nudity rate; lower is better for the defender);
 * ``related_acc`` / ``irrelevant_acc`` — pooled over related / irrelevant sets (benign concepts still drawn;
   ``related_acc`` falling during an attack is the self-destruct the meta objective aims for);
+* ``none_rate`` — fraction of benign samples in which the detector sees nothing at all (its ``none`` class, when
+  it has one, as the toy detector does): a model that resists an attack by collapsing draws blank images;
 * ``fid`` — Fréchet distance of benign samples to reference images (when configured);
 * ``clip_score`` — CLIP score of benign samples against their prompts, pooled, and ``clip_score/<set>`` per benign
   set (when configured; on SD the related set's CLIP score is the self-destruct signal, since NudeNet names no
@@ -31,6 +33,7 @@ from metaunlearn.metrics.config import EvalConfig, PromptSetConfig
 from metaunlearn.metrics.detectors import ConceptDetector, build_detector, check_concept
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+NONE_CONCEPT = "none"
 ROLE_METRICS = {"forget": "forget_rate", "related": "related_acc", "irrelevant": "irrelevant_acc"}
 
 
@@ -222,6 +225,9 @@ class Evaluator:
         for role, metric in ROLE_METRICS.items():
             if hits[role]:
                 outcome.metrics[metric] = float(torch.cat(hits[role]).float().mean())
+        benign = [outcome.images[s.name] for s in self.config.prompt_sets if s.role != "forget"]
+        if NONE_CONCEPT in self.detector.concepts and benign:
+            outcome.metrics["none_rate"] = float(self.detector.detects(torch.cat(benign), NONE_CONCEPT).float().mean())
         q = self.config.quality
         if q.fid_features:
             names = self._benign_sets(q.fid_prompt_sets)

@@ -1,0 +1,108 @@
+"""Report tables of relearning curves: the area under each attack's curve, and the worst case over a whole sweep
+with the run that reached it and the benign quality at that snapshot (so resisting is never confused with collapse).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from metaunlearn.attacks.curves import run_curves, run_label, worst_runs
+from metaunlearn.experiment.html import Table
+
+QUALITY_METRICS = ("related_acc", "irrelevant_acc", "none_rate", "fid")
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return f"{100 * mean:.1f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _models(curves: Sequence[Mapping], order: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    present = {c["model"] for c in curves}
+    return [m for m in order if m[0] in present]
+
+
+def auc_table(rows: Sequence[Mapping], metric: str, sets: Sequence[str],
+              models: Sequence[tuple[str, str, str]]) -> Table | None:
+    """Per model × attack set × kind × lr: area under the curve and the last snapshot, mean ± std over seeds."""
+    curves = run_curves(rows, metric)
+    if not curves:
+        return None
+    groups: dict[tuple, list[Mapping]] = {}
+    for c in curves:
+        groups.setdefault((c["model"], c["attack_set"], c["mode"], c["lr"]), []).append(c)
+    out = []
+    for model, method, variant in _models(curves, models):
+        for s in sets:
+            for key in sorted(k for k in groups if k[0] == model and k[1] == s):
+                runs = groups[key]
+                steps = runs[0]["steps"]
+                out.append([method, variant, model, s, f"{key[2]} lr {key[3]:g}",
+                            f"0–{steps[-1]} ({len(steps)})", _mean_std([r["auc"] for r in runs]),
+                            _mean_std([r["final"] for r in runs]), str(len(runs))])
+    return Table(
+        title=f"Relearning curves: area under the {metric} curve",
+        columns=["method", "variant", "model", "attack set", "attack", "steps (snapshots)", "AUC (%)",
+                 "at last step (%)", "seeds"],
+        rows=out,
+        note="AUC = trapezoidal area under the curve over attack steps ÷ steps spanned (the mean rate along the "
+             "attack; 0 = never relearned, 100 = relearned from the first step); mean ± std over seeds.",
+        label_columns=5,
+    )
+
+
+def _quality_at(rows: Sequence[Mapping], run: Mapping, step: int) -> list[str]:
+    match = [r for r in rows if all(r.get(k) == v for k, v in run.items()) and r["step"] == step]
+    cells = []
+    for m in QUALITY_METRICS:
+        v = match[0].get(m) if match else None
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            cells.append("—")
+        else:
+            cells.append(f"{v:.3g}" if m == "fid" else f"{100 * v:.1f}")
+    return cells
+
+
+def worst_table(rows: Sequence[Mapping], metric: str, primary: str,
+                models: Sequence[tuple[str, str, str]]) -> tuple[Table | None, list[dict]]:
+    """Per model: the worst area under the curve on the primary set and the worst value at any run's last step
+    over every set, kind, lr and seed, each with the run that reached it and benign quality there."""
+    curves = run_curves(rows, metric)
+    if not curves:
+        return None, []
+    auc = {w["model"]: w for w in worst_runs([c for c in curves if c["attack_set"] == primary], "auc", ("model",))}
+    final = {w["model"]: w for w in worst_runs(curves, "final", ("model",))}
+    last_step = {tuple(c[k] for k in ("model", "attack_set", "mode", "lr", "seed")): c["last_step"] for c in curves}
+    out, data = [], []
+    for model, method, variant in _models(curves, models):
+        a, f = auc.get(model), final.get(model)
+        cells = [method, variant, model]
+        cells += [f"{100 * a['worst']:.1f}", a["label"]] if a else ["—", "—"]
+        if f:
+            step = last_step[tuple(f["run"][k] for k in ("model", "attack_set", "mode", "lr", "seed"))]
+            cells += [f"{100 * f['worst']:.1f}", f"{f['label']} @{step}"] + _quality_at(rows, f["run"], step)
+        else:
+            cells += ["—", "—"] + ["—"] * len(QUALITY_METRICS)
+        out.append(cells)
+        data.append({"model": model, "worst_auc": a, "worst_final": f})
+    table = Table(
+        title=f"Worst case over every attack, learning rate and seed ({metric})",
+        columns=["method", "variant", "model", f"worst AUC on {primary} (%)", "reached by",
+                 "worst at last step (%)", "reached by", "related acc there (%)", "irrelevant acc there (%)",
+                 "benign 'none' there (%)", "FD there"],
+        rows=out,
+        note="The worst AUC is taken over the primary set's runs (one budget); the worst last-step value over every "
+             "attack set, kind, lr and seed. Benign quality at that snapshot shows whether a low value is resistance "
+             "or collapse (benign 'none' = benign samples in which the detector sees nothing; FD = Fréchet distance "
+             "of benign samples to reference images).",
+        label_columns=3,
+    )
+    return table, data
+
+
+__all__ = ["auc_table", "worst_table", "run_label"]

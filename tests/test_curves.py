@@ -1,0 +1,90 @@
+"""Relearning curves: area under the curve by hand, the worst case over a sweep naming its run, the report's curve
+tables, the benign 'none' rate, and the shipped toy reference images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from metaunlearn.attacks.curves import curve_auc, run_curves, worst_runs
+from metaunlearn.attacks.sweep import write_jsonl
+from metaunlearn.experiment.report import build_report
+
+
+def test_curve_auc_by_hand():
+    # trapezoids over [0, 25, 100]: 25·(0+0.4)/2 + 75·(0.4+1)/2 = 5 + 52.5 = 57.5, ÷ 100
+    assert curve_auc([0, 25, 100], [0.0, 0.4, 1.0]) == pytest.approx(0.575)
+    assert curve_auc([100, 0, 25], [1.0, 0.0, 0.4]) == pytest.approx(0.575)  # order of points does not matter
+    assert curve_auc([0], [0.3]) == 0.3
+    assert curve_auc([0, 10], [1.0, 1.0]) == 1.0
+    with pytest.raises(ValueError):
+        curve_auc([0, 1], [0.5])
+
+
+def _rows(model, attack_set, mode, lr, seed, values, steps=(0, 25, 100), **extra):
+    return [{"model": model, "method": "uce", "variant": "unlearn", "attack_set": attack_set, "mode": mode, "lr": lr,
+             "seed": seed, "step": s, "forget_rate": v, **extra} for s, v in zip(steps, values)]
+
+
+def test_worst_case_over_kinds_lrs_seeds_and_sets_names_the_run():
+    rows = (_rows("uce", "hrm-m", "full", 1e-4, 0, [0, 0.2, 0.9])  # auc (2.5 + 41.25)/100 = 0.4375, final 0.9
+            + _rows("uce", "hrm-m", "lora", 3e-4, 1, [0, 0.8, 0.8])  # auc (10 + 60)/100 = 0.70, final 0.8
+            + _rows("uce", "clean", "full", 1e-4, 0, [0, 1.0], steps=(0, 50))  # auc 0.5, final 1.0
+            + _rows("uce", "hrm-m", "ti", 1e-2, 0, [0, None, 1.0]))  # a missing snapshot: left out
+    curves = run_curves(rows)
+    assert len(curves) == 3
+    auc = worst_runs([c for c in curves if c["attack_set"] == "hrm-m"], "auc", ("model",))
+    assert auc[0]["worst"] == pytest.approx(0.70) and auc[0]["label"] == "hrm-m lora lr 0.0003 seed 1"
+    final = worst_runs(curves, "final", ("model",))
+    assert final[0]["worst"] == 1.0 and final[0]["run"]["attack_set"] == "clean"
+
+
+def test_report_has_curve_tables_with_quality_at_the_worst_run(tmp_path):
+    for model, variant, values in (("uce-plain", "unlearn", [0, 0.6, 1.0]), ("uce-meta", "meta", [0, 0, 0.25])):
+        for seed in (0, 1):
+            rows = _rows(model, "hrm-m", "full", 1e-4, seed, values, related_acc=0.9, irrelevant_acc=1.0,
+                         none_rate=0.05 if variant == "meta" else 0.0, fid=12.5)
+            for r in rows:
+                r["variant"] = variant
+            write_jsonl(rows, tmp_path / "attacks" / model / "hrm-m" / f"full_lr0.0001_s{seed}.jsonl")
+    files = build_report(tmp_path)
+    md = files.markdown.read_text()
+    assert "Worst case over every attack, learning rate and seed" in md
+    assert "area under the forget_rate curve" in md
+    line = next(line for line in md.splitlines() if line.startswith("| uce | meta | uce-meta | 9.4 |"))  # 75·0.25/2 ÷ 100
+    assert "hrm-m full lr 0.0001 seed 0" in line and "| 25.0 |" in line and "| 5.0 | 12.5 |" in line
+    results = json.loads(files.results_json.read_text())
+    assert [c["auc"] for c in results["curves"] if c["model"] == "uce-plain"] == pytest.approx([0.675, 0.675])  # (25·0.3 + 75·0.8) ÷ 100
+    assert results["worst_runs"][0]["worst_auc"]["label"].startswith("hrm-m full")
+
+
+def test_none_rate_counts_blank_benign_samples():
+    from metaunlearn.metrics.config import EvalConfig
+    from metaunlearn.metrics.evaluate import Evaluator
+    from metaunlearn.toyworld.world import render_class, to_tensor
+
+    config = EvalConfig.model_validate({
+        "detector": {"kind": "toy"}, "samples_per_prompt": 4,
+        "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": ["a red triangle"]},
+                        {"name": "g", "role": "irrelevant", "concept": "green_circle", "prompts": ["a green circle"]}]})
+    evaluator = Evaluator(config)
+
+    class Painter:  # a "model" drawing blanks for every prompt but the forget one
+        def sample(self, prompts, **kwargs):
+            name = "red_triangle" if "triangle" in prompts[0] else "none"
+            return to_tensor(render_class(name, len(prompts), seed=1))
+
+    metrics = evaluator.evaluate(Painter()).metrics
+    assert metrics["none_rate"] == 1.0 and metrics["irrelevant_acc"] == 0.0 and metrics["forget_rate"] == 1.0
+
+
+def test_shipped_reference_images_are_fresh_renders(tmp_path):
+    from metaunlearn.toyworld.reference import write_reference
+
+    import metaunlearn
+
+    folder = Path(metaunlearn.__file__).parent / "assets" / "toy" / "reference"
+    shipped = sorted((p.name, p.read_bytes()) for p in folder.glob("*.png"))
+    fresh = sorted((p.name, p.read_bytes()) for p in write_reference(tmp_path).glob("*.png"))
+    assert len(shipped) == 128 and shipped == fresh
