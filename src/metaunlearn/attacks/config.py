@@ -232,6 +232,44 @@ class AttackKind(StrictModel):
         return self
 
 
+PromptAttackKind = Literal["soft_prompt", "concept_vector", "hard_prompt"]
+
+
+class PromptAttackSpec(StrictModel):
+    """One prompt attack: the weights stay as released, only what the model is prompted with changes.
+
+    * ``soft_prompt`` (UnlearnDiffAtk-style, Zhang 2024): ``tokens`` new tokens prepended to every forget prompt;
+      their embedding vectors (one per text encoder) are optimised with Adam for ``steps`` steps so the model
+      denoises the concept's images (the suite's ``prompt_attack_set``) under the prefixed prompts;
+    * ``concept_vector`` (Ring-A-Bell-style, Tsai 2024): ``v`` = mean over pairs of E(prompt with the concept) −
+      E(same prompt without it) in text-encoder output space; the forget prompts are sampled from E(p) + strength·v;
+    * ``hard_prompt`` (a discrete search judged by the detector): ``tokens`` vocabulary words prepended to the forget
+      prompts, improved word by word over ``rounds`` rounds of ``candidates`` random words per position, each
+      candidate scored by the detector's concept rate on ``judge_samples`` samples (seeds apart from evaluation's).
+    """
+
+    kind: PromptAttackKind
+    tokens: int = Field(3, ge=1, description="soft / hard: prefix length in tokens")
+    init_words: str = Field("a", min_length=1, description="soft: words whose mean embedding starts each vector")
+    steps: int = Field(50, ge=1, description="soft: optimisation steps")
+    lr: float = Field(1e-2, gt=0, description="soft: Adam learning rate")
+    batch_size: int = Field(8, ge=1, description="soft: concept images per step")
+    concept_prompts: list[str] = Field(default_factory=list, description="concept_vector: prompts with the concept")
+    neutral_prompts: list[str] = Field(default_factory=list, description="concept_vector: the same without it")
+    strength: float = Field(1.0, description="concept_vector: η, the multiple of v added")
+    rounds: int = Field(2, ge=1, description="hard: passes over the prefix positions")
+    candidates: int = Field(8, ge=1, description="hard: random words tried per position and round")
+    judge_samples: int = Field(8, ge=1, description="hard: samples scoring one candidate")
+    vocabulary: list[str] | None = Field(None, description="hard: candidate words (default: the tokenizer's words)")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> PromptAttackSpec:
+        if self.kind == "concept_vector":
+            if not self.concept_prompts or len(self.concept_prompts) != len(self.neutral_prompts):
+                raise ValueError("concept_vector needs concept_prompts and as many neutral_prompts (pairs)")
+        return self
+
+
 class AttackSuiteConfig(StrictModel):
     """Section ``attack``: attack sets × modes × learning rates × seeds, each evaluated at the snapshot steps."""
 
@@ -256,6 +294,12 @@ class AttackSuiteConfig(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     kinds: dict[str, AttackKind] = Field(default_factory=dict, description="named attacks 'modes' may list")
     reference_lr: float | None = Field(None, gt=0, description="the lr that kinds' lr_multiples multiply")
+    prompt_attacks: dict[str, PromptAttackSpec] = Field(
+        default_factory=dict, description="named prompt attacks (no weight change), each run once per seed"
+    )
+    prompt_attack_set: str | None = Field(
+        None, description="attack set whose images are the concept's (soft prompts; default: the first set)"
+    )
     probe_size: int = Field(8, ge=1)
     cache_dir: str | None = Field(None, description="where imagefolders are cached as latents (default: RUN_DIR/cache)")
     grid_images: int = Field(8, ge=0, description="samples per snapshot saved as a grid PNG (0: none)")
@@ -279,6 +323,8 @@ class AttackSuiteConfig(StrictModel):
             for mode in own.modes or []:
                 if mode not in BUILTIN_MODES and mode not in self.kinds:
                     raise ValueError(f"mode {mode!r} is neither full, lora nor a name under 'kinds'")
+        if self.prompt_attack_set is not None and self.prompt_attack_set not in self.sets:
+            raise ValueError(f"prompt_attack_set {self.prompt_attack_set!r} is not under 'sets'")
         for name, kind in self.kinds.items():
             if kind.lr_multiples and self.reference_lr is None:
                 raise ValueError(f"kind {name!r} gives lr_multiples but the suite has no reference_lr")
@@ -288,8 +334,16 @@ class AttackSuiteConfig(StrictModel):
         return self
 
     def stage_sets(self) -> set[str]:
-        """Attack sets that sequential kinds train on before their own set."""
-        return {stage.set for kind in self.kinds.values() for stage in kind.before}
+        """Attack sets that sequential kinds train on before their own set, and the prompt attacks' image set."""
+        needed = {stage.set for kind in self.kinds.values() for stage in kind.before}
+        if any(p.kind == "soft_prompt" for p in self.prompt_attacks.values()):
+            needed.add(self.concept_set)
+        return needed
+
+    @property
+    def concept_set(self) -> str:
+        """The attack set whose images soft prompt attacks fit (``prompt_attack_set``, default the first set)."""
+        return self.prompt_attack_set or next(iter(self.sets))
 
     def _kind_spec(self, name: str, lr: float, multiple: float | None, seed: int, steps: list[int]) -> AttackSpec:
         kind = self.kinds.get(name) or AttackKind(mode=name)

@@ -11,9 +11,10 @@ it can be cached in safetensors, sliced with :func:`cond_index` and concatenated
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -204,12 +205,31 @@ class Backbone(abc.ABC):
             )
             if negative_prompt:
                 kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
+            if self.cond_edit is not None:  # a prompt attack edits the text conditioning itself
+                kwargs.update(self.pipe_embeds(self.cond_edit(self.encode_prompts(kwargs.pop("prompt")))))
             latents = self._call_pipe(kwargs)
             out.append(self.decode(latents).cpu())
         return torch.cat(out) if out else torch.empty(0, 3, height, width)
 
     def _call_pipe(self, kwargs: dict) -> torch.Tensor:
         return self.pipe(**kwargs).images
+
+    cond_edit: Callable[[Cond], Cond] | None = None
+    """When set, :meth:`sample` encodes the prompts, passes the conditioning through this function and samples
+    from the result (the pipeline still builds the unconditional branch itself); see :meth:`editing_cond`."""
+
+    @contextlib.contextmanager
+    def editing_cond(self, edit: Callable[[Cond], Cond]) -> Iterator[None]:
+        """Within the block, :meth:`sample` uses ``edit(encode_prompts(prompts))`` as the prompts' conditioning."""
+        self.cond_edit = edit
+        try:
+            yield
+        finally:
+            self.cond_edit = None
+
+    def pipe_embeds(self, cond: Cond) -> dict:
+        """Pipeline keyword arguments passing a conditioning instead of prompts."""
+        return {"prompt_embeds": cond["encoder_hidden_states"]}
 
     # ---- parameters ------------------------------------------------------------------------------------------
     def named_trainable(self, subset: str = "full", unet: torch.nn.Module | None = None) -> Iterator[tuple[str, torch.nn.Parameter]]:

@@ -39,6 +39,9 @@ class StableDiffusionXLBackbone(Backbone):
         ids = torch.tensor([side, side, 0, 0, side, side], dtype=self.dtype, device=self.device)
         return ids.expand(n, 6).contiguous()
 
+    def pipe_embeds(self, cond: Cond) -> dict:
+        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["text_embeds"]}
+
     def unet_kwargs(self, cond: Cond) -> dict:
         return {
             "encoder_hidden_states": cond["encoder_hidden_states"],

@@ -128,5 +128,10 @@ def register(app: typer.Typer) -> None:
         atomic_write_text(run_dir / "attacks" / info.name / "config.json", json.dumps(resolved, indent=2) + "\n")
         rows = run_sweep(backbone, data, parsed.attack, run_dir, info, evaluator, progress=not quiet, resume=resume,
                          cache_dir=run_dir / "cache", only=sets)
+        if parsed.attack.prompt_attacks:
+            from metaunlearn.attacks.prompts import run_prompt_attacks
+
+            run_prompt_attacks(backbone, parsed.attack.prompt_attacks, parsed.attack.seeds, evaluator, run_dir, info,
+                               data.get(parsed.attack.concept_set), resume=resume, progress=not quiet)
         _summary(rows, console)
         console.print(f"results: {run_dir / 'attacks' / info.name}  (report: metaunlearn report {run_dir})")

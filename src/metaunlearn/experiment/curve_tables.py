@@ -106,3 +106,55 @@ def worst_table(rows: Sequence[Mapping], metric: str, primary: str,
 
 
 __all__ = ["auc_table", "worst_table", "run_label"]
+
+
+def prompt_attack_table(prompt_rows: Sequence[Mapping], rows: Sequence[Mapping], metric: str,
+                        models: Sequence[tuple[str, str, str]]) -> Table | None:
+    """Prompt attacks beside finetuning: per model, the unattacked forget prompts (step 0), each prompt attack's
+    forget rate and attack success rate (mean over seeds), the worst finetuning run's last step, and the worst of
+    all attacks with its name."""
+    if not prompt_rows:
+        return None
+    names = sorted({r["attack"] for r in prompt_rows})
+    curves = run_curves(rows, metric)
+    worst_ft = {w["model"]: w for w in worst_runs(curves, "final", ("model",))}
+    present = {r["model"] for r in prompt_rows}
+    known = [m for m in models if m[0] in present]
+    known += sorted({(r["model"], r["method"], r["variant"]) for r in prompt_rows} - set(known))
+
+    def mean(values: list[float]) -> float | None:
+        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        return sum(values) / len(values) if values else None
+
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{100 * v:.0f}"
+
+    out = []
+    for model, method, variant in known:
+        step0 = [r for r in rows if r["model"] == model and r["step"] == 0]
+        cells = [method, variant, model, f"{pct(mean([r.get(metric) for r in step0]))} / "
+                                         f"{pct(mean([r.get('asr') for r in step0]))}"]
+        candidates = []
+        for name in names:
+            mine = [r for r in prompt_rows if r["model"] == model and r["attack"] == name]
+            f, a = mean([r.get(metric) for r in mine]), mean([r.get("asr") for r in mine])
+            cells.append(f"{pct(f)} / {pct(a)}")
+            if f is not None:
+                candidates.append((f, f"prompt: {name}"))
+        w = worst_ft.get(model)
+        cells.append(f"{pct(w['worst'])} ({w['label']})" if w else "—")
+        if w:
+            candidates.append((w["worst"], f"finetuning: {w['label']}"))
+        best = max(candidates, default=None)
+        cells.append(f"{pct(best[0])} ({best[1]})" if best else "—")
+        out.append(cells)
+    return Table(
+        title="Prompt attacks (no weight change) beside finetuning attacks",
+        columns=["method", "variant", "model", "unattacked forget / ASR (%)",
+                 *[f"{n} forget / ASR (%)" for n in names], "worst finetuning, last step (%)", "worst of all (%)"],
+        rows=out,
+        note="Forget rate per sample and attack success rate (ASR: forget prompts with the concept in at least one "
+             "of their samples), mean over seeds, on the forget prompt sets only. Finetuning: the highest forget "
+             "rate at any run's last step over every set, kind, lr and seed.",
+        label_columns=3,
+    )

@@ -290,8 +290,10 @@ def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[lis
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None) -> ReportFiles:
     """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report."""
     from metaunlearn.attacks.curves import run_curves
-    from metaunlearn.attacks.sweep import INFO_FIELDS, KEY_FIELDS, aggregate, read_rows, worst_case
-    from metaunlearn.experiment.curve_tables import auc_table, worst_table as worst_runs_table_of
+    from metaunlearn.attacks.sweep import KEY_FIELDS, aggregate, read_rows, worst_case
+    from metaunlearn.attacks.prompts import read_prompt_rows
+    from metaunlearn.experiment.curve_tables import auc_table, prompt_attack_table
+    from metaunlearn.experiment.curve_tables import worst_table as worst_runs_table_of
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -317,6 +319,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     models = _model_rows(rows)
     aucs = auc_table(rows, config.metric, sets, models)
     worst_runs_table, worst_runs_data = worst_runs_table_of(rows, config.metric, primary, models)
+    prompt_rows = read_prompt_rows(run_dir)
+    prompts = prompt_attack_table(prompt_rows, rows, config.metric, models)
 
     assets = out / ASSETS
     figs = report_figures(rows, config.metric, METRIC_LABELS.get(config.metric, config.metric),
@@ -339,7 +343,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
             s.append(Section("Relearning under attack", figures=relearning))
         s.append(Section("Forget rate before and after finetuning attacks",
                          tables=[main, worst_table] + ([reduction] if reduction else [])))
-        curve_tables = [t for t in (worst_runs_table, aucs) if t is not None]
+        curve_tables = [t for t in (worst_runs_table, prompts, aucs) if t is not None]
         if curve_tables:
             s.append(Section("Relearning curves and the worst case over the sweep", tables=curve_tables))
         if related or destruct:
@@ -354,6 +358,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
 
     results = {"rows": rows, "summary": summary, "worst_case": worst, "table": table_data,
                "curves": run_curves(rows, config.metric), "worst_runs": worst_runs_data,
+               "prompt_attacks": prompt_rows,
                "primary_set": primary, "attack_sets": sets}
     settings = [k for k in SETTING_FIELDS if k == "grid" or any(k in r for r in rows)]
     columns = list(KEY_FIELDS) + settings + metrics

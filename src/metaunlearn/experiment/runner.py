@@ -361,6 +361,11 @@ class Experiment:
         atomic_write_text(self.run.path / "attacks" / model.name / name, json.dumps(resolved, indent=2) + "\n")
         run_sweep(backbone, sets, suite, self.run.path, info, evaluator, progress=progress, resume=True,
                   cache_dir=suite.cache_dir)
+        if suite.prompt_attacks:
+            from metaunlearn.attacks.prompts import run_prompt_attacks
+
+            run_prompt_attacks(backbone, suite.prompt_attacks, suite.seeds, evaluator, self.run.path, info,
+                               sets.get(suite.concept_set), progress=progress)
 
 
 def _task_worker(args) -> str:
