@@ -53,7 +53,7 @@ def test_report_has_curve_tables_with_quality_at_the_worst_run(tmp_path):
     assert "Worst case over every attack, learning rate and seed" in md
     assert "area under the forget_rate curve" in md
     line = next(line for line in md.splitlines() if line.startswith("| uce | meta | uce-meta | 9.4 |"))  # 75·0.25/2 ÷ 100
-    assert "hrm-m full lr 0.0001 seed 0" in line and "| 25.0 |" in line and "| 5.0 | 12.5 |" in line
+    assert "hrm-m full lr 1e-4 seed 0" in line and "| 25.0 |" in line and "| 5.0 | 12.5 |" in line
     results = json.loads(files.results_json.read_text())
     assert [c["auc"] for c in results["curves"] if c["model"] == "uce-plain"] == pytest.approx([0.675, 0.675])  # (25·0.3 + 75·0.8) ÷ 100
     assert results["worst_runs"][0]["worst_auc"]["label"].startswith("hrm-m full")

@@ -127,7 +127,7 @@ def test_every_prompt_attack_from_the_cli_on_tiny_sdxl(tmp_path, run_cli, tiny_s
                      "soft_s1.jsonl"]
     rows = [json.loads((run_dir / "prompt_attacks" / "x-plain" / f).read_text()) for f in files]
     assert all(0 <= r["forget_rate"] <= 1 and 0 <= r["asr"] <= 1 and "related_acc" not in r for r in rows)
-    assert all(r["variant"] == "unlearn" and r["kind"] in ("soft_prompt", "concept_vector", "hard_prompt")
+    assert all(r["variant"] in ("unlearn", "plain") and r["kind"] in ("soft_prompt", "concept_vector", "hard_prompt")
                for r in rows)
     after = _weights(backbone)
     assert all(torch.equal(after[k], before[k]) for k in before)

@@ -7,10 +7,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from metaunlearn.attacks.curves import run_curves, run_label, worst_runs
+from metaunlearn.attacks.curves import run_curves, worst_runs
+from metaunlearn.experiment.formatting import attack_label, canonical_variant, seeds_phrase
 from metaunlearn.experiment.html import Table
 
 QUALITY_METRICS = ("related_acc", "irrelevant_acc", "none_rate", "fid")
+
+
+def _label(run: Mapping) -> str:
+    """``hrm-m full lr 1e-4 seed 0``."""
+    return f"{run['attack_set']} {attack_label(run['mode'], run['lr'])} seed {run['seed']}"
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -36,13 +42,14 @@ def auc_table(rows: Sequence[Mapping], metric: str, sets: Sequence[str],
     groups: dict[tuple, list[Mapping]] = {}
     for c in curves:
         groups.setdefault((c["model"], c["attack_set"], c["mode"], c["lr"]), []).append(c)
-    out = []
+    out, counts = [], []
     for model, method, variant in _models(curves, models):
         for s in sets:
             for key in sorted(k for k in groups if k[0] == model and k[1] == s):
                 runs = groups[key]
                 steps = runs[0]["steps"]
-                out.append([method, variant, model, s, f"{key[2]} lr {key[3]:g}",
+                counts.append(len(runs))
+                out.append([method, variant, model, s, attack_label(key[2], key[3]),
                             f"0–{steps[-1]} ({len(steps)})", _mean_std([r["auc"] for r in runs]),
                             _mean_std([r["final"] for r in runs]), str(len(runs))])
     return Table(
@@ -51,7 +58,7 @@ def auc_table(rows: Sequence[Mapping], metric: str, sets: Sequence[str],
                  "at last step (%)", "seeds"],
         rows=out,
         note="AUC = trapezoidal area under the curve over attack steps ÷ steps spanned (the mean rate along the "
-             "attack; 0 = never relearned, 100 = relearned from the first step); mean ± std over seeds.",
+             f"attack; 0 = never relearned, 100 = relearned from the first step); {seeds_phrase(counts)}.",
         label_columns=5,
     )
 
@@ -82,10 +89,10 @@ def worst_table(rows: Sequence[Mapping], metric: str, primary: str,
     for model, method, variant in _models(curves, models):
         a, f = auc.get(model), final.get(model)
         cells = [method, variant, model]
-        cells += [f"{100 * a['worst']:.1f}", a["label"]] if a else ["—", "—"]
+        cells += [f"{100 * a['worst']:.1f}", _label(a["run"])] if a else ["—", "—"]
         if f:
             step = last_step[tuple(f["run"][k] for k in ("model", "attack_set", "mode", "lr", "seed"))]
-            cells += [f"{100 * f['worst']:.1f}", f"{f['label']} @{step}"] + _quality_at(rows, f["run"], step)
+            cells += [f"{100 * f['worst']:.1f}", f"{_label(f['run'])} @{step}"] + _quality_at(rows, f["run"], step)
         else:
             cells += ["—", "—"] + ["—"] * len(QUALITY_METRICS)
         out.append(cells)
@@ -105,7 +112,6 @@ def worst_table(rows: Sequence[Mapping], metric: str, primary: str,
     return table, data
 
 
-__all__ = ["auc_table", "worst_table", "run_label"]
 
 
 def prompt_attack_table(prompt_rows: Sequence[Mapping], rows: Sequence[Mapping], metric: str,
@@ -115,6 +121,7 @@ def prompt_attack_table(prompt_rows: Sequence[Mapping], rows: Sequence[Mapping],
     all attacks with its name."""
     if not prompt_rows:
         return None
+    prompt_rows = [{**r, "variant": canonical_variant(r["variant"])} for r in prompt_rows]
     names = sorted({r["attack"] for r in prompt_rows})
     curves = run_curves(rows, metric)
     worst_ft = {w["model"]: w for w in worst_runs(curves, "final", ("model",))}
@@ -142,9 +149,9 @@ def prompt_attack_table(prompt_rows: Sequence[Mapping], rows: Sequence[Mapping],
             if f is not None:
                 candidates.append((f, f"prompt: {name}"))
         w = worst_ft.get(model)
-        cells.append(f"{pct(w['worst'])} ({w['label']})" if w else "—")
+        cells.append(f"{pct(w['worst'])} ({_label(w['run'])})" if w else "—")
         if w:
-            candidates.append((w["worst"], f"finetuning: {w['label']}"))
+            candidates.append((w["worst"], f"finetuning: {_label(w['run'])}"))
         best = max(candidates, default=None)
         cells.append(f"{pct(best[0])} ({best[1]})" if best else "—")
         out.append(cells)
@@ -154,7 +161,7 @@ def prompt_attack_table(prompt_rows: Sequence[Mapping], rows: Sequence[Mapping],
                  *[f"{n} forget / ASR (%)" for n in names], "worst finetuning, last step (%)", "worst of all (%)"],
         rows=out,
         note="Forget rate per sample and attack success rate (ASR: forget prompts with the concept in at least one "
-             "of their samples), mean over seeds, on the forget prompt sets only. Finetuning: the highest forget "
+             "of their samples), averaged over seeds, on the forget prompt sets only. Finetuning: the highest forget "
              "rate at any run's last step over every set, kind, lr and seed.",
         label_columns=3,
     )
