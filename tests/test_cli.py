@@ -90,3 +90,12 @@ def test_a_missing_attack_data_folder_says_not_found(run_cli, tiny_sd_dir, tmp_p
     assert result.exit_code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not found" in lines[0] and "no-such-folder" in lines[0], lines
+
+
+def test_toy_commands_answer_bad_input_in_one_line(run_cli, tmp_path):
+    result = run_cli("toy", "render", "purple_blob", "--out", tmp_path / "png")
+    assert result.exit_code == 2 and result.stderr.startswith("error: unknown concept 'purple_blob'"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "png").exists()
+    result = run_cli("toy", "evaluate", "--assets", tmp_path / "no-assets")
+    assert result.exit_code == 2 and result.stderr.startswith("error: toy model not found"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

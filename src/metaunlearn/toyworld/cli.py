@@ -13,11 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from metaunlearn.errors import UserError
 from metaunlearn.runs import ensure_dir, progress_bar, replace_directory, usual_mode
 
 from .assets import ASSET_DIR, DETECTOR_FILE, EVAL_FILE, MODEL_SUBDIR, detector_path, model_dir
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, PRETRAIN_STEPS
-from .taxonomy import CONCEPTS
+from .taxonomy import CLASS_NAMES, CONCEPTS
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -55,6 +56,15 @@ def _print_eval(rows: list[dict[str, object]], title: str) -> None:
     console.print(table)
 
 
+def _check_assets(assets: Path, detector: bool = True) -> None:
+    """A one-line error unless ``assets`` holds the toy model (and the detector)."""
+    if not model_dir(assets).is_dir():
+        raise UserError(f"toy model not found: {model_dir(assets)} (the asset folder needs model/ and "
+                        f"{DETECTOR_FILE}; 'metaunlearn toy pretrain --out {assets}' builds them)")
+    if detector and not detector_path(assets).is_file():
+        raise UserError(f"toy detector not found: {detector_path(assets)}")
+
+
 def _replace_dir(built: Path, out: Path) -> None:
     """Move ``built`` into place at ``out`` (old contents removed only after the new ones are there)."""
     for path in [built, *built.rglob("*")]:  # mkdtemp and some writers create owner-only files
@@ -88,7 +98,7 @@ def pretrain(
     torch.manual_seed(seed)
     config = ToyModelConfig(steps=steps)
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
         with progress_bar("step", console=console) as progress:
@@ -139,6 +149,7 @@ def evaluate(
     threads: int = typer.Option(2, help="torch threads (1 is faster when other jobs share the 2 cores)."),
 ) -> None:
     """Print per-prompt detector accuracy of model samples, and the detector's accuracy on fresh renders."""
+    _check_assets(assets)
     import torch
 
     from .detector import ConceptDetector, detector_accuracy
@@ -170,13 +181,16 @@ def render_command(
     from .pretrain import load_model, sample
     from .world import render_class
 
+    if not model and concept not in CLASS_NAMES:
+        raise UserError(f"unknown concept {concept!r} (known: {', '.join(CLASS_NAMES)}; or a prompt with --model)")
     if model:
+        _check_assets(assets, detector=False)
         prompt = next((c.prompt for c in CONCEPTS if c.name == concept), concept)
         images = (sample(load_model(model_dir(assets)), prompt, n, seed=seed).permute(0, 2, 3, 1).numpy() * 255)
         images = np.rint(images).astype(np.uint8)
     else:
         images = render_class(concept, n, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     stem = concept.replace(" ", "_")
     for i, image in enumerate(images):
         size = (image.shape[1] * scale, image.shape[0] * scale)
