@@ -153,5 +153,5 @@ def test_cli_runs_and_experiment_file_form(world, tmp_path, run_cli):
     assert cfg.out == Path("runs") / "experiment" / "uce-meta"
     res = run_cli("unlearn", path, "--out", tmp_path / "o", "--no-meta", "-q")
     assert res.exit_code == 0, res.stderr
-    assert "uce:" in res.stdout and (tmp_path / "o" / "model" / "model_index.json").is_file()
+    assert "uce-plain:" in res.stdout and (tmp_path / "o" / "model" / "model_index.json").is_file()
     assert json.loads((tmp_path / "o" / "config.json").read_text())["meta"] is None

@@ -32,6 +32,7 @@ from metaunlearn.backbones.base import TRAINABLE_SUBSETS, Backbone
 from metaunlearn.config import StrictModel, read_yaml, validate, write_resolved
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
+from metaunlearn.experiment.formatting import format_lr
 from metaunlearn.meta.config import MetaConfig
 from metaunlearn.meta.objective import MetaObjective, PlainObjective, autocast_factory
 from metaunlearn.meta.plan import MetaData
@@ -94,7 +95,7 @@ class UnlearnConfig(StrictModel):
 
     @property
     def variant(self) -> str:
-        return f"{self.method.name}-meta" if self.meta is not None else self.method.name
+        return f"{self.method.name}-meta" if self.meta is not None else f"{self.method.name}-plain"
 
 
 # ---- config files ---------------------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def describe(config: UnlearnConfig) -> list[str]:
         lines.append("closed-form edit of cross-attention K/V")
     if method.kind == "loss" or config.meta is not None:
         lr = config.lr or method.default_lr
-        lines.append(f"train: {config.steps} steps, AdamW lr {lr:g}, subset {subset}, seed {config.seed}")
+        lines.append(f"train: {config.steps} steps, AdamW lr {format_lr(lr)}, subset {subset}, seed {config.seed}")
         if config.meta is not None and config.meta.trainable and config.meta.trainable != subset:
             lines.append(f"meta terms train subset {config.meta.trainable} (the base loss only {subset})")
     if config.meta is not None:
@@ -235,7 +236,7 @@ def describe(config: UnlearnConfig) -> list[str]:
             f"meta ({m.order} order): γ_ir {m.gamma_irrelevant:g} γ_rel {m.gamma_related:g} β_f {m.beta_forget:g} "
             f"β_rel {m.beta_related:g} β_ir {m.beta_irrelevant:g}; attacks "
             + ", ".join(
-                f"{a.trainable}/{a.optimizer} lr {a.lr:g} "
+                f"{a.trainable}/{a.optimizer} lr {format_lr(a.lr)} "
                 + (f"{a.steps} steps" if a.steps else f"{a.epochs} epoch(s)")
                 for a in m.attacks
             )
