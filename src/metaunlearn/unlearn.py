@@ -8,6 +8,12 @@ Flow (one straight line)::
     TrainLoop(out).run(step_fn)                           outer steps: plain base loss, or MetaObjective
     backbone.save(out/model)                              a plain diffusers folder (LoRA attack adapters removed)
 
+Data parallel with no change to the config: ``torchrun --nproc_per_node N -m metaunlearn unlearn CONFIG`` or
+``accelerate launch -m metaunlearn unlearn CONFIG`` (``--mixed_precision bf16``, ``--gradient_accumulation_steps K``
+are taken from the launcher unless the config sets them). Every process draws the same batches and computes its share
+of each (:mod:`metaunlearn.training.parallel`), so the trained weights equal a one-process run's at the same batch
+sizes; the main process alone writes the outputs, and a checkpoint resumes under any number of processes.
+
 Outputs in ``out``: ``model/`` (diffusers), ``config.json`` (resolved config), ``train_log.jsonl`` (loss terms per
 step), ``checkpoint/`` (resume state), ``edit.json`` (closed-form edit statistics, UCE/RECE).
 
@@ -83,7 +89,12 @@ class UnlearnConfig(StrictModel):
     clip_grad_norm: float | None = Field(None, gt=0, description="clip of plain-method gradients (meta: meta.clip)")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0)
-    mixed_precision: Literal["no", "bf16"] = "no"
+    mixed_precision: Literal["no", "bf16"] | None = Field(
+        None, description="bf16 autocast or no; null: the launcher's (accelerate launch --mixed_precision), else no"
+    )
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, description="micro-batches per batch (same update, less memory); null: the launcher's, else 1"
+    )
     gradient_checkpointing: bool = False
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
 
@@ -216,6 +227,8 @@ class UnlearnResult:
     steps: int
     terms: dict[str, float]
     edit_stats: dict[str, float]
+    is_main: bool = True
+    """False in the other processes of a data-parallel launch (which write nothing and should report nothing)."""
 
 
 def describe(config: UnlearnConfig) -> list[str]:
@@ -263,15 +276,24 @@ def run_unlearn(
 ) -> UnlearnResult:
     """Run the stage (see the module docstring). ``backbone`` may be given to skip loading ``config.model``."""
     from metaunlearn.backbones.loading import load_backbone
-    from metaunlearn.commands.generate import resolve_device
     from metaunlearn.runs import atomic_write_text, ensure_dir
+    from metaunlearn.training.accel import make_accelerator, stage_device
     from metaunlearn.training.loop import TrainLoop
 
     assert config.out is not None
+    accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps, cpu=config.device == "cpu")
+    # the settings in force (a launcher's included) are the ones recorded with the model
+    config = config.model_copy(update={"mixed_precision": accelerator.mixed_precision,
+                                       "gradient_accumulation_steps": accelerator.gradient_accumulation_steps})
+    if accelerator.mixed_precision not in ("no", "bf16"):
+        raise UserError(f"unlearning runs in bf16 or fp32, not {accelerator.mixed_precision} (launcher setting)")
+    main = accelerator.is_main_process
+    progress = progress and main
     out = ensure_dir(config.out)
-    write_resolved(config, out / CONFIG_FILE)
+    if main:
+        write_resolved(config, out / CONFIG_FILE)
     if backbone is None:
-        backbone = load_backbone(config.model, device=resolve_device(config.device), dtype=torch.float32)
+        backbone = load_backbone(config.model, device=stage_device(config.device, accelerator), dtype=torch.float32)
     method = config.method.build()
     subset = config.trainable or method.trainable_subset
     generator = torch.Generator().manual_seed(config.seed)  # for set-up only; training draws from the loop's
@@ -281,13 +303,13 @@ def run_unlearn(
     backbone.unet.train()
 
     base_loss = method.apply(inputs)  # ESD/SDD build their teacher from the original weights; UCE/RECE edit now
-    if method.edit_stats:
+    if main and method.edit_stats:
         atomic_write_text(out / EDIT_FILE, json.dumps(method.edit_stats, indent=2) + "\n")
-    else:
+    elif main:
         (out / EDIT_FILE).unlink(missing_ok=True)  # from an earlier run with another method
     steps, terms = 0, {}
     trains = base_loss is not None or config.meta is not None
-    if not trains:  # a closed-form edit alone: no training outputs of an earlier run may linger
+    if not trains and main:  # a closed-form edit alone: no training outputs of an earlier run may linger
         from metaunlearn.training.loop import CHECKPOINT_DIR, LOG_FILE
 
         (out / LOG_FILE).unlink(missing_ok=True)
@@ -309,17 +331,20 @@ def run_unlearn(
             config.steps,
             checkpoint_every=config.checkpoint_every,
             seed=config.seed,
+            accelerator=accelerator,
             description=f"unlearn {config.variant}",
             progress=progress,
+            split_batches=True,
         )
         if config.meta is not None:
-            data = load_meta_data(backbone, config, progress)
+            with accelerator.main_process_first():  # the main process encodes and caches; the others read the cache
+                data = load_meta_data(backbone, config, progress)
             objective = MetaObjective(
                 backbone, config.meta, data, params, base_loss=base_loss, base_params=base_params, seed=config.seed,
-                autocast=autocast,
+                autocast=autocast, shard=loop.shard,
             )
         else:
-            objective = PlainObjective(params, base_loss, config.clip_grad_norm, autocast=autocast)
+            objective = PlainObjective(params, base_loss, config.clip_grad_norm, autocast=autocast, shard=loop.shard)
         optimizer = _build_optimizer(params, config, method)
         loop.track("unet", backbone.unet)
         loop.track("optimizer", optimizer)
@@ -336,5 +361,8 @@ def run_unlearn(
     if config.gradient_checkpointing:
         backbone.unet.disable_gradient_checkpointing()
     backbone.unet.requires_grad_(False)
-    model_dir = backbone.save(out / MODEL_DIR)
-    return UnlearnResult(out, model_dir, steps, terms, dict(method.edit_stats))
+    model_dir = out / MODEL_DIR
+    if main:
+        backbone.save(model_dir)
+    accelerator.wait_for_everyone()
+    return UnlearnResult(out, model_dir, steps, terms, dict(method.edit_stats), is_main=main)

@@ -17,6 +17,12 @@ saved original weights back, LoRA is unloaded (``unet.unload_lora()`` removes ev
 removes its token, embedding rows and hook. Each snapshot also records ``attack_loss``: the denoising loss on a
 fixed probe of the attack data (under the attack's own captions) with fixed timesteps and noise, so the falling
 training objective is measured on the same draws at every step.
+
+Data parallel (``torchrun`` / ``accelerate launch -m metaunlearn attack ...``): every process draws the same batches,
+timesteps and noise (the attack's generator is seeded by the attack's seed alone), computes its share of each batch
+and the gradients are summed (:mod:`metaunlearn.training.parallel`), so the attack equals the one-process attack at
+the same batch size; snapshots are evaluated by the main process only. DreamBooth's prior-preservation loss (which
+draws its own noise) is computed alike by every process and counted once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +42,8 @@ from metaunlearn.backbones.base import Backbone, Cond
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
 from metaunlearn.runs import progress_bar
-from metaunlearn.training.denoise import denoising_loss
+from metaunlearn.training.denoise import denoising_loss, sample_timesteps
+from metaunlearn.training.parallel import SINGLE, Shard
 
 EvalCallback = Callable[[Backbone, int], Mapping[str, float]]
 """``(backbone with the attacked weights live, step) -> metrics``; called under ``torch.no_grad`` in eval mode."""
@@ -184,11 +192,11 @@ def _stages(data: CachedSet, spec: AttackSpec, sets: Mapping[str, CachedSet] | N
 
 
 def _evaluate(backbone: Backbone, step: int, probe: _Probe, evaluate: EvalCallback | None,
-              captions: Callable[[int], Cond] | None = None) -> Snapshot:
+              captions: Callable[[int], Cond] | None = None, main: bool = True) -> Snapshot:
     unet = backbone.unet
     unet.eval()
     metrics: dict[str, float] = {"attack_loss": probe.loss(backbone, captions)}
-    if evaluate is not None:
+    if evaluate is not None and main:
         with torch.no_grad():
             metrics.update({k: float(v) for k, v in evaluate(backbone, step).items()})
     unet.train()
@@ -205,12 +213,15 @@ def run_attack(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     description: str = "attack",
+    shard: Shard = SINGLE,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> AttackResult:
     """Finetune ``backbone`` on ``data`` for ``spec.steps`` steps, evaluating at ``spec.snapshot_steps``.
 
     ``sets`` holds the attack sets a sequential attack's ``before`` stages name; ``cache_dir`` is where DreamBooth
     class images are cached (None: generated each time). The backbone is returned to its original weights (and
-    module structure, tokenizers and embeddings) afterwards, even on error.
+    module structure, tokenizers and embeddings) afterwards, even on error. With a data-parallel ``shard`` every
+    process computes its share of each batch (see the module docstring); only the main process calls ``evaluate``.
     """
     if len(data) == 0:
         raise UserError("the attack data set is empty")
@@ -231,15 +242,17 @@ def run_attack(
 
     params, restore = _attach(backbone, spec)
     try:
+        shard.broadcast_(params)  # e.g. a LoRA adapter initialised from each process's own RNG
         captions = _captions(backbone, spec)
         optimizer = build_optimizer(params, spec, decay=spec.mode != "textual_inversion")
         schedule = build_schedule(optimizer, spec)
         backbone.unet.train()
+        main = shard.rank == 0
         if 0 in snapshot_steps:
-            result.snapshots.append(_evaluate(backbone, 0, probe, evaluate, captions))
+            result.snapshots.append(_evaluate(backbone, 0, probe, evaluate, captions, main))
         stage = 0
         sampler = _BatchSampler(len(stages[0][1]), spec.batch_size, generator)
-        with progress_bar("step", enabled=progress) as bar:
+        with progress_bar("step", enabled=progress and main) as bar:
             task = bar.add_task(description, total=spec.steps, info="")
             for step in range(1, spec.steps + 1):
                 if step > stages[stage][0]:
@@ -247,26 +260,28 @@ def run_attack(
                     sampler = _BatchSampler(len(stages[stage][1]), spec.batch_size, generator)
                 _, stage_data, own = stages[stage]
                 x0, cond = stage_data.batch(sampler.next())
-                if own and captions is not None:
-                    cond = captions(len(x0))
+                optimizer.zero_grad(set_to_none=True)
                 if own and prior is not None:
                     from metaunlearn.attacks.dreambooth import prior_preservation_loss
 
+                    if captions is not None:
+                        cond = captions(len(x0))
                     xc, cc = prior.batch(prior_sampler.next())
-                    loss = prior_preservation_loss(backbone, x0, cond, xc, cc, spec.dreambooth.prior_weight,
-                                                   generator)
+                    with autocast():
+                        loss = prior_preservation_loss(backbone, x0, cond, xc, cc, spec.dreambooth.prior_weight,
+                                                       generator)
+                    (shard.replicated * loss if shard.distributed else loss).backward()  # alike everywhere: once
+                    value = float(loss.detach())
                 else:
-                    loss = denoising_loss(backbone, x0, cond, generator=generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                    value = _backward(backbone, x0, cond, captions if own else None, generator, shard, autocast)
+                shard.sum_grads_(params)
                 if spec.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
                 optimizer.step()
                 schedule.step()
-                value = float(loss.detach())
                 result.losses.append(value)
                 if step in snapshot_steps:
-                    result.snapshots.append(_evaluate(backbone, step, probe, evaluate, captions))
+                    result.snapshots.append(_evaluate(backbone, step, probe, evaluate, captions, main))
                 bar.update(task, advance=1, info=f"loss {value:.4f}" if math.isfinite(value) else "loss nan")
     finally:
         for p in params:
@@ -275,3 +290,21 @@ def run_attack(
         backbone.unet.train(was_training)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _backward(backbone: Backbone, x0: torch.Tensor, cond: Cond, captions: Callable[[int], Cond] | None,
+              generator: torch.Generator, shard: Shard, autocast: Callable[[], AbstractContextManager]) -> float:
+    """The denoising loss's gradient on this process's share of the batch (timesteps and noise drawn for the whole
+    batch, as one process would); ``captions`` replaces the data's conditioning. Returns the batch loss."""
+    t = sample_timesteps(backbone, x0.shape[0], generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    one = shard.world == 1 and shard.micro == 1
+    value = 0.0
+    for rows, share in [(slice(None), 1.0)] if one else shard.pieces(x0.shape[0]):
+        n = len(range(x0.shape[0])[rows])
+        part = captions(n) if captions is not None else {k: v[rows] for k, v in cond.items()}
+        with autocast():
+            loss = denoising_loss(backbone, x0[rows], part, t=t[rows], noise=noise[rows])
+        (loss if share == 1.0 else share * loss).backward()
+        value += share * float(loss.detach())
+    return shard.sum_values({"loss": value})["loss"] if shard.distributed else value

@@ -133,6 +133,8 @@ def run_sweep(
     resume: bool = True,
     cache_dir: str | Path | None = None,
     only: Sequence[str] | None = None,
+    shard=None,
+    autocast=None,
 ) -> list[dict]:
     """Attack ``backbone`` with every spec of ``suite`` on every set; write and return the result rows.
 
@@ -140,8 +142,16 @@ def run_sweep(
     step-0 evaluation (the unattacked model) is computed once and shared by every run of the sweep that evaluates
     the same prompts (an attack with its own trigger prompt, e.g. textual inversion, evaluates its own step 0).
     ``sets`` also holds the sets sequential attacks train on first; ``only`` limits which sets are attacked.
-    ``cache_dir`` keeps DreamBooth class images.
+    ``cache_dir`` keeps DreamBooth class images. Under a
+    data-parallel launch (``shard``, see :func:`~metaunlearn.attacks.finetune.run_attack`) every process trains,
+    the main process alone evaluates and writes; the other processes return no rows.
     """
+    from contextlib import nullcontext
+
+    from metaunlearn.training.parallel import SINGLE
+
+    shard = shard or SINGLE
+    main = shard.rank == 0
     run_dir = Path(run_dir)
     check_name(model.name, "model name")
     rows: list[dict] = []
@@ -186,8 +196,10 @@ def run_sweep(
 
             result = run_attack(
                 backbone, data, spec, evaluate, sets=sets, cache_dir=cache_dir, progress=progress,
-                description=f"{model.name} {set_name} {spec.run_name}",
+                description=f"{model.name} {set_name} {spec.run_name}", shard=shard, autocast=autocast or nullcontext,
             )
+            if not main:
+                continue
             run_rows = []
             for snap in result.snapshots:
                 grid = grid_file(run_dir, model.name, set_name, spec, snap.step)

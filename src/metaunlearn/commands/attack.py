@@ -103,8 +103,10 @@ def register(app: typer.Typer) -> None:
         """Finetune a model on each attack set (full / LoRA × lrs × seeds) and evaluate every snapshot step."""
         from metaunlearn.attacks.sweep import ModelInfo, run_sweep
         from metaunlearn.backbones.loading import inspect_model_folder, load_backbone
-        from metaunlearn.commands.generate import resolve_device, resolve_dtype
+        from metaunlearn.commands.generate import resolve_dtype
         from metaunlearn.runs import atomic_write_text, ensure_dir
+        from metaunlearn.training.accel import make_accelerator, stage_device
+        from metaunlearn.training.parallel import Shard
 
         console = Console()
         parsed = load_attack_file(config)
@@ -118,16 +120,24 @@ def register(app: typer.Typer) -> None:
             from metaunlearn.metrics.evaluate import Evaluator
 
             evaluator = Evaluator(parsed.eval, base_dir=base)
-        dev = resolve_device(device)
+        # under torchrun / accelerate launch: data parallel, bf16 autocast and accumulation from the launcher
+        accelerator = make_accelerator(None, None, cpu=device == "cpu")
+        dev = stage_device(device, accelerator)
+        main = accelerator.is_main_process
         run_dir = ensure_dir(run_dir or Path("runs") / config.stem)
         backbone = load_backbone(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
-        data = load_attack_sets(backbone, parsed.attack, base, run_dir, sets, not quiet)
+        with accelerator.main_process_first():
+            data = load_attack_sets(backbone, parsed.attack, base, run_dir, sets, not quiet and main)
         resolved = {"model": str(model_dir.resolve()), "name": info.name, "method": info.method,
                     "variant": info.variant, "attack": parsed.attack.model_dump(mode="json"),
                     "eval": parsed.eval.model_dump(mode="json") if parsed.eval else None}
-        atomic_write_text(run_dir / "attacks" / info.name / "config.json", json.dumps(resolved, indent=2) + "\n")
+        if main:
+            atomic_write_text(run_dir / "attacks" / info.name / "config.json", json.dumps(resolved, indent=2) + "\n")
         rows = run_sweep(backbone, data, parsed.attack, run_dir, info, evaluator, progress=not quiet, resume=resume,
-                         cache_dir=run_dir / "cache", only=sets)
+                         cache_dir=run_dir / "cache", only=sets, shard=Shard.of(accelerator), autocast=accelerator.autocast)
+        accelerator.wait_for_everyone()
+        if not main:  # another process of a data-parallel launch: the main one evaluates, writes and reports
+            return
         if parsed.attack.prompt_attacks:
             from metaunlearn.attacks.prompts import run_prompt_attacks
 

@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
                 console.print(line, markup=False, highlight=False)
             return
         result = run_unlearn(cfg, resume=resume, progress=not quiet)
+        if not result.is_main:  # another process of a data-parallel launch
+            return
         summary = " ".join(f"{k} {v:.4g}" for k, v in {**result.edit_stats, **result.terms}.items())
         console.print(f"{cfg.variant}: {result.steps} steps {summary}".rstrip(), markup=False, highlight=False)
         console.print(f"model: {result.model}", markup=False, highlight=False)

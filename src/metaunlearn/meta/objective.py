@@ -14,6 +14,13 @@ The objective knows nothing about the base method: it receives an optional ``bas
 ``(step, generator) -> (loss, terms)`` (ESD, SDD) or none (after a UCE/RECE edit); α = ``base_weight`` 0 leaves it
 out too ("retain + meta only", e.g. continuing from an already-erased plain model).
 
+Data parallel (``torchrun`` / ``accelerate launch``, :mod:`metaunlearn.training.parallel`): every process draws the
+same :class:`~metaunlearn.meta.plan.StepPlan`, computes the retain, inner-attack and ascent losses on its share of
+each batch, and the gradients are summed across processes — the inner gradients at every simulated step too (so
+every process simulates the same attacker; inside the autograd graph under the second order), and g before the clip
+— so the update equals the one-process update at the same global batch. The base loss is computed alike on every
+process and counted once.
+
 Cost per step, by construction: the base loss, one forward+backward per retain term, the attack's inner steps
 (forward+backward each, in place, no copies of the UNet, no new optimizers), one forward+backward per ascent term,
 and two ``_foreach_copy_`` of the attacked parameters. Data come from cached latents and conditioning.
@@ -33,6 +40,7 @@ from metaunlearn.meta.plan import MetaData, StepPlan, make_plan
 from metaunlearn.meta.reverse import Trajectory, reverse_meta_gradient
 from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad
 from metaunlearn.meta.unrolled import second_order_ascent
+from metaunlearn.training.parallel import SINGLE, Shard
 
 BaseLossFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
@@ -69,41 +77,24 @@ class PlainObjective:
     """The base method alone: ``g = ∇L_base(θ)``."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], base_loss: BaseLossFn, clip_grad_norm: float | None = None,
-                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+                 autocast: Callable[[], AbstractContextManager] = nullcontext, shard: Shard = SINGLE) -> None:
         self.params = list(params)
         self.base_loss = base_loss
         self.clip_grad_norm = clip_grad_norm
         self.autocast = autocast
+        self.shard = shard
 
     def accumulate(self, step: int, generator: torch.Generator) -> dict[str, float]:
+        """The base loss's gradient; with several processes each computes it alike and the copies are averaged
+        (the base loss draws from the shared stream; averaging keeps the processes from drifting apart)."""
         _zero_grads(self.params)
         with self.autocast():
             loss, terms = self.base_loss(step, generator)
+        if self.shard.distributed:
+            loss = self.shard.replicated * loss
         loss.backward()
+        self.shard.sum_grads_(self.params)
         return dict(terms)
-
-    def _reverse(self, plan: StepPlan, ascent, train) -> dict[str, float]:
-        """Exact second order by reverse mode: the ascent terms are the outer loss at the attack's end point."""
-        terms: dict[str, float] = {}
-        last = len(plan.inner)
-
-        def loss_at(k: int) -> torch.Tensor | None:
-            if k != last:
-                return None
-            total = None
-            for role, weight, draw, data in ascent:
-                with self.autocast():
-                    loss = draw.loss(self.backbone, data)
-                terms[f"ascent_{role}"] = float(loss.detach())
-                total = -weight * loss if total is None else total - weight * loss
-            return total
-
-        terms.update(reverse_meta_gradient(
-            self.attacks, plan.attack, plan.inner, train, self.params, loss_at, trajectory=self.trajectory,
-            hvp="finite_difference" if self.config.order == "second_fd" else "double_backward",
-            fd_eps=self.config.fd_eps, autocast=self.autocast,
-        ))
-        return terms
 
     def step(self, step: int, generator: torch.Generator, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         terms = self.accumulate(step, generator)
@@ -135,6 +126,7 @@ class MetaObjective:
         base_params: Sequence[torch.nn.Parameter] | None = None,
         seed: int = 0,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
+        shard: Shard = SINGLE,
     ) -> None:
         self.backbone = backbone
         self.config = config
@@ -144,6 +136,7 @@ class MetaObjective:
         # the base loss's gradient reaches only these (a subset of params; default: all of them)
         self.base_params = list(base_params) if base_params is not None else None
         self.autocast = autocast
+        self.shard = shard
         self._check_data()
         self.attacks = (
             AttackRunner(backbone, config.attacks, seed=seed, offload=config.offload and config.second_order)
@@ -169,7 +162,8 @@ class MetaObjective:
 
         The attack and the ascent terms run first, while ``.grad`` is still empty, so the attack's peak memory
         (saved θ, inner moments, inner gradients) never coincides with a held outer gradient; the base loss and the
-        retain terms at the restored θ then accumulate on top.
+        retain terms at the restored θ then accumulate on top. With several processes, each computes its share of
+        every batch and g (and the logged values) are summed across them at the end.
         """
         plan = plan if plan is not None else self.plan(generator)
         _zero_grads(self.params)
@@ -179,14 +173,23 @@ class MetaObjective:
         if self.base_loss is not None:
             with self.autocast():
                 loss, base_terms = self.base_loss(step, generator)
-            (self.config.base_weight * loss).backward(inputs=self.base_params)
-            terms.update(base_terms)
+            once = self.shard.replicated  # every process computes the same base loss: count it once
+            (self.config.base_weight * once * loss).backward(inputs=self.base_params)
+            terms.update({k: once * v for k, v in base_terms.items()})
         for role, draw in plan.retain.items():
+            terms[f"retain_{role}"] = self._backward(draw, self.data.get(role), getattr(self.config, RETAIN_WEIGHTS[role]))
+        self.shard.sum_grads_(self.params)
+        return self.shard.sum_values(terms)
+
+    def _backward(self, draw, data, weight: float) -> float:
+        """``weight · ∇L(draw)`` into ``.grad`` from this process's share of the batch; returns its share of L."""
+        value = 0.0
+        for part, share in draw.shares(self.shard):
             with self.autocast():
-                loss = draw.loss(self.backbone, self.data.get(role))
-            (getattr(self.config, RETAIN_WEIGHTS[role]) * loss).backward()
-            terms[f"retain_{role}"] = float(loss.detach())
-        return terms
+                loss = part.loss(self.backbone, data)
+            (weight * share * loss).backward()
+            value += share * float(loss.detach())
+        return value
 
     def _ascent(self, plan: StepPlan) -> dict[str, float]:
         """``−Σ β ∇L(θ'; D)`` into ``.grad`` (first order: at θ' = A(θ) run in place, then θ restored)."""
@@ -199,17 +202,15 @@ class MetaObjective:
         if cfg.order == "second_unrolled":
             space = self.attacks.space(plan.attack)
             return second_order_ascent(
-                self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast
+                self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast, self.shard
             )
         terms: dict[str, float] = {}
         try:
-            terms.update(self.attacks.run(plan.attack, plan.inner, train, frozen=self.params, autocast=self.autocast))
+            terms.update(self.attacks.run(plan.attack, plan.inner, train, frozen=self.params, autocast=self.autocast,
+                                          shard=self.shard))
             set_requires_grad(self.params, True)
             for role, weight, draw, data in ascent:
-                with self.autocast():
-                    loss = draw.loss(self.backbone, data)
-                (-weight * loss).backward()
-                terms[f"ascent_{role}"] = float(loss.detach())
+                terms[f"ascent_{role}"] = self._backward(draw, data, -weight)
         finally:
             self.attacks.undo()
             set_requires_grad(self.params, True)
@@ -225,16 +226,20 @@ class MetaObjective:
                 return None
             total = None
             for role, weight, draw, data in ascent:
-                with self.autocast():
-                    loss = draw.loss(self.backbone, data)
-                terms[f"ascent_{role}"] = float(loss.detach())
-                total = -weight * loss if total is None else total - weight * loss
+                value = 0.0
+                for part, share in draw.shares(self.shard):  # this process's share of the batch
+                    with self.autocast():
+                        loss = part.loss(self.backbone, data)
+                    value += share * float(loss.detach())
+                    term = -weight * share * loss
+                    total = term if total is None else total + term
+                terms[f"ascent_{role}"] = value
             return total
 
         terms.update(reverse_meta_gradient(
             self.attacks, plan.attack, plan.inner, train, self.params, loss_at, trajectory=self.trajectory,
             hvp="finite_difference" if self.config.order == "second_fd" else "double_backward",
-            fd_eps=self.config.fd_eps, autocast=self.autocast,
+            fd_eps=self.config.fd_eps, autocast=self.autocast, shard=self.shard,
         ))
         return terms
 

@@ -18,6 +18,7 @@ from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
 from metaunlearn.meta.config import AttackConfig, MetaConfig
 from metaunlearn.training.denoise import denoising_loss
+from metaunlearn.training.parallel import Shard
 
 ROLES = ("forget_train", "forget_test", "related", "irrelevant")
 
@@ -45,6 +46,17 @@ class Draw:
     index: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
+
+    def rows(self, rows: slice) -> Draw:
+        """The same draw restricted to some of its rows (a process's share of a data-parallel batch)."""
+        return Draw(self.index[rows], self.noise[rows], self.timesteps[rows])
+
+    def shares(self, shard: Shard) -> list[tuple[Draw, float]]:
+        """This process's parts of the draw with their shares of the batch (:meth:`Shard.pieces`); on one process
+        with no micro-batches ``[(self, 1.0)]``."""
+        if shard.world == 1 and shard.micro == 1:
+            return [(self, 1.0)]
+        return [(self.rows(rows), share) for rows, share in shard.pieces(len(self.index))]
 
     def loss(self, backbone: Backbone, data: CachedSet, unet=None) -> torch.Tensor:
         """``denoising_loss`` on this batch (optionally with another noise predictor ``unet``)."""

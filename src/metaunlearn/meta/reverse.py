@@ -22,6 +22,12 @@ trajectory* (:data:`TrajectoryLoss`; e.g. ascent accumulated over the inner step
 4. ā_x is the gradient with respect to x_0; where x_0 is part of θ it becomes those parameters' ``.grad``.
 
 After the reverse pass the UNet holds x_0 again (θ restored exactly from its saved copy).
+
+Data parallel (``shard``, :mod:`metaunlearn.training.parallel`): every process evaluates its share of each inner
+batch and of the ascent batches. The forward attack sums the inner gradients across processes, so ĝ_k are the
+global ones; in reverse the adjoint seed ā_x, the inner gradient the clip's adjoint needs, and every H_xx w are
+summed across processes, so ā_x is the same everywhere (the main process alone adds it to ``.grad``); the
+z-gradients stay per-process shares until the meta objective sums ``.grad`` at the end.
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ from metaunlearn.meta.adjoints import clip_adjoint_, optimizer_adjoint
 from metaunlearn.meta.config import AttackConfig
 from metaunlearn.meta.plan import Draw
 from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad
+from metaunlearn.training.parallel import SINGLE, Shard
 
 TrajectoryLoss = Callable[[int], torch.Tensor | None]
 """``loss_at(k)``: a scalar term of the outer objective evaluated by the UNet as it stands (parameters x_k), or
-``None``; called for k = M first, then k = M-1 … 0. It is minimised: ascent terms come with a minus sign."""
+``None``; called for k = M first, then k = M-1 … 0. It is minimised: ascent terms come with a minus sign. Under data
+parallelism it is this process's share; for k < M it must be ``None`` on every process or on none (a process without
+rows returns a zero that depends on x), since its gradient is summed across processes."""
 
 
 class Trajectory:
@@ -154,6 +163,7 @@ def reverse_meta_gradient(
     hvp: str = "double_backward",
     fd_eps: float = 1e-3,
     autocast=nullcontext,
+    shard: Shard = SINGLE,
 ) -> dict[str, float]:
     """Accumulate dF/dθ (see the module docstring) into ``outer_params``' ``.grad``; return the attack's losses.
 
@@ -169,12 +179,13 @@ def reverse_meta_gradient(
     trajectory.reset()
     try:
         terms = runner.run(index, draws, train, frozen=outer_params, autocast=autocast,
-                           on_gradient=lambda k, grads: trajectory.record(grads))
+                           on_gradient=lambda k, grads: trajectory.record(grads), shard=shard)
         optimizer = space.optimizers[space.key(config)]
         set_requires_grad(xs + zs, True)
         loss = loss_at(len(draws))
         adj_x = _loss_grads(loss, xs, zs) if loss is not None else [torch.zeros_like(x) for x in xs]
         del loss
+        shard.sum_(adj_x)
         adjoint = optimizer_adjoint(config, optimizer, len(draws))
         scratch = [torch.empty_like(x) for x in xs]
 
@@ -191,11 +202,21 @@ def reverse_meta_gradient(
 
             def weight_fn(grads: list[torch.Tensor] | None, u=u) -> list[torch.Tensor]:
                 if grads is not None:
+                    if shard.distributed:  # the clip acted on the whole batch's gradient
+                        grads = [g.clone() for g in grads]
+                        shard.sum_(grads)
                     clip_adjoint_(u, grads, config.clip_grad_norm)
                 return u
 
             def inner_loss(draw=draw):
-                return draw.loss(backbone, train)
+                total = None
+                for part, share in draw.shares(shard):
+                    loss = part.loss(backbone, train)
+                    loss = loss if share == 1.0 else share * loss
+                    total = loss if total is None else total + loss
+                if total is None:  # none of this batch's rows here: a zero that still depends on x
+                    total = sum((x * 0.0).sum() for x in xs)
+                return total
 
             if hvp == "finite_difference":
                 hx = _hvp_finite_difference(inner_loss, xs, zs, weight_fn, autocast, fd_eps,
@@ -203,15 +224,18 @@ def reverse_meta_gradient(
             else:
                 hx = _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast)
             del u
+            shard.sum_(hx)
             torch._foreach_add_(adj_x, hx)
             del hx
             loss = loss_at(k - 1)
             if loss is not None:
-                torch._foreach_add_(adj_x, _loss_grads(loss, xs, zs))
+                injected = _loss_grads(loss, xs, zs)
+                shard.sum_(injected)
+                torch._foreach_add_(adj_x, injected)
             del loss
         del adjoint
         for x, a in zip(xs, adj_x):
-            if id(x) in outer_x:
+            if id(x) in outer_x and shard.rank == 0:  # ā_x is the same everywhere: the main process holds it
                 x.grad = a if x.grad is None else x.grad.add_(a)
     finally:
         set_requires_grad([x for x in xs if id(x) not in outer_x], False)

@@ -25,6 +25,7 @@ from metaunlearn.data.cache import CachedSet
 from metaunlearn.meta.config import AttackConfig
 from metaunlearn.meta.inner_optim import InnerOptimizer, clip_by_global_norm_
 from metaunlearn.meta.plan import Draw
+from metaunlearn.training.parallel import SINGLE, Shard
 
 Autocast = Callable[[], AbstractContextManager]
 LORA_PREFIX = "meta_attack_"
@@ -149,11 +150,14 @@ class AttackRunner:
         frozen: Sequence[torch.Tensor],
         autocast: Autocast = nullcontext,
         on_gradient: Callable[[int, list[torch.Tensor]], None] | None = None,
+        shard: Shard = SINGLE,
     ) -> dict[str, float]:
         """Finetune in place (θ → θ'); ``frozen`` parameters get no gradient. Call :meth:`undo` afterwards.
 
         ``on_gradient(k, grads)`` (optional) sees the clipped gradient ĝ_k of inner step k = 1 … M before the
-        optimizer consumes it."""
+        optimizer consumes it. With several processes each computes its share of every inner batch and the inner
+        gradients are summed across them before the clip and the update, so every process takes the same inner
+        steps. The returned losses are this process's shares (the caller sums them)."""
         config = self.attacks[index]
         space = self.space(index)
         space.save()
@@ -167,11 +171,24 @@ class AttackRunner:
         opt = space.optimizer(config)
         losses = []
         for k, draw in enumerate(draws, start=1):
-            with autocast():
-                loss = draw.loss(self.backbone, data)
-            losses.append(float(loss.detach()))
-            grads = _distinct(torch.autograd.grad(loss, space.params, allow_unused=True, materialize_grads=True))
-            del loss
+            grads, value = None, 0.0
+            for part, share in draw.shares(shard):
+                with autocast():
+                    loss = part.loss(self.backbone, data)
+                if share != 1.0:
+                    loss = share * loss
+                value += float(loss.detach())
+                piece = torch.autograd.grad(loss, space.params, allow_unused=True, materialize_grads=True)
+                del loss
+                if grads is None:
+                    grads = _distinct(piece)
+                else:
+                    torch._foreach_add_(grads, list(piece))
+                del piece
+            losses.append(value)
+            if grads is None:  # none of this batch's rows fell to this process
+                grads = [torch.zeros_like(p) for p in space.params]
+            shard.sum_(grads)
             clip_by_global_norm_(grads, config.clip_grad_norm)
             if on_gradient is not None:
                 on_gradient(k, grads)

@@ -24,6 +24,7 @@ from metaunlearn.data.cache import CachedSet
 from metaunlearn.meta.config import AttackConfig
 from metaunlearn.meta.plan import Draw
 from metaunlearn.methods.base import SwappedUNet
+from metaunlearn.training.parallel import SINGLE, Shard
 
 
 def _clip(grads: list[torch.Tensor], max_norm: float | None) -> list[torch.Tensor]:
@@ -34,6 +35,19 @@ def _clip(grads: list[torch.Tensor], max_norm: float | None) -> list[torch.Tenso
     return [g * coef for g in grads]
 
 
+def _local_loss(backbone: Backbone, draw: Draw, data: CachedSet, net, shard: Shard, autocast):
+    """This process's share of the batch loss (``None`` when none of its rows fell here) and its value."""
+    total, value = None, 0.0
+    for part, share in draw.shares(shard):
+        with autocast():
+            loss = part.loss(backbone, data, unet=net)
+        if share != 1.0:
+            loss = share * loss
+        total = loss if total is None else total + loss
+        value += float(loss.detach())
+    return total, value
+
+
 def unrolled_attack(
     backbone: Backbone,
     config: AttackConfig,
@@ -41,8 +55,10 @@ def unrolled_attack(
     draws: Sequence[Draw],
     data: CachedSet,
     autocast=nullcontext,
+    shard: Shard = SINGLE,
 ) -> tuple[list[torch.Tensor], list[float]]:
-    """θ' as differentiable functions of ``params`` (which must require grad), and the inner losses."""
+    """θ' as differentiable functions of ``params`` (which must require grad), and the inner losses (this
+    process's shares). With several processes the inner gradients are summed across them inside the graph."""
     current = list(params)
     m = [torch.zeros_like(p) for p in params] if config.optimizer == "adamw" else None
     v = [torch.zeros_like(p) for p in params] if config.optimizer == "adamw" else None
@@ -50,11 +66,13 @@ def unrolled_attack(
     losses = []
     for k, draw in enumerate(draws, start=1):
         net = SwappedUNet(backbone.unet, dict(zip(params, current)))
-        with autocast():
-            loss = draw.loss(backbone, data, unet=net)
-        grads = torch.autograd.grad(loss, current, create_graph=True, allow_unused=True, materialize_grads=True)
-        grads = _clip(list(grads), config.clip_grad_norm)
-        losses.append(float(loss.detach()))
+        loss, value = _local_loss(backbone, draw, data, net, shard, autocast)
+        if loss is None:  # no rows here: a zero that stays in the graph, so the backward collectives line up
+            grads = [c * 0.0 for c in current]
+        else:
+            grads = torch.autograd.grad(loss, current, create_graph=True, allow_unused=True, materialize_grads=True)
+        grads = _clip(shard.sum_differentiable(grads), config.clip_grad_norm)
+        losses.append(value)
         if config.optimizer == "adamw":
             b1, b2 = config.betas
             m = [b1 * mi + (1 - b1) * g for mi, g in zip(m, grads)]
@@ -87,22 +105,27 @@ def second_order_ascent(
     train: CachedSet,
     ascent: Sequence[tuple[str, float, Draw, CachedSet]],
     autocast=nullcontext,
+    shard: Shard = SINGLE,
 ) -> dict[str, float]:
-    """Accumulate ``−Σ β ∇_θ L(A(θ); D)`` (exact) into the outer parameters' ``.grad``; return logged values."""
+    """Accumulate ``−Σ β ∇_θ L(A(θ); D)`` (exact) into the outer parameters' ``.grad`` (this process's share);
+    return logged values (this process's shares)."""
     outer_ids = {id(p) for p in outer_params}
     for p in attack_params:
         p.requires_grad_(True)
     try:
         with sdpa_kernel([SDPBackend.MATH]):
-            current, losses = unrolled_attack(backbone, config, attack_params, draws, train, autocast)
+            current, losses = unrolled_attack(backbone, config, attack_params, draws, train, autocast, shard)
             net = SwappedUNet(backbone.unet, dict(zip(attack_params, current)))
             total = 0.0
             terms: dict[str, float] = {"attack_first": losses[0], "attack_last": losses[-1]} if losses else {}
             for role, weight, draw, data in ascent:
-                with autocast():
-                    loss = draw.loss(backbone, data, unet=net)
-                total = total - weight * loss
-                terms[f"ascent_{role}"] = float(loss.detach())
+                loss, value = _local_loss(backbone, draw, data, net, shard, autocast)
+                if loss is not None:
+                    total = total - weight * loss
+                terms[f"ascent_{role}"] = value
+            if shard.distributed and ascent and draws and not torch.is_tensor(total):
+                # no ascent rows here: still run the backward, whose inner all-reduces the other processes wait on
+                total = 0.0 * sum(c.sum() for c in current)
             if torch.is_tensor(total):
                 total.backward()
     finally:

@@ -22,6 +22,14 @@ checkpoints every ``checkpoint_every`` steps and at the end, resuming, gradient 
 ``gradient_accumulation_steps`` times per step inside ``accelerator.accumulate``; the prepared optimizer only steps
 on the last call) and stopping with a clear message when a loss term becomes NaN or infinite.
 
+Two kinds of data parallelism under ``torchrun``/``accelerate launch``: by default each process draws its own
+random numbers (``loop.generator`` is seeded per rank) and a prepared (DDP) model averages the gradients. With
+``split_batches=True`` every process draws the *same* numbers (the generator is seeded alike on every rank) and
+``step_fn`` computes its share of each global batch through :attr:`TrainLoop.shard`
+(:mod:`metaunlearn.training.parallel`), summing gradients itself; ``step_fn`` is then called once per step and the
+gradient accumulation steps become the shard's micro-batches. The update is then the same for any number of
+processes, and a checkpoint resumes under any number of processes.
+
 Steps count from 1; the checkpoint at step K holds the state after K steps. Draw random numbers from
 ``loop.generator`` (or torch's global RNG): both are checkpointed, so on CPU a resumed run ends bit-identical to an
 uninterrupted one. State a stage keeps outside the prepared objects (an EMA teacher, an extra generator) must be
@@ -48,6 +56,7 @@ from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
 from metaunlearn.runs import ensure_dir, progress_bar, recover_directory, replace_directory
 from metaunlearn.training.accel import make_accelerator
+from metaunlearn.training.parallel import Shard
 from metaunlearn.training.checkpoint import (
     FORMAT_VERSION,
     STATE_FILE,
@@ -117,6 +126,7 @@ class TrainLoop:
         cpu: bool = False,
         description: str = "training",
         progress: bool = True,
+        split_batches: bool = False,
     ) -> None:
         if steps < 1:
             raise UserError("training needs at least 1 step")
@@ -128,10 +138,12 @@ class TrainLoop:
         self.description = description
         self.accelerator = accelerator or make_accelerator(mixed_precision, gradient_accumulation_steps, cpu=cpu)
         self.show_progress = progress and self.accelerator.is_main_process
-        rank = self.accelerator.process_index
+        self.split_batches = split_batches
+        rank = 0 if split_batches else self.accelerator.process_index
         set_seed(seed + rank)
         self.generator = torch.Generator().manual_seed(10_007 * (seed + 1) + rank)
-        """CPU generator for batch indices, noise and timesteps; per process, checkpointed."""
+        """CPU generator for batch indices, noise and timesteps; per process (alike with ``split_batches``),
+        checkpointed."""
         self._tracked = _Tracked()
         self._tracked.generators["loop"] = self.generator
         self._models: list[torch.nn.Module] = []
@@ -162,6 +174,11 @@ class TrainLoop:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def shard(self) -> Shard:
+        """This process's share of every global batch (``split_batches``; see the module docstring)."""
+        return Shard.of(self.accelerator)
 
     def prepare(self, **objects: Any) -> Any:
         """``accelerator.prepare`` the named objects (models, optimizers, schedulers) and checkpoint them under
@@ -256,7 +273,7 @@ class TrainLoop:
             load_module_tensors(self.unwrap(module), tensors, trainable_only, f"{folder} ({name})")
         for name, obj in self._tracked.states.items():
             obj.load_state_dict(load_state(folder, f"state.{name}"))
-        rank = self.accelerator.process_index
+        rank = 0 if self.split_batches else self.accelerator.process_index  # split batches: one stream for all
         if (folder / f"rng.rank{rank}.json").is_file():
             set_rng_state(load_state(folder, f"rng.rank{rank}"), self._tracked.generators)
         else:  # resumed with more processes than before: a fresh but deterministic stream for the new rank
@@ -297,7 +314,7 @@ class TrainLoop:
     def _step(self, step_fn: StepFn, step: int) -> dict[str, float]:
         """One optimizer step: ``gradient_accumulation_steps`` calls of ``step_fn``; terms averaged over calls and
         processes."""
-        calls = self.accelerator.gradient_accumulation_steps
+        calls = 1 if self.split_batches else self.accelerator.gradient_accumulation_steps
         sums: dict[str, float] = {}
         for _ in range(calls):
             with self.accelerator.accumulate(*self._models):
