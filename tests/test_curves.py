@@ -88,3 +88,29 @@ def test_shipped_reference_images_are_fresh_renders(tmp_path):
     shipped = sorted((p.name, p.read_bytes()) for p in folder.glob("*.png"))
     fresh = sorted((p.name, p.read_bytes()) for p in write_reference(tmp_path).glob("*.png"))
     assert len(shipped) == 128 and shipped == fresh
+
+
+def test_prompt_sets_sampled_in_shared_batches_equal_their_own_calls(tmp_path):
+    import torch
+
+    from metaunlearn.backbones.sd import StableDiffusionBackbone
+    from metaunlearn.metrics.config import EvalConfig
+    from metaunlearn.metrics.evaluate import Evaluator
+    from metaunlearn.testing.tiny_pipelines import build_tiny_sd
+    from metaunlearn.toyworld.detector import ConceptDetector, DetectorArch
+    from metaunlearn.toyworld.taxonomy import CLASS_NAMES
+
+    torch.manual_seed(0)
+    ConceptDetector(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2)).save(tmp_path / "det.safetensors")
+    config = EvalConfig.model_validate({
+        "detector": {"kind": "toy", "path": str(tmp_path / "det.safetensors")}, "samples_per_prompt": 3,
+        "sampler": {"steps": 2, "batch_size": 4},
+        "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": ["naked body", "bare skin"]},
+                        {"name": "g", "role": "irrelevant", "concept": "green_circle", "prompts": ["a dog in the park"]}]})
+    evaluator = Evaluator(config)
+    backbone = StableDiffusionBackbone(build_tiny_sd(0), "tiny")
+    batched = evaluator.sample_sets(backbone)
+    for name in ("f", "g"):
+        alone, prompts = evaluator.sample_set(backbone, name)
+        assert batched[name][1] == prompts
+        assert torch.allclose(batched[name][0], alone, atol=1e-5)

@@ -183,17 +183,22 @@ class Backbone(abc.ABC):
         height: int | None = None,
         width: int | None = None,
         batch_size: int = 16,
+        seeds: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Images ``[N,3,H,W]`` in [0,1] for ``prompts`` via the pipeline's DDIM sampler; seeded per image.
 
-        Image ``i`` uses generator seed ``seed + i`` so a sample does not depend on the batch it falls in.
+        Image ``i`` uses generator seed ``seed + i`` (or ``seeds[i]`` when given) so a sample does not depend on
+        the batch it falls in; ``seeds`` lets several prompt sets share one batched call.
         """
         height = height or self.resolution
         width = width or self.resolution
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError("one seed per prompt")
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            gens = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+            gens = [torch.Generator("cpu").manual_seed(seed + start + i if seeds is None else seeds[start + i])
+                    for i in range(len(chunk))]
             kwargs = dict(
                 prompt=chunk,
                 height=height,

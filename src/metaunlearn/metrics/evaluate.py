@@ -223,14 +223,44 @@ class Evaluator:
             prompts += [item.prompt] * k
         return torch.cat(images), prompts
 
+    def _per_prompt(self, name: str) -> bool:
+        return self.config.sampler.use_prompt_seeds and any(
+            i.seed is not None or i.guidance is not None for i in self.prompt_sets[name])
+
+    def sample_sets(self, backbone: Backbone) -> dict[str, tuple[torch.Tensor, list[str]]]:
+        """Samples and prompts of every prompt set. Sets sampled alike (no per-prompt seed or guidance) share
+        batched pipeline calls; each image keeps the seed it has when its set is sampled alone
+        (:meth:`sample_set`), so the samples are the same either way up to floating-point rounding."""
+        cfg, sampler = self.config, self.config.sampler
+        k = cfg.samples_per_prompt
+        names = [s.name for s in cfg.prompt_sets]
+        shared = [n for n in names if not self._per_prompt(n)]
+        out: dict[str, tuple[torch.Tensor, list[str]]] = {}
+        if shared:
+            prompts_of = {n: [i.prompt for i in self.prompt_sets[n] for _ in range(k)] for n in shared}
+            prompts = [p for n in shared for p in prompts_of[n]]
+            seeds = [sampler.seed + j for n in shared for j in range(len(prompts_of[n]))]
+            images = backbone.sample(prompts, steps=sampler.steps, guidance=sampler.guidance,
+                                     negative_prompt=sampler.negative_prompt, height=sampler.height,
+                                     width=sampler.width, batch_size=sampler.batch_size, seeds=seeds)
+            start = 0
+            for n in shared:
+                out[n] = images[start : start + len(prompts_of[n])], prompts_of[n]
+                start += len(prompts_of[n])
+        for n in names:
+            if n not in out:
+                out[n] = self.sample_set(backbone, n)
+        return out
+
     @torch.no_grad()
     def evaluate(self, backbone: Backbone) -> EvalOutcome:
-        """Sample every prompt set and compute all metrics."""
+        """Sample every prompt set (batched across sets, :meth:`sample_sets`) and compute all metrics."""
         outcome = EvalOutcome(metrics={})
         hits: dict[str, list[torch.Tensor]] = {role: [] for role in ROLE_METRICS}
         broken: list[torch.Tensor] = []
+        samples = self.sample_sets(backbone)
         for spec in self.config.prompt_sets:
-            images, prompts = self.sample_set(backbone, spec.name)
+            images, prompts = samples[spec.name]
             if spec.concept is not None:
                 detected = self.detector.detects(images, spec.concept)
                 outcome.metrics[f"rate/{spec.name}"] = float(detected.float().mean())
