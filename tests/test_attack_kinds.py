@@ -294,3 +294,22 @@ def test_every_kind_from_one_config_through_the_cli(tmp_path, run_cli, tiny_sdxl
     # the model folder is untouched
     again = load_backbone(tiny_sdxl_dir)
     assert all(torch.equal(a, b) for a, b in zip(again.unet.state_dict().values(), backbone.unet.state_dict().values()))
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_demo_all_attacks_adds_the_kinds_and_prompt_attacks(tmp_path, quick):
+    from metaunlearn.experiment.demo import build_demo
+
+    plain = build_demo(quick=quick, run_dir=tmp_path / "plain")
+    wide = build_demo(quick=quick, all_attacks=True)
+    assert wide.run.path.name.endswith("-all-attacks") and plain.config.attack.prompt_attacks == {}
+    suite = wide.config.attack
+    modes = {s.kind for s in suite.specs("hrm-m")}
+    expected = {"dreambooth", "ti", "xattn-sgd"} | (set() if quick else {"related-first", "lora"})
+    assert expected <= modes and "full" in modes
+    assert set(suite.prompt_attacks) == {"soft-prompt", "ring-a-bell", "hard-prompt"}
+    assert [s.lr for s in suite.specs("hrm-m") if s.kind == "xattn-sgd"] == pytest.approx([1e-2])
+    # the plain demo's own runs are unchanged by the flag
+    before = {(s.kind, s.lr, tuple(s.snapshot_steps)) for s in plain.config.attack.specs("hrm-m")}
+    assert before <= {(s.kind, s.lr, tuple(s.snapshot_steps)) for s in suite.specs("hrm-m")}
+    assert set(wide.config.attack_data) == set(plain.config.attack_data)

@@ -17,13 +17,14 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo...)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        all_attacks: bool = typer.Option(False, "--all-attacks", help="Add DreamBooth, textual inversion, cross-attention SGD, related-first sequential finetuning and three prompt attacks (soft prompt, Ring-A-Bell concept vector, hard-prompt search) beside the finetuning attacks; own run dir."),
         jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Unlearn/attack stages run in this many processes at once (0: one per CPU core; with --quick: 1, its time is one meta stage that then gets every core)."),
     ) -> None:
         """ESD, SDD, UCE and RECE, plain and meta, on the toy world: unlearn, attack, evaluate, report."""
         from metaunlearn.experiment.demo import build_demo
         from metaunlearn.runs import print_plan
 
-        experiment = build_demo(quick=quick, seeds=seeds, run_dir=run_dir)
+        experiment = build_demo(quick=quick, seeds=seeds, run_dir=run_dir, all_attacks=all_attacks)
         if dry_run:
             print_plan(experiment.plan(), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return

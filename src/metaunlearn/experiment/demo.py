@@ -20,11 +20,35 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("metaunlearn") / "configs" / "toy_demo.yaml"))
 
 
-def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None, console: Console | None = None) -> Experiment:
+def attack_suite_path() -> Path:
+    """The wider attack suite ``--all-attacks`` adds (``configs/toy_attack_suite.yaml``)."""
+    return Path(str(resources.files("metaunlearn") / "configs" / "toy_attack_suite.yaml"))
+
+
+def with_attack_suite(attack, primary: str, quick: bool):
+    """The demo's attack section plus the kinds and prompt attacks of :func:`attack_suite_path` (validated).
+
+    The kinds run on the primary set; ``quick`` leaves out sequential kinds (their first set is not generated)."""
+    from metaunlearn.attacks.config import AttackSuiteConfig
+    from metaunlearn.config import read_yaml, validate
+
+    extra = read_yaml(attack_suite_path())
+    kinds = {k: v for k, v in extra.get("kinds", {}).items() if not (quick and v.get("before"))}
+    raw = attack.model_dump(mode="json")
+    own = raw["sets"][primary]
+    own["modes"] = [*(own.get("modes") or raw["modes"]), *[k for k in extra.get("primary_kinds", []) if k in kinds]]
+    raw.update(kinds=kinds, reference_lr=extra.get("reference_lr"), prompt_attacks=extra.get("prompt_attacks", {}),
+               prompt_attack_set=extra.get("prompt_attack_set"))
+    return validate(AttackSuiteConfig, raw, str(attack_suite_path()))
+
+
+def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None, console: Console | None = None,
+               all_attacks: bool = False) -> Experiment:
     """The demo experiment: the full grid, or ``quick`` (UCE plain and meta, the primary attack to 25 steps).
 
     ``seeds`` > 1 replicates the whole grid (unlearning and attacks) under seeds 0..N-1; the report then gives
-    mean ± std over them.
+    mean ± std over them. ``all_attacks`` adds the wider attack suite (DreamBooth, textual inversion, cross-attention
+    SGD, related-first sequential finetuning, and three prompt attacks; :func:`with_attack_suite`) in its own run dir.
     """
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
@@ -39,6 +63,9 @@ def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None,
         sets = {primary: attack.sets[primary].model_copy(update={"modes": ["full"], "lrs": None, "lora_lrs": None, "snapshot_steps": None})}
         attack = attack.model_copy(update={"sets": sets, "snapshot_steps": QUICK_SNAPSHOTS})
         default_dir = default_dir.with_name(default_dir.name + "-quick")
+    if all_attacks:
+        attack = with_attack_suite(attack, config.report.primary_set or "hrm-m", quick)
+        default_dir = default_dir.with_name(default_dir.name + "-all-attacks")
     if seeds > 1:
         default_dir = default_dir.with_name(f"{default_dir.name}-{seeds}seeds")
     attack_data = {k: v for k, v in config.attack_data.items() if k in attack.sets}
