@@ -60,6 +60,8 @@ def test_report_has_curve_tables_with_quality_at_the_worst_run(tmp_path):
 
 
 def test_none_rate_counts_blank_benign_samples():
+    import torch
+
     from metaunlearn.metrics.config import EvalConfig
     from metaunlearn.metrics.evaluate import Evaluator
     from metaunlearn.toyworld.world import render_class, to_tensor
@@ -72,8 +74,8 @@ def test_none_rate_counts_blank_benign_samples():
 
     class Painter:  # a "model" drawing blanks for every prompt but the forget one
         def sample(self, prompts, **kwargs):
-            name = "red_triangle" if "triangle" in prompts[0] else "none"
-            return to_tensor(render_class(name, len(prompts), seed=1))
+            return torch.cat([to_tensor(render_class("red_triangle" if "triangle" in p else "none", 1, seed=i))
+                              for i, p in enumerate(prompts)])
 
     metrics = evaluator.evaluate(Painter()).metrics
     assert metrics["none_rate"] == 1.0 and metrics["irrelevant_acc"] == 0.0 and metrics["forget_rate"] == 1.0
