@@ -15,9 +15,21 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: config's run_dir or runs/<config name>)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, models, data, outputs) and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Unlearn/attack stages run in this many processes at once."),
+        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Unlearn/attack stages run at once (worker processes; with a local --ray, Ray tasks)."),
+        ray: bool = typer.Option(
+            False, "--ray", help="Run the unlearn/attack stages as Ray tasks: on a new local Ray instance, or on the "
+                                 "cluster of $RAY_ADDRESS or --ray-address (needs pip install 'metaunlearn\\[ray]').",
+        ),
+        ray_address: Optional[str] = typer.Option(
+            None, "--ray-address", metavar="ADDRESS", help="Ray cluster to use (auto, HOST:6379, ray://HOST:10001); implies --ray.",
+        ),
+        cpus: int = typer.Option(1, "--cpus-per-stage", min=1, help="CPU cores a Ray task asks for (its torch threads)."),
+        gpus: Optional[float] = typer.Option(None, "--gpus-per-stage", min=0, help="GPUs a Ray task asks for (default: 1 if the cluster has GPUs, else 0)."),
     ) -> None:
         """Run a whole experiment; stages finished with unchanged settings are skipped."""
         from metaunlearn.experiment.runner import run_experiment
+        from metaunlearn.experiment.schedule import StageResources
 
-        run_experiment(config, run_dir=run_dir, dry_run=dry_run, progress=not quiet, jobs=jobs)
+        target = ray_address or ("local" if ray else None)
+        run_experiment(config, run_dir=run_dir, dry_run=dry_run, progress=not quiet, jobs=jobs, ray=target,
+                       resources=StageResources(cpus, gpus))

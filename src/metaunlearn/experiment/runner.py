@@ -15,6 +15,7 @@ Layout of ``RUN_DIR``::
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from rich.console import Console
 from metaunlearn.config import read_yaml, validate
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.config import ExperimentConfig, GridMethod
+from metaunlearn.experiment.schedule import StageResources
 from metaunlearn.runs import PlannedStage, RunDir, print_plan
 
 STAGES = ("data", "unlearn", "attack", "report")
@@ -176,16 +178,21 @@ class Experiment:
         return stages
 
     # ---- stages ----------------------------------------------------------------------------------------------
-    def run_all(self, *, progress: bool = True, jobs: int = 1) -> Path | None:
+    def run_all(self, *, progress: bool = True, jobs: int = 1, ray: str | None = None,
+                resources: StageResources | None = None) -> Path | None:
         """Every stage, skipping finished ones; the report comes last.
 
-        ``jobs`` = 1 runs the grid seed by seed (a report after each seed, so a partial run is still a table).
-        ``jobs`` > 1 runs the unlearn and attack stages of every seed in that many worker processes, each with
-        ``cpu_count // jobs`` torch threads, a stage starting as soon as the model it needs exists (see
-        :meth:`tasks`); small models train faster this way than with every thread in one process.
+        Data and attack sets are made here; the unlearn and attack stages of every seed (:meth:`tasks`) go to the
+        scheduler (:mod:`metaunlearn.experiment.schedule`), each starting as soon as the model it needs exists:
+        ``jobs`` = 1 runs them in this process, one after another; ``jobs`` > 1 in that many worker processes,
+        each with ``cpu_count // jobs`` torch threads (small models train faster this way than with every thread
+        in one process); ``ray`` = ``"local"`` (a new local Ray instance, ``jobs`` stages at once; the cluster of
+        ``$RAY_ADDRESS`` if set) or a cluster address runs them as Ray tasks requesting ``resources``. A report is written whenever every stage of a
+        grid seed has finished (so a partial run is still a table), the final one last.
         """
         from metaunlearn.backbones.loading import load_backbone
         from metaunlearn.experiment.report import build_report
+        from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
 
         self.run.write_config(self.config)
         began = time.time()
@@ -202,16 +209,26 @@ class Experiment:
         for name, folder in self.attack_folders().items():
             spec = self.config.attack_data[name]
             self._stage(f"attack-data-{name}", spec, lambda s=spec, f=folder: self._make_attack_set(base(), s, f, progress))
+        base_backbone = None  # workers load their own models
         seeds = list(self._by_seed())
-        if jobs > 1:
-            self._run_parallel([t for seed in seeds for t in self.tasks(seed)], jobs, progress)
-        else:
-            for seed in seeds:
-                for task in self.tasks(seed):
-                    self.run_task(task, progress)
-                if self.config.attack is not None and seed != seeds[-1]:  # the last one is the final report
-                    files = build_report(self.run.path, self.run.path, self.config.report)
-                    self.console.print(f"report after seed {seed}: {files.html}")
+        tasks = [t for seed in seeds for t in self.tasks(seed)]
+        resources = resources or StageResources()
+
+        def backend():
+            if ray is not None:
+                local = ray == "local" and not os.environ.get("RAY_ADDRESS")
+                return RayBackend(self, None if local else ray, resources, num_cpus=jobs * resources.cpus if local else None)
+            return ProcessPool(self, jobs) if jobs > 1 else InProcess(self, progress)
+        left = {seed: {t.stage for t in self.tasks(seed)} for seed in seeds}
+
+        def seed_report(task: Task) -> None:
+            left[task.model.seed].discard(task.stage)
+            seed = task.model.seed
+            if not left[seed] and self.config.attack is not None and seed != seeds[-1]:
+                files = build_report(self.run.path, self.run.path, self.config.report)
+                self.console.print(f"report after seed {seed}: {files.html}")
+
+        run_graph(self, tasks, backend, progress=progress, on_done=seed_report)
         if self.config.attack is None:
             return None
         files = build_report(self.run.path, self.run.path, self.config.report)
@@ -232,6 +249,10 @@ class Experiment:
                 out.append(Task(f"attack-{m.key}", "attack", m, () if m.entry is None else (f"unlearn-{m.key}",)))
         return out
 
+    def is_done(self, task: Task) -> bool:
+        """The task's stage finished with its current settings (its marker says so)."""
+        return self.run.is_done(task.stage, self._task_work(task, False)[0])
+
     def run_task(self, task: Task, progress: bool = True) -> None:
         """One unlearn or attack stage (skipped when done with the same settings)."""
         settings, work = self._task_work(task, progress)
@@ -249,48 +270,6 @@ class Experiment:
         settings = {"suite": suite.model_dump(mode="json"),
                     "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
         return settings, lambda: self._attack(m, suite, progress)
-
-    def _run_parallel(self, tasks: list[Task], jobs: int, progress: bool) -> None:
-        import multiprocessing
-        import os
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-        from metaunlearn.runs import progress_bar
-
-        done = {t.stage for t in tasks if self.run.is_done(t.stage, self._task_work(t, False)[0])}
-        pending = [t for t in tasks if t.stage not in done]
-        known = {t.stage for t in tasks}
-        missing = {a for t in pending for a in t.after if a not in known}
-        if missing:
-            raise UserError(f"stages {sorted(missing)} are needed but not part of this run")
-        if not pending:
-            self.console.print("[dim]skip every unlearn and attack stage (done)[/]")
-            return
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        self.console.print(f"{len(pending)} stages in {jobs} processes ({threads} torch thread(s) each); "
-                           f"{len(done)} already done")
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context) as pool, \
-                progress_bar("stage", enabled=progress, console=self.console) as bar:
-            overall = bar.add_task("stages", total=len(pending), info="")
-            running: dict = {}
-            try:
-                while pending or running:
-                    for task in [t for t in pending if all(a in done for a in t.after)][: jobs - len(running)]:
-                        pending.remove(task)
-                        args = (self.config, self.base, self.run.path, task, threads)
-                        running[pool.submit(_task_worker, args)] = (task, time.time())
-                    bar.update(overall, info=", ".join(t.stage for t, _ in running.values()))
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        task, started = running.pop(future)
-                        future.result()  # a worker's error (e.g. a UserError) ends the run here
-                        done.add(task.stage)
-                        self.console.print(f"[bold cyan]done[/] {task.stage} ({time.time() - started:.0f} s)")
-                        bar.update(overall, advance=1)
-            except BaseException:  # stages already running finish; queued ones are dropped
-                pool.shutdown(cancel_futures=True)
-                raise
 
     def _by_seed(self) -> dict[int, list[GridModel]]:
         out: dict[int, list[GridModel]] = {}
@@ -368,22 +347,9 @@ class Experiment:
                                sets.get(suite.concept_set), progress=progress)
 
 
-def _task_worker(args) -> str:
-    """One unlearn or attack stage in a worker process (see :meth:`Experiment.run_all`); quiet but for errors."""
-    import torch
-
-    from metaunlearn.runs import quiet_libraries
-
-    config, base, run_dir, task, threads = args
-    torch.set_num_threads(threads)
-    quiet_libraries()
-    experiment = Experiment(config, base, run_dir, Console(stderr=True, quiet=True))
-    experiment.run_task(task, progress=False)
-    return task.stage
-
-
 def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,
-                   progress: bool = True, console: Console | None = None, jobs: int = 1) -> Path | None:
+                   progress: bool = True, console: Console | None = None, jobs: int = 1, ray: str | None = None,
+                   resources: StageResources | None = None) -> Path | None:
     """``metaunlearn run CONFIG``: every stage the config names, skipping finished ones."""
     config, _, base = load_experiment(path)
     chosen = run_dir or (config.run_dir and _resolve(config.run_dir, base)) or Path("runs") / Path(path).stem
@@ -391,4 +357,4 @@ def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_r
     if dry_run:
         print_plan(experiment.plan(), experiment.console, title=f"plan for {path} -> {experiment.run.path}")
         return None
-    return experiment.run_all(progress=progress, jobs=jobs)
+    return experiment.run_all(progress=progress, jobs=jobs, ray=ray, resources=resources)
