@@ -14,7 +14,6 @@ import functools
 import importlib
 import os
 import sys
-import click
 import typer
 
 from metaunlearn import __version__
@@ -63,12 +62,10 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
-try:  # typer >= 0.2x raises the usage errors of its own vendored click copy, not click's
-    from typer._click.exceptions import ClickException as _TyperClickException
-
-    _CLICK_ERRORS: tuple[type[Exception], ...] = (click.ClickException, _TyperClickException)
-except ImportError:
-    _CLICK_ERRORS = (click.ClickException,)
+try:  # typer >= 0.2x raises the usage errors of its own vendored click copy, and needs no click package
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # older typer is built on click
+    from click import ClickException as _ClickException
 
 
 def _quiet_first(callback):
@@ -108,12 +105,12 @@ def main() -> None:
     except UserError as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(2)
-    except (click.exceptions.Exit, typer.Exit) as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except _CLICK_ERRORS as exc:
+    except _ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         code = 130
     if code == 130:  # typer turns Ctrl-C into this exit code
         err.print("interrupted")

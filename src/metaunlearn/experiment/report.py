@@ -38,7 +38,6 @@ from pydantic import Field
 
 from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
-from metaunlearn.experiment.figures import report_figures
 from metaunlearn.experiment.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
 from metaunlearn.runs import atomic_write_text
@@ -291,6 +290,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report."""
     from metaunlearn.attacks.curves import run_curves
     from metaunlearn.attacks.sweep import KEY_FIELDS, aggregate, read_rows, worst_case
+    from metaunlearn.experiment.figures import report_figures
     from metaunlearn.attacks.prompts import read_prompt_rows
     from metaunlearn.experiment.curve_tables import auc_table, prompt_attack_table
     from metaunlearn.experiment.curve_tables import worst_table as worst_runs_table_of
