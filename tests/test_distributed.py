@@ -232,3 +232,42 @@ def test_split_attack_batches_train_the_same_attack(mode):
     split = run_attack(backbone, data, spec, weights, progress=False, shard=Shard(0, 1, 2))
     assert split.losses == pytest.approx(whole.losses, rel=1e-10)
     assert float((after[0] - after[1]).abs().max()) <= 1e-10
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_two_process_attack_equals_one_process(tiny_sd_dir, tmp_path, run_cli):
+    """``torchrun --nproc_per_node 2 -m metaunlearn attack MODEL CONFIG`` trains each attack on both processes (batches
+    of 3 split 2 + 1) to the losses of the one-process command; the main process alone writes the results."""
+    from metaunlearn.data.imagefolder import write_imagefolder
+
+    write_imagefolder(tmp_path / "hrm", torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                      ["naked body", "a nude person"] * 2)
+    config = tmp_path / "attack.yaml"
+    config.write_text(yaml.safe_dump({"attack": {
+        "sets": {"hrm": {"data": "hrm"}}, "modes": ["full"], "lrs": [1e-3], "snapshot_steps": [0, 3],
+        "batch_size": 3, "grid_images": 0}}))
+    one = run_cli("attack", tiny_sd_dir, config, "--run-dir", tmp_path / "one", "--name", "m", "-q", "--device", "cpu")
+    assert one.exit_code == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "metaunlearn", "attack", str(tiny_sd_dir),
+         str(config), "--run-dir", str(tmp_path / "two"), "--name", "m", "-q", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun did not finish within 240 s")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("results:") == 1  # one process reports
+    files = sorted((tmp_path / "one" / "attacks" / "m" / "hrm").glob("*.jsonl"))
+    assert [f.name for f in files] == [f.name for f in sorted((tmp_path / "two" / "attacks" / "m" / "hrm").glob("*.jsonl"))]
+    for f in files:
+        a = [json.loads(line) for line in f.read_text().splitlines()]
+        b = [json.loads(line) for line in (tmp_path / "two" / "attacks" / "m" / "hrm" / f.name).read_text().splitlines()]
+        assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 3]
+        assert a[0]["attack_loss"] != a[1]["attack_loss"]  # it trained
+        for x, y in zip(a, b):
+            assert y["attack_loss"] == pytest.approx(x["attack_loss"], rel=1e-5)
