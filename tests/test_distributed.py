@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -14,6 +15,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from metaunlearn.errors import UserError
 
 SCRIPT = r'''
 import hashlib, json, sys
@@ -271,3 +274,21 @@ def test_two_process_attack_equals_one_process(tiny_sd_dir, tmp_path, run_cli):
         assert a[0]["attack_loss"] != a[1]["attack_loss"]  # it trained
         for x, y in zip(a, b):
             assert y["attack_loss"] == pytest.approx(x["attack_loss"], rel=1e-5)
+
+
+def test_launcher_bf16_and_accumulation_are_used_and_recorded(tiny_sd_dir, tmp_path, monkeypatch):
+    """``accelerate launch --mixed_precision bf16 --gradient_accumulation_steps 2`` (their environment variables) set
+    a config that leaves both unset; the model's config.json records the settings in force."""
+    from metaunlearn.unlearn import UnlearnConfig, run_unlearn
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    cfg = {**_unlearn_config(tiny_sd_dir, tmp_path, tmp_path / "out", 1), "method": {"name": "uce"},
+           "meta": {"batch_size": 3, "attacks": [{"steps": 1, "batch_size": 3, "lr": 1e-3}]}}
+    result = run_unlearn(UnlearnConfig.model_validate(cfg), progress=False)
+    resolved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert resolved["mixed_precision"] == "bf16" and resolved["gradient_accumulation_steps"] == 2
+    assert all(math.isfinite(v) for v in result.terms.values())
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(UserError, match="bf16 or fp32, not fp16"):
+        run_unlearn(UnlearnConfig.model_validate(cfg), progress=False)

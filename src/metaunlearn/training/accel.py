@@ -9,6 +9,8 @@ process group.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
@@ -29,6 +31,8 @@ def make_accelerator(
     group of a distributed launch is kept.
     """
     cpu = cpu or not torch.cuda.is_available()
+    if mixed_precision is None:  # resolved here, so a process-wide state left by another setting is replaced
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
         raise UserError(f"unknown mixed precision {mixed_precision!r} (choose {', '.join(MIXED_PRECISION)})")
     if gradient_accumulation_steps is None:
