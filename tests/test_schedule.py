@@ -155,3 +155,10 @@ def test_ray_backend_gives_the_local_backends_results(tiny_sd_dir, tmp_path, run
     again = run_cli("run", config, "-q", "--ray", "--jobs", "2", "-o", run)
     assert again.exit_code == 0, again.stderr
     assert "skip attack-uce-meta (done)" in again.stdout and "start" not in again.stdout
+
+
+def test_run_under_a_launcher_is_refused(tiny_sd_dir, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_cli("run", _grid(tiny_sd_dir, tmp_path), "-q", "-o", tmp_path / "run")
+    assert result.exit_code == 2 and "start it as one process" in result.stderr
+    assert not (tmp_path / "run" / "stages").exists()

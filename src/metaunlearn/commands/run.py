@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: config's run_dir or runs/<config name>)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, models, data, outputs) and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Unlearn/attack stages run at once (worker processes; with a local --ray, Ray tasks)."),
+        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Unlearn/attack stages run at once (worker processes; with a local --ray: its CPUs, default every core)."),
         ray: bool = typer.Option(
             False, "--ray", help="Run the unlearn/attack stages as Ray tasks: on a new local Ray instance, or on the "
                                  "cluster of $RAY_ADDRESS or --ray-address (needs pip install 'metaunlearn\\[ray]').",

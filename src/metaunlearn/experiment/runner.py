@@ -186,8 +186,8 @@ class Experiment:
         scheduler (:mod:`metaunlearn.experiment.schedule`), each starting as soon as the model it needs exists:
         ``jobs`` = 1 runs them in this process, one after another; ``jobs`` > 1 in that many worker processes,
         each with ``cpu_count // jobs`` torch threads (small models train faster this way than with every thread
-        in one process); ``ray`` = ``"local"`` (a new local Ray instance, ``jobs`` stages at once; the cluster of
-        ``$RAY_ADDRESS`` if set) or a cluster address runs them as Ray tasks requesting ``resources``. A report is written whenever every stage of a
+        in one process); ``ray`` = ``"local"`` (a new local Ray instance with every core, or ``jobs`` stages at
+        once if ``jobs`` > 1; the cluster of ``$RAY_ADDRESS`` if set) or a cluster address runs them as Ray tasks requesting ``resources``. A report is written whenever every stage of a
         grid seed has finished (so a partial run is still a table), the final one last.
         """
         from metaunlearn.backbones.loading import load_backbone
@@ -217,7 +217,8 @@ class Experiment:
         def backend():
             if ray is not None:
                 local = ray == "local" and not os.environ.get("RAY_ADDRESS")
-                return RayBackend(self, None if local else ray, resources, num_cpus=jobs * resources.cpus if local else None)
+                cpus = jobs * resources.cpus if local and jobs > 1 else None  # None: every core of this machine
+                return RayBackend(self, None if local else ray, resources, num_cpus=cpus)
             return ProcessPool(self, jobs) if jobs > 1 else InProcess(self, progress)
         left = {seed: {t.stage for t in self.tasks(seed)} for seed in seeds}
 
@@ -357,4 +358,7 @@ def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_r
     if dry_run:
         print_plan(experiment.plan(), experiment.console, title=f"plan for {path} -> {experiment.run.path}")
         return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("run schedules whole stages itself: start it as one process (--jobs N or --ray for stages at "
+                        "once); torchrun / accelerate launch are for one unlearn or attack stage")
     return experiment.run_all(progress=progress, jobs=jobs, ray=ray, resources=resources)
