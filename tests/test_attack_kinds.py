@@ -308,7 +308,7 @@ def test_demo_all_attacks_adds_the_kinds_and_prompt_attacks(tmp_path, quick):
     expected = {"dreambooth", "ti", "xattn-sgd"} | (set() if quick else {"related-first", "lora"})
     assert expected <= modes and "full" in modes
     assert set(suite.prompt_attacks) == {"soft-prompt", "ring-a-bell", "hard-prompt"}
-    assert [s.lr for s in suite.specs("hrm-m") if s.kind == "xattn-sgd"] == pytest.approx([1e-2])
+    assert [s.lr for s in suite.specs("hrm-m") if s.kind == "xattn-sgd"] == pytest.approx([0.1])
     # the plain demo's own runs are unchanged by the flag
     before = {(s.kind, s.lr, tuple(s.snapshot_steps)) for s in plain.config.attack.specs("hrm-m")}
     assert before <= {(s.kind, s.lr, tuple(s.snapshot_steps)) for s in suite.specs("hrm-m")}
