@@ -59,14 +59,13 @@ def main() -> None:
     prompts = ["red triangle", "a picture of a red triangle"] * 8  # the demo's HRM-m attack set
     images = backbone.sample(prompts, steps=10, guidance=4.0, seed=102)
     data = CachedSet(backbone.encode_images(images), backbone.encode_prompts(prompts), prompts)
-    evaluator = Evaluator(EvalConfig.model_validate(cfg["eval"]), base_dir=demo_config_path().parent)
+    def evaluator_for(share: bool) -> Evaluator:
+        raw = {**cfg["eval"], "sampler": {**cfg["eval"]["sampler"], "share_batches": share}}
+        return Evaluator(EvalConfig.model_validate(raw), base_dir=demo_config_path().parent)
+
+    evaluator, per_set = evaluator_for(True), evaluator_for(False)
     evaluator.evaluate(backbone)  # warm-up (reference features, first calls)
-
-    class PerSet(Evaluator):
-        def sample_sets(self, bb):
-            return {n: self.sample_set(bb, n) for n in self.prompt_sets}
-
-    per_set = PerSet(evaluator.config, evaluator.base_dir, evaluator.detector)
+    per_set.evaluate(backbone)
     samples = sum(len(v) for v in evaluator.prompt_sets.values()) * evaluator.config.samples_per_prompt
     print(f"toy model, evaluation of {samples} samples × {evaluator.config.sampler.steps} DDIM steps; "
           f"attack batch 8, full finetuning, AdamW")

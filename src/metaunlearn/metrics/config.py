@@ -93,6 +93,10 @@ class SamplerConfig(StrictModel):
     use_prompt_seeds: bool = Field(
         True, description="use a prompt file's evaluation_seed / evaluation_guidance columns when present (I2P)"
     )
+    share_batches: bool = Field(
+        True, description="sample every prompt set in shared batches of batch_size (same images, fuller batches "
+                          "on a GPU); false: one call per set (on the toy model on CPU this was 10% cheaper)"
+    )
 
 
 class QualityConfig(StrictModel):

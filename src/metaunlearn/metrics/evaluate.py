@@ -234,7 +234,7 @@ class Evaluator:
         cfg, sampler = self.config, self.config.sampler
         k = cfg.samples_per_prompt
         names = [s.name for s in cfg.prompt_sets]
-        shared = [n for n in names if not self._per_prompt(n)]
+        shared = [n for n in names if not self._per_prompt(n)] if sampler.share_batches else []
         out: dict[str, tuple[torch.Tensor, list[str]]] = {}
         if shared:
             prompts_of = {n: [i.prompt for i in self.prompt_sets[n] for _ in range(k)] for n in shared}
