@@ -131,6 +131,14 @@ def test_every_prompt_attack_from_the_cli_on_tiny_sdxl(tmp_path, run_cli, tiny_s
                for r in rows)
     after = _weights(backbone)
     assert all(torch.equal(after[k], before[k]) for k in before)
+    # a rerun reuses every result; a changed setting reruns only that attack
+    stamps = {f: (run_dir / "prompt_attacks" / "x-plain" / f).stat().st_mtime_ns for f in files}
+    config["attack"]["prompt_attacks"]["ring"]["strength"] = 3.0
+    (tmp_path / "attack.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli("attack", tiny_sdxl_dir, tmp_path / "attack.yaml", "--run-dir", run_dir, "--quiet",
+                   "--name", "x-plain").exit_code == 0
+    changed = {f for f in files if (run_dir / "prompt_attacks" / "x-plain" / f).stat().st_mtime_ns != stamps[f]}
+    assert changed == {"ring_s0.jsonl", "ring_s1.jsonl"}
     md = build_report(run_dir).markdown.read_text()
     assert "Prompt attacks (no weight change) beside finetuning attacks" in md
     assert "hard forget / ASR (%)" in md

@@ -8,7 +8,7 @@ prompts. The model is left exactly as it was: soft prompts live in :class:`~meta
 (removed afterwards), the concept vector only in a conditioning edit active while sampling.
 
 Results: ``RUN_DIR/prompt_attacks/<model>/<name>_s<seed>.jsonl``, one row
-``{model, method, variant, attack, kind, seed, prompt, seconds, forget_rate, asr, rate/<set>…}``.
+``{model, method, variant, attack, kind, seed, prompt, seconds, settings, forget_rate, asr, rate/<set>…}``.
 """
 
 from __future__ import annotations
@@ -200,7 +200,8 @@ def prompt_attack_file(run_dir: str | Path, model: str, name: str, seed: int) ->
 def run_prompt_attacks(backbone: Backbone, attacks: Mapping[str, PromptAttackSpec], seeds: list[int], evaluator,
                        run_dir: str | Path, model, concept: CachedSet | None = None, *, resume: bool = True,
                        progress: bool = False) -> list[dict]:
-    """Every prompt attack under every seed; one result row each, written atomically (a written file is skipped)."""
+    """Every prompt attack under every seed; one result row each, written atomically. A written file is reused only
+    when its recorded settings equal the attack's (a changed setting reruns the attack)."""
     from metaunlearn.attacks.sweep import check_name, write_jsonl
 
     rows = []
@@ -208,13 +209,16 @@ def run_prompt_attacks(backbone: Backbone, attacks: Mapping[str, PromptAttackSpe
         check_name(name, "prompt attack name")
         for seed in seeds:
             path = prompt_attack_file(run_dir, model.name, name, seed)
+            settings = spec.model_dump(mode="json")
             if resume and path.is_file():
-                rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                continue
+                done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                if done and all(r.get("settings") == settings for r in done):
+                    rows += done
+                    continue
             result = run_prompt_attack(backbone, name, spec, evaluator, seed=seed, concept=concept, progress=progress)
             row = {"model": model.name, "method": model.method, "variant": model.variant, "attack": name,
                    "kind": spec.kind, "seed": seed, "prompt": result.prompt, "seconds": round(result.seconds, 2),
-                   **result.metrics}
+                   "settings": settings, **result.metrics}
             write_jsonl([row], path)
             rows.append(row)
     return rows
