@@ -60,51 +60,44 @@ def clip_adjoint_(u: Tensors, grads: Sequence[torch.Tensor], max_norm: float | N
 class AdamWAdjoint:
     """Reverse of :class:`~metaunlearn.meta.inner_optim.InnerOptimizer`'s AdamW (see the module docstring).
 
-    ``exp_avg`` / ``exp_avg_sq`` are the optimizer's buffers; before each :meth:`step_back` they must hold
-    m_{k-1}, v_{k-1} (they are left at m_k, v_k).
+    Holds the adjoints of m and v (two parameter copies). Each :meth:`step_back` works one parameter tensor at a
+    time, so its temporaries are the size of the largest tensor, not of the model.
     """
 
-    def __init__(self, config: AttackConfig, exp_avg: Tensors, exp_avg_sq: Tensors, steps: int) -> None:
+    def __init__(self, config: AttackConfig, params: Tensors, steps: int) -> None:
         self.config = config
-        self.m, self.v = exp_avg, exp_avg_sq
         self.k = steps
-        self.adj_m = [torch.zeros_like(t) for t in self.m]
-        self.adj_v = [torch.zeros_like(t) for t in self.v]
+        self.adj_m = [torch.zeros_like(p) for p in params]
+        self.adj_v = [torch.zeros_like(p) for p in params]
 
-    def step_back(self, adj_x: Tensors, clipped: Tensors) -> Tensors:
-        """Reverse step k (counting down): update ``adj_x`` in place to x_{k-1}'s adjoint (excluding the Hessian
-        term) and return the adjoint of ĝ_k (``clipped``), a new list the caller may modify."""
+    @torch.no_grad()
+    def step_back(self, adj_x: Tensors, clipped: Tensors, exp_avg: Tensors, exp_avg_sq: Tensors) -> Tensors:
+        """Reverse step k (counting down). ``exp_avg``/``exp_avg_sq`` hold m_{k-1}, v_{k-1} (left at m_k, v_k);
+        ``adj_x`` becomes x_{k-1}'s adjoint (excluding the Hessian term); ``clipped`` (ĝ_k) is overwritten with
+        its own adjoint ū, which is returned."""
         cfg, k = self.config, self.k
         b1, b2 = cfg.betas
-        torch._foreach_lerp_(self.m, clipped, 1 - b1)  # m_k, v_k as the forward step computed them
-        torch._foreach_mul_(self.v, b2)
-        torch._foreach_addcmul_(self.v, clipped, clipped, 1 - b2)
         c1 = cfg.lr / (1 - b1**k)
         c2 = math.sqrt(1 - b2**k)
-        tiny = torch.finfo(self.v[0].dtype).tiny
-        # s = √(v + tiny) (finite derivative where v = 0, as in the full unroll), D = s / c2 + eps
-        s = torch._foreach_add(self.v, tiny)
-        torch._foreach_sqrt_(s)
-        denom = torch._foreach_div(s, c2)
-        torch._foreach_add_(denom, cfg.eps)
-        # ā_m += ā_x · (−c1 / D)
-        torch._foreach_addcdiv_(self.adj_m, adj_x, denom, value=-c1)
-        # ā_v += ā_x · c1 m / (D² · c2 · 2 s)
-        torch._foreach_mul_(denom, denom)
-        torch._foreach_mul_(denom, s)
-        del s
-        t = torch._foreach_mul(adj_x, self.m)
-        torch._foreach_addcdiv_(self.adj_v, t, denom, value=c1 / (2 * c2))
-        del t, denom
-        # ā_ĝ = (1−β1) ā_m + 2 (1−β2) ĝ ā_v
-        u = torch._foreach_mul(self.adj_m, 1 - b1)
-        torch._foreach_addcmul_(u, clipped, self.adj_v, value=2 * (1 - b2))
-        torch._foreach_mul_(self.adj_m, b1)
-        torch._foreach_mul_(self.adj_v, b2)
-        if cfg.weight_decay:
-            torch._foreach_mul_(adj_x, 1 - cfg.lr * cfg.weight_decay)
+        decay = 1 - cfg.lr * cfg.weight_decay
+        for ax, g, m, v, am, av in zip(adj_x, clipped, exp_avg, exp_avg_sq, self.adj_m, self.adj_v):
+            m.lerp_(g, 1 - b1)  # m_k, v_k as the forward step computed them
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            # s = √(v + tiny) (a finite derivative where v = 0, as in the full unroll), D = s / c2 + eps
+            s = v.add(torch.finfo(v.dtype).tiny).sqrt_()
+            denom = s.div(c2).add_(cfg.eps)
+            am.addcdiv_(ax, denom, value=-c1)  # ā_m += ā_x · (−c1 / D)
+            denom.square_().mul_(s)
+            del s
+            av.addcdiv_(ax * m, denom, value=c1 / (2 * c2))  # ā_v += ā_x · c1 m / (D² · c2 · 2 s)
+            del denom
+            g.mul_(av).mul_(2 * (1 - b2)).add_(am, alpha=1 - b1)  # ū = (1−β1) ā_m + 2 (1−β2) ĝ ā_v
+            am.mul_(b1)
+            av.mul_(b2)
+            if cfg.weight_decay:
+                ax.mul_(decay)
         self.k -= 1
-        return u
+        return clipped
 
 
 class SGDAdjoint:
@@ -115,22 +108,24 @@ class SGDAdjoint:
         self.k = steps
         self.adj_b = [torch.zeros_like(p) for p in params] if config.momentum > 0 else None
 
-    def step_back(self, adj_x: Tensors, clipped: Tensors) -> Tensors:
+    @torch.no_grad()
+    def step_back(self, adj_x: Tensors, clipped: Tensors, *state: Tensors) -> Tensors:
         cfg = self.config
         if self.adj_b is not None:
             torch._foreach_add_(self.adj_b, adj_x, alpha=-cfg.lr)  # ā_b_k
-            u = [a.clone() for a in self.adj_b]  # ā_d_k
-            torch._foreach_mul_(self.adj_b, cfg.momentum)  # ā_b_{k-1} (unused after k = 1)
+            torch._foreach_copy_(clipped, self.adj_b)  # ā_d_k
+            torch._foreach_mul_(self.adj_b, cfg.momentum)  # ā_b_{k-1}
         else:
-            u = torch._foreach_mul(adj_x, -cfg.lr)
+            for u, ax in zip(clipped, adj_x):
+                torch.mul(ax, -cfg.lr, out=u)
         if cfg.weight_decay:
-            torch._foreach_add_(adj_x, u, alpha=cfg.weight_decay)
+            torch._foreach_add_(adj_x, clipped, alpha=cfg.weight_decay)
         self.k -= 1
-        return u
+        return clipped
 
 
 def optimizer_adjoint(config: AttackConfig, optimizer, steps: int) -> AdamWAdjoint | SGDAdjoint:
     """The adjoint of ``optimizer`` (an :class:`~metaunlearn.meta.inner_optim.InnerOptimizer` after ``steps``)."""
     if config.optimizer == "adamw":
-        return AdamWAdjoint(config, optimizer.exp_avg, optimizer.exp_avg_sq, steps)
+        return AdamWAdjoint(config, optimizer.params, steps)
     return SGDAdjoint(config, optimizer.params, steps)

@@ -35,20 +35,39 @@ class InnerOptimizer:
         self.params = list(params)
         self.config = config
         self.step_count = 0
-        if config.optimizer == "adamw":
+        self._allocate()
+
+    def _allocate(self) -> None:
+        if self.config.optimizer == "adamw":
             self.exp_avg = [torch.zeros_like(p) for p in self.params]
             self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        elif config.momentum > 0:
+        elif self.config.momentum > 0:
             self.momentum = [torch.zeros_like(p) for p in self.params]
+        self.allocated = True
+
+    def state(self) -> list[list[torch.Tensor]]:
+        """The state buffers (AdamW: m, v; SGD with momentum: the momentum buffer)."""
+        if self.config.optimizer == "adamw":
+            return [self.exp_avg, self.exp_avg_sq]
+        return [self.momentum] if self.config.momentum > 0 else []
+
+    def release(self) -> None:
+        """Free the state buffers until the next :meth:`reset` (which allocates them again)."""
+        for name in ("exp_avg", "exp_avg_sq", "momentum"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.allocated = False
 
     def reset(self, config: AttackConfig | None = None) -> None:
         """Zero the state (a fresh optimizer), optionally switching hyperparameters of the same optimizer kind."""
         if config is not None:
             self.config = config
         self.step_count = 0
-        for buffers in (getattr(self, "exp_avg", None), getattr(self, "exp_avg_sq", None), getattr(self, "momentum", None)):
-            if buffers:
-                torch._foreach_zero_(buffers)
+        if not self.allocated:
+            self._allocate()
+            return
+        for buffers in self.state():
+            torch._foreach_zero_(buffers)
 
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:

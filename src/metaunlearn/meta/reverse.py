@@ -96,25 +96,38 @@ def _loss_grads(loss: torch.Tensor, xs: list[torch.Tensor], zs: list[torch.Tenso
     return out
 
 
-def _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast):
-    """One double backward: g = ∇_x L (with graph), w = weight_fn(g), then ∇_(x,z) (g · w).
+def _accumulate(loss: torch.Tensor, xs: list[torch.Tensor], zs: list[torch.Tensor], adj_x: list[torch.Tensor]) -> None:
+    """Back-propagate ``loss``: its x-gradient is added to ``adj_x`` in place (autograd accumulates into an existing
+    ``.grad`` one tensor at a time, so no model-sized gradient is allocated), its z-gradient to ``z.grad``."""
+    for x, a in zip(xs, adj_x):
+        x.grad = a
+    try:
+        loss.backward(inputs=xs + zs)
+    finally:
+        for x in xs:
+            x.grad = None
 
-    Returns ``H_xx w``; ``H_zx w`` accumulates in ``z.grad``."""
+
+def _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast, accumulate) -> None:
+    """One double backward: g = ∇_x L (with graph), w = weight_fn(g), then ``accumulate(g · w)`` (H_xx w into ā_x,
+    H_zx w into ``z.grad``)."""
     with sdpa_kernel([SDPBackend.MATH]):
         with autocast():
             loss = inner_loss()
         grads = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True, materialize_grads=True)
+        del loss
         w = weight_fn([g.detach() for g in grads])
         dot = sum(torch.vdot(g.reshape(-1), v.reshape(-1).to(g.dtype)) for g, v in zip(grads, w))
-        del grads, loss
-        hx = _loss_grads(dot, xs, zs) if dot.requires_grad else [torch.zeros_like(x) for x in xs]
-    return hx
+        del grads
+        if dot.requires_grad:
+            accumulate(dot)
 
 
-def _hvp_finite_difference(inner_loss, xs, zs, weight_fn, autocast, eps: float, need_gradient: bool = True):
+def _hvp_finite_difference(inner_loss, xs, zs, weight_fn, autocast, accumulate, eps: float, need_gradient: bool = True):
     """Central difference: H w ≈ (∇L(x + h w) − ∇L(x − h w)) / 2h with h = eps·‖x‖/‖w‖ (a relative step ``eps``
     of the parameters); fused attention throughout. Error: O(eps²) truncation (the third derivative of L along w)
-    plus O(ulp/eps) rounding. The gradient at x itself is taken only if ``need_gradient`` (the clip's adjoint)."""
+    plus O(ulp/eps) rounding. The gradient at x itself is taken only if ``need_gradient`` (the clip's adjoint).
+    ``accumulate`` receives the two scaled losses (H_xx w into ā_x, H_zx w into ``z.grad``)."""
     if need_gradient:
         with autocast():
             loss = inner_loss()
@@ -126,29 +139,18 @@ def _hvp_finite_difference(inner_loss, xs, zs, weight_fn, autocast, eps: float, 
     del grads
     norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in w])))
     if norm == 0.0:
-        return [torch.zeros_like(x) for x in xs]
+        return
     scale = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.detach()) for x in xs])))
     h = eps * max(scale, 1.0) / norm
-    z_before = [z.grad for z in zs]
-    for z in zs:
-        z.grad = None
-    with torch.no_grad():
-        torch._foreach_add_(xs, w, alpha=h)
-    with autocast():
-        loss = inner_loss()
-    plus = _loss_grads(loss / (2 * h), xs, zs)
-    with torch.no_grad():
-        torch._foreach_add_(xs, w, alpha=-2 * h)
-    with autocast():
-        loss = inner_loss()
-    minus = _loss_grads(loss / (-2 * h), xs, zs)  # z.grad now holds the difference of the two z-gradients
-    with torch.no_grad():
-        torch._foreach_add_(xs, w, alpha=h)
-    torch._foreach_add_(plus, minus)
-    for z, before in zip(zs, z_before):
-        if before is not None:
-            z.grad = before if z.grad is None else z.grad.add_(before)
-    return plus
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            torch._foreach_add_(xs, w, alpha=sign * h)
+        with autocast():
+            loss = inner_loss()
+        accumulate(loss * (sign / (2 * h)))
+        del loss
+        with torch.no_grad():
+            torch._foreach_add_(xs, w, alpha=-sign * h)
 
 
 def reverse_meta_gradient(
@@ -187,9 +189,18 @@ def reverse_meta_gradient(
         del loss
         shard.sum_(adj_x)
         adjoint = optimizer_adjoint(config, optimizer, len(draws))
-        scratch = [torch.empty_like(x) for x in xs]
+
+        def accumulate(loss: torch.Tensor) -> None:
+            """∂loss/∂x into ā_x (summed over processes), ∂loss/∂z into ``z.grad``."""
+            if shard.distributed:
+                part = _loss_grads(loss, xs, zs)
+                shard.sum_(part)
+                torch._foreach_add_(adj_x, part)
+            else:
+                _accumulate(loss, xs, zs, adj_x)
 
         for k in range(len(draws), 0, -1):
+            scratch = [torch.empty_like(x) for x in xs]
             with torch.no_grad():  # x_{k-1} and state_{k-1}, bit-identical to the forward pass
                 torch._foreach_copy_([x.detach() for x in xs], space.saved)
                 optimizer.reset()
@@ -197,7 +208,9 @@ def reverse_meta_gradient(
                     torch._foreach_copy_(scratch, trajectory[j])
                     optimizer.step(scratch)
                 torch._foreach_copy_(scratch, trajectory[k])
-            u = adjoint.step_back(adj_x, scratch)
+            u = adjoint.step_back(adj_x, scratch, *optimizer.state())
+            del scratch
+            optimizer.release()  # not needed again before the next replay: the HVP's peak goes without it
             draw = draws[k - 1]
 
             def weight_fn(grads: list[torch.Tensor] | None, u=u) -> list[torch.Tensor]:
@@ -219,20 +232,16 @@ def reverse_meta_gradient(
                 return total
 
             if hvp == "finite_difference":
-                hx = _hvp_finite_difference(inner_loss, xs, zs, weight_fn, autocast, fd_eps,
-                                            need_gradient=config.clip_grad_norm is not None)
+                _hvp_finite_difference(inner_loss, xs, zs, weight_fn, autocast, accumulate, fd_eps,
+                                       need_gradient=config.clip_grad_norm is not None)
             else:
-                hx = _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast)
-            del u
-            shard.sum_(hx)
-            torch._foreach_add_(adj_x, hx)
-            del hx
+                _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast, accumulate)
+            del u, weight_fn
             loss = loss_at(k - 1)
             if loss is not None:
-                injected = _loss_grads(loss, xs, zs)
-                shard.sum_(injected)
-                torch._foreach_add_(adj_x, injected)
+                accumulate(loss)
             del loss
+        optimizer.reset()
         del adjoint
         for x, a in zip(xs, adj_x):
             if id(x) in outer_x and shard.rank == 0:  # ā_x is the same everywhere: the main process holds it

@@ -1,0 +1,278 @@
+"""The meta step's memory plan: predicted peak device memory, by phase, before anything is loaded.
+
+Parameter-sized buffers are counted exactly from the model's parameter shapes; activations are measured by tracing
+one forward + backward (or one double backward) of the UNet on PyTorch's ``meta`` device at the configured batch and
+latent size — no weights are loaded and nothing is computed — summing the bytes autograd saves, times a factor for
+the backward pass's own temporaries (:data:`BACKWARD_FACTOR`, calibrated against measured peaks with
+``benchmarks/meta_order.py --parts``). Fused attention is traced as what it saves (q, k, v, output, log-sum-exp);
+the double backward of second order runs on the math kernel and is traced as such.
+
+Phases (S_x: the attack's parameters x, P: the outer parameters θ, Z: outer parameters the attack does not move):
+
+* first order — attack: weights + outer optimizer state + saved x + inner state + inner gradients + activations;
+  ascent/retain: … + outer gradients + activations of a term batch.
+* second order (reverse mode) — the same attack, then per inner step a replay (inner state, ā_x and the adjoints
+  of the inner state, one scratch copy) and one Hessian-vector product (ā_x, adjoint state, w, the graph gradient g,
+  Z's gradients, double-backward activations). The inner-step gradients live in host memory with ``offload``
+  (device memory then does not grow with M), and so does the saved x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metaunlearn.meta.config import MetaConfig
+
+BACKWARD_FACTOR = {"fwd_bwd": 1.0, "double_backward": 1.0}
+"""Peak activation memory of a pass / bytes autograd saves for it (calibrated; see the module docstring)."""
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory of one meta step (bytes) and what it is made of."""
+
+    phases: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, int] = field(default_factory=dict)
+    host: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    def fits(self, device_gib: float) -> bool:
+        return self.peak <= device_gib * 2**30
+
+    def lines(self, device_gib: float | None = None) -> list[str]:
+        gib = 2**30
+        out = [f"meta step memory plan: peak {self.peak / gib:.2f} GiB ({self.phase})"
+               + (f", host {self.host / gib:.2f} GiB" if self.host else "")]
+        out.append("  " + ", ".join(f"{k} {v / gib:.2f}" for k, v in self.parts.items()) + " (GiB)")
+        out.append("  phases: " + ", ".join(f"{k} {v / gib:.2f}" for k, v in self.phases.items()) + " (GiB)")
+        out += [f"  note: {n}" for n in self.notes]
+        if device_gib is not None:
+            verdict = "fits" if self.fits(device_gib) else "does NOT fit"
+            out.append(f"  {verdict} in --device-memory {device_gib:g} GiB")
+        return out
+
+
+# ---- activations by tracing on the meta device ------------------------------------------------------------------------
+class _FusedAttention(torch.autograd.Function):
+    """What a fused (flash / memory-efficient) attention kernel saves for backward, on the meta device."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    return _FusedAttention.apply(query, key, value)
+
+
+def activation_bytes(
+    unet: torch.nn.Module,
+    latent_shape: tuple[int, ...],
+    cond_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    batch: int,
+    double_backward: bool = False,
+    checkpointing: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Predicted peak activation memory of one UNet pass at ``batch`` (see the module docstring)."""
+    from diffusers import UNet2DConditionModel
+    import torch.nn.functional as F
+
+    with torch.device("meta"):
+        net = UNet2DConditionModel.from_config(unet.config).to(dtype)
+    if checkpointing:
+        net.enable_gradient_checkpointing()
+    net.train()
+    params = [p for p in net.parameters()]
+    seen = {p.untyped_storage()._cdata for p in params}  # weights (and views of them) are not activations
+    saved = [0]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:  # each storage once, however many views of it are saved
+            seen.add(storage._cdata)
+            saved[0] += storage.nbytes()
+        return t
+
+    x = torch.empty(batch, *latent_shape, device="meta", dtype=dtype)
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    cond = {k: torch.empty(batch, *shape, device="meta", dtype=dtype if k != "time_ids" else dtype)
+            for k, shape in cond_shapes.items()}
+    kwargs = {}
+    if "text_embeds" in cond:
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+    original = F.scaled_dot_product_attention
+    if not double_backward:
+        F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(x, t, cond["encoder_hidden_states"], **kwargs).sample
+            loss = out.float().pow(2).mean()
+            if double_backward:
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
+                saved_first = saved[0]
+                dot = sum(torch.vdot(g.reshape(-1), g.detach().reshape(-1)) for g in grads)
+                del dot
+                total = saved_first
+            else:
+                total = saved[0]
+    finally:
+        F.scaled_dot_product_attention = original
+    return int(total * BACKWARD_FACTOR["double_backward" if double_backward else "fwd_bwd"])
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------------------
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _lora_bytes(unet: torch.nn.Module, rank: int, targets: list[str]) -> int:
+    total = 0
+    for name, module in unet.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.dim() >= 2:
+                total += rank * (weight.shape[0] + weight.shape[1]) * weight.element_size()
+    return total
+
+
+def plan_meta_memory(
+    backbone,
+    config: MetaConfig,
+    defence_subset: str,
+    *,
+    inner_batch: int | None = None,
+    batch: int | None = None,
+    latent_shape: tuple[int, ...],
+    cond_shapes: Mapping[str, tuple[int, ...]],
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    outer_optimizer: str = "adamw",
+    other_modules_bytes: int | None = None,
+    data_bytes: int = 0,
+    runtime_bytes: int = 0,
+) -> MemoryPlan:
+    """The plan for one meta step of ``config`` on ``backbone`` (its UNet may live on the meta device).
+
+    ``defence_subset``: the outer parameters θ (a :data:`~metaunlearn.backbones.base.TRAINABLE_SUBSETS` name).
+    ``other_modules_bytes``: text encoder(s) and VAE on the device (default: the backbone's own modules).
+    ``runtime_bytes``: a constant for the framework itself (the CUDA context, or the process on CPU).
+    """
+    plan = MemoryPlan()
+    unet = backbone.unet
+    attack = max(config.attacks, key=lambda a: a.steps or 0) if config.attacks else None
+    inner_batch = inner_batch or (attack.batch_size if attack else 1)
+    batch = batch or config.batch_size
+    weights = _bytes(unet.parameters())
+    if other_modules_bytes is None:
+        other_modules_bytes = sum(_bytes(m.parameters()) for m in (getattr(backbone, n, None) for n in
+                                  ("vae", "text_encoder", "text_encoder_2")) if m is not None)
+    outer = list(dict((id(p), p) for _, p in backbone.named_trainable(defence_subset)).values())
+    P = _bytes(outer)
+    plan.parts = {"weights": weights + other_modules_bytes + data_bytes + runtime_bytes}
+    optimizer_state = 2 * P if outer_optimizer == "adamw" else 2 * P // 4 + P // 64
+    plan.parts["outer optimizer"] = optimizer_state
+    act_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    act = dict(latent_shape=latent_shape, cond_shapes=cond_shapes, checkpointing=gradient_checkpointing, dtype=act_dtype)
+    a_term = activation_bytes(unet, batch=batch, **act)
+    base = plan.parts["weights"] + optimizer_state
+    if mixed_precision == "bf16":
+        base += weights // 2  # autocast's bf16 copies of the weights, cached for a forward with grad
+        plan.notes.append("bf16 autocast: activations traced in bf16, plus the autocast cache of bf16 weights")
+    if not config.needs_attack:
+        plan.phases["retain"] = base + P + a_term
+        return plan
+    if attack.trainable == "lora":
+        X = _lora_bytes(unet, attack.lora_rank, attack.lora_targets)
+        Z = P
+        saved = 0  # adapters start from their initial values, kept anyway
+        base += X
+    else:
+        attacked = {id(p): p for _, p in backbone.named_trainable(attack.trainable)}
+        X = _bytes(attacked.values())
+        Z = _bytes(p for p in outer if id(p) not in attacked)
+        saved = X
+    inner_state = 2 * X if attack.optimizer == "adamw" else (X if attack.momentum > 0 else 0)
+    plan.parts.update({"attack params": X, "inner state": inner_state})
+    a_inner = activation_bytes(unet, batch=inner_batch, **act)
+    offload = config.offload and config.second_order
+    if offload:
+        plan.host = saved
+        saved = 0
+    steps = attack.steps or 1
+    persistent = base + saved + inner_state
+    plan.phases["attack"] = persistent + X + a_inner
+    plan.phases["ascent/retain"] = persistent + P + a_term
+    plan.parts["activations (inner batch)"] = a_inner
+    if config.order == "first":
+        return plan
+    if config.order == "second_unrolled":
+        a2 = activation_bytes(unet, batch=inner_batch, double_backward=True, **act)
+        plan.phases["unrolled"] = persistent + steps * (a2 + 4 * X) + a_term
+        plan.notes.append("second_unrolled: every inner step's graph stays alive (grows with M)")
+        return plan
+    trajectory = steps * X
+    if offload:
+        plan.host += trajectory
+    else:
+        persistent += trajectory
+        plan.phases["attack"] += trajectory
+        plan.phases["ascent/retain"] += trajectory
+    adj_state = 2 * X if attack.optimizer == "adamw" else (X if attack.momentum > 0 else 0)
+    plan.phases["ascent at θ'"] = persistent + X + Z + a_term
+    plan.phases["reverse: replay"] = persistent + X + adj_state + X + Z
+    reverse = persistent - inner_state + X + adj_state + X + Z  # ā_x, adjoint state, w; inner state released
+    if config.order == "second_fd":
+        plan.phases["reverse: HVP"] = reverse + X + a_inner
+    else:
+        a2 = activation_bytes(unet, batch=inner_batch, double_backward=True, **act)
+        plan.phases["reverse: HVP"] = reverse + X + a2  # + the graph gradient g
+        plan.parts["double-backward activations"] = a2
+    return plan
+
+
+def plan_from_unet_config(unet_config: Mapping, *args, **kwargs) -> MemoryPlan:
+    """:func:`plan_meta_memory` for a UNet given by its ``config.json`` (built on the meta device)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+    return plan_meta_memory(_MetaBackbone(unet), *args, **kwargs)
+
+
+class _MetaBackbone:
+    """Just what the plan needs of a backbone: the UNet and its trainable subsets."""
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+
+    def named_trainable(self, subset: str = "full"):
+        from metaunlearn.backbones.base import Backbone
+
+        return Backbone.named_trainable(self, subset)
+
+
+def folder_bytes(folder: Path, components=("vae", "text_encoder", "text_encoder_2")) -> int:
+    """Bytes of the safetensors weights of ``components`` in a diffusers folder (file sizes; nothing is loaded)."""
+    return sum(f.stat().st_size for c in components for f in (Path(folder) / c).glob("*.safetensors"))
