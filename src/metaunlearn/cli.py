@@ -30,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -88,6 +89,8 @@ def build_command():
     while pending:
         group = pending.pop()
         for sub in getattr(group, "commands", {}).values():
+            if not sub.short_help and sub.help:  # the whole first paragraph in command lists, wrapped, not cut at 45
+                sub.short_help = " ".join(sub.help.strip().split("\n\n")[0].split())
             if getattr(sub, "commands", None):
                 pending.append(sub)
             elif sub.callback is not None:

@@ -84,8 +84,8 @@ def pretrain(
 ) -> None:
     """Train the detector and the toy text-to-image model, evaluate them, write the assets atomically.
 
-    Writes ``model/`` (diffusers folder), ``detector.safetensors`` + ``detector.json``, ``eval.json`` (the
-    per-prompt table, detector accuracy and wall times) and ``samples.png`` under ``--out``.
+    Writes model/ (diffusers folder), detector.safetensors + detector.json, eval.json (the per-prompt table,
+    detector accuracy and wall times) and samples.png under --out.
     """
     import torch
     from PIL import Image
@@ -174,7 +174,7 @@ def render_command(
     assets: Path = typer.Option(ASSET_DIR, help="Asset directory (with --model)."),
     scale: int = typer.Option(8, help="Upscaling factor of the written PNGs."),
 ) -> None:
-    """Write PNGs of a concept: procedural renders, or samples of the toy model (``--model``, prompt or name)."""
+    """Write PNGs of a concept: procedural renders, or samples of the toy model (--model: a prompt or a name)."""
     import numpy as np
     from PIL import Image
 
