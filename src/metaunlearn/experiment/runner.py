@@ -4,6 +4,7 @@ Layout of ``RUN_DIR``::
 
     config.json                    the fully resolved experiment config
     stages/<stage>.done.json       markers: a finished stage with unchanged settings is skipped on re-run
+    logs/<stage>.log               output of a stage run by a worker process or a Ray task (see schedule.py)
     data/                          concept data (when the config's data.root is relative, it is taken from here)
     attack_data/<set>/             attack sets generated from the base model
     models/<method>-<variant>/     unlearned models (model/ is a plain diffusers folder) + their training logs
