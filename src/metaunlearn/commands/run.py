@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Unlearn/attack stages run at once (worker processes; with a local --ray: its CPUs, default every core)."),
         ray: bool = typer.Option(
             False, "--ray", help="Run the unlearn/attack stages as Ray tasks: on a new local Ray instance, or on the "
-                                 "cluster of $RAY_ADDRESS or --ray-address (needs pip install 'metaunlearn\\[ray]').",
+                                 "cluster of $RAY_ADDRESS or --ray-address (needs pip install 'metaunlearn[ray]').",
         ),
         ray_address: Optional[str] = typer.Option(
             None, "--ray-address", metavar="ADDRESS", help="Ray cluster to use (auto, HOST:6379, ray://HOST:10001); implies --ray.",
