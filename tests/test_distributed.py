@@ -277,8 +277,8 @@ def test_two_process_attack_equals_one_process(tiny_sd_dir, tmp_path, run_cli):
 
 
 def test_launcher_bf16_and_accumulation_are_used_and_recorded(tiny_sd_dir, tmp_path, monkeypatch):
-    """``accelerate launch --mixed_precision bf16 --gradient_accumulation_steps 2`` (their environment variables) set
-    a config that leaves both unset; the model's config.json records the settings in force."""
+    """``accelerate launch --mixed_precision bf16`` and ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2`` (the environment
+    a launch gives the processes) set a config that leaves both unset; the model's config.json records them."""
     from metaunlearn.unlearn import UnlearnConfig, run_unlearn
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

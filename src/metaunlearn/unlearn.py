@@ -9,8 +9,8 @@ Flow (one straight line)::
     backbone.save(out/model)                              a plain diffusers folder (LoRA attack adapters removed)
 
 Data parallel with no change to the config: ``torchrun --nproc_per_node N -m metaunlearn unlearn CONFIG`` or
-``accelerate launch -m metaunlearn unlearn CONFIG`` (``--mixed_precision bf16``, ``--gradient_accumulation_steps K``
-are taken from the launcher unless the config sets them). Every process draws the same batches and computes its share
+``accelerate launch -m metaunlearn unlearn CONFIG`` (``--mixed_precision bf16`` and the environment variable
+``ACCELERATE_GRADIENT_ACCUMULATION_STEPS`` are taken from the launcher unless the config sets them). Every process draws the same batches and computes its share
 of each (:mod:`metaunlearn.training.parallel`), so the trained weights equal a one-process run's at the same batch
 sizes; the main process alone writes the outputs, and a checkpoint resumes under any number of processes.
 
@@ -93,7 +93,7 @@ class UnlearnConfig(StrictModel):
         None, description="bf16 autocast or no; null: the launcher's (accelerate launch --mixed_precision), else no"
     )
     gradient_accumulation_steps: int | None = Field(
-        None, ge=1, description="micro-batches per batch (same update, less memory); null: the launcher's, else 1"
+        None, ge=1, description="micro-batches per batch (same update, less memory); null: ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1"
     )
     gradient_checkpointing: bool = False
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")

@@ -2,8 +2,9 @@
 
 One process (``python``/``metaunlearn ...``) or many (``torchrun --nproc_per_node N`` or ``accelerate launch``):
 the same code; accelerate reads the launcher's environment. Mixed precision is ``no``, ``bf16`` or ``fp16``; left
-unset (``None``) it is the launcher's (``accelerate launch --mixed_precision bf16``), and so are the gradient
-accumulation steps (``--gradient_accumulation_steps``). Without a GPU the processes of a launch form a gloo (CPU)
+unset (``None``) it is the launcher's (``accelerate launch --mixed_precision bf16``), and the gradient accumulation
+steps are ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS`` (``accelerate launch --gradient_accumulation_steps`` sets it for
+DeepSpeed only). Without a GPU the processes of a launch form a gloo (CPU)
 process group.
 """
 
@@ -53,7 +54,7 @@ def make_accelerator(
 
 
 def launcher_accumulation() -> int:
-    """Gradient accumulation steps set by ``accelerate launch --gradient_accumulation_steps`` (else 1)."""
+    """Gradient accumulation steps from ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS`` (else 1)."""
     from accelerate.utils import parse_choice_from_env
 
     try:
