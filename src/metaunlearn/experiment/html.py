@@ -81,7 +81,7 @@ def render_markdown(title: str, subtitle: str, sections: list[Section], base: Pa
         if s.text:
             out += [s.text, ""]
         for path, caption in s.figures:
-            out += [f"![{caption}]({_rel(path, base)})", "", f"_{caption}_", ""]
+            out += [f"![{Path(path).stem.replace('_', ' ')}]({_rel(path, base)})", "", f"_{caption}_", ""]
         out += [t.markdown() for t in s.tables]
         if s.grid_rows:
             out += ["| " + " | ".join(s.grid_columns) + " |", "|" + "|".join(":-:" for _ in s.grid_columns) + "|"]
