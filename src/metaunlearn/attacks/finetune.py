@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from metaunlearn.attacks.config import AttackSpec
+from metaunlearn.attacks.dreambooth import class_images, prior_preservation_loss
 from metaunlearn.attacks.optim import build_optimizer, build_schedule
 from metaunlearn.backbones.base import Backbone, Cond
 from metaunlearn.data.cache import CachedSet
@@ -235,8 +236,6 @@ def run_attack(
     start = time.perf_counter()
     prior = None
     if spec.dreambooth is not None and spec.dreambooth.prior_weight > 0:
-        from metaunlearn.attacks.dreambooth import class_images
-
         prior = class_images(backbone, spec.dreambooth, cache_dir)  # from the model before any finetuning
         prior_sampler = _BatchSampler(len(prior), spec.batch_size, torch.Generator().manual_seed(spec.seed + 1))
 
@@ -262,8 +261,6 @@ def run_attack(
                 x0, cond = stage_data.batch(sampler.next())
                 optimizer.zero_grad(set_to_none=True)
                 if own and prior is not None:
-                    from metaunlearn.attacks.dreambooth import prior_preservation_loss
-
                     if captions is not None:
                         cond = captions(len(x0))
                     xc, cc = prior.batch(prior_sampler.next())
