@@ -163,3 +163,22 @@ def test_attack_success_rate_by_hand():
 
     metrics = Evaluator(config).evaluate(OneHit()).metrics
     assert metrics["forget_rate"] == pytest.approx(5 / 16) and metrics["asr"] == pytest.approx(2 / 4)
+
+
+def test_an_attack_is_judged_on_its_own_prompts():
+    from metaunlearn.metrics.config import EvalConfig
+    from metaunlearn.metrics.evaluate import Evaluator
+
+    evaluator = Evaluator(EvalConfig.model_validate({
+        "detector": {"kind": "toy"},
+        "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": ["a red triangle"]},
+                        {"name": "h", "role": "forget", "concept": "red_triangle", "prompts": ["a crimson triangle"]},
+                        {"name": "g", "role": "irrelevant", "concept": "green_circle", "prompts": ["a green circle"]}]}))
+    trigger = evaluator.with_forget_prompts(["a <rt>"])
+    assert [s.name for s in trigger.config.prompt_sets] == ["f", "g"]
+    assert [i.prompt for i in trigger.prompt_sets["f"]] == ["a <rt>"]
+    prefixed = evaluator.with_forget_prompts(lambda p: f"x {p}", forget_only=True)
+    assert [s.name for s in prefixed.config.prompt_sets] == ["f", "h"]
+    assert [i.prompt for i in prefixed.prompt_sets["h"]] == ["x a crimson triangle"]
+    assert [s.name for s in evaluator.config.prompt_sets] == ["f", "h", "g"]  # the original is untouched
+    assert [i.prompt for i in evaluator.prompt_sets["f"]] == ["a red triangle"]

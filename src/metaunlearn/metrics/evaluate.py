@@ -150,23 +150,29 @@ class Evaluator:
             self._clip = ClipScorer(resolve_path(q.clip_score_path, base_dir))
 
     def with_forget_prompts(self, prompts: list[str] | Callable[[str], str], forget_only: bool = False) -> Evaluator:
-        """A copy (sharing detector and scorers) whose forget prompt sets use other prompts: ``prompts`` instead
-        of theirs (an attack's own trigger: a DreamBooth instance prompt, a textual-inversion token), or each of
-        theirs rewritten by ``prompts`` (a prompt attack's prefix). ``forget_only`` drops every other set (a prompt
-        attack changes no weight, so benign sets would only repeat the unattacked model's numbers)."""
+        """A copy (sharing detector and scorers) whose forget prompt sets use other prompts.
+
+        ``prompts`` as a list: an attack's own trigger (a DreamBooth instance prompt, a textual-inversion token)
+        replaces the first forget set's prompts, and the other forget sets are dropped (they would sample the same
+        prompt under the same seeds). As a function: every forget prompt rewritten (a prompt attack's prefix).
+        ``forget_only`` drops every other set too (a prompt attack changes no weight, so benign sets would only
+        repeat the unattacked model's numbers)."""
         other = copy.copy(self)
         other.prompt_sets = dict(self.prompt_sets)
-        for spec in self.config.prompt_sets:
-            if spec.role == "forget":
-                if callable(prompts):
-                    items = [PromptItem(prompts(i.prompt), i.seed, i.guidance) for i in self.prompt_sets[spec.name]]
-                else:
-                    items = [PromptItem(p) for p in prompts]
-                other.prompt_sets[spec.name] = items
+        forget = [s for s in self.config.prompt_sets if s.role == "forget"]
+        if not forget:
+            raise UserError("an attack judged on its own prompts needs a prompt set with role 'forget'")
+        kept = list(self.config.prompt_sets)
+        if callable(prompts):
+            for spec in forget:
+                other.prompt_sets[spec.name] = [PromptItem(prompts(i.prompt), i.seed, i.guidance)
+                                                for i in self.prompt_sets[spec.name]]
+        else:
+            other.prompt_sets[forget[0].name] = [PromptItem(p) for p in prompts]
+            kept = [s for s in kept if s.role != "forget" or s.name == forget[0].name]
         if forget_only:
-            kept = [s for s in self.config.prompt_sets if s.role == "forget"]
-            if not kept:
-                raise UserError("a prompt attack needs a prompt set with role 'forget' in the eval section")
+            kept = [s for s in kept if s.role == "forget"]
+        if len(kept) != len(self.config.prompt_sets):
             other.config = self.config.model_copy(update={"prompt_sets": kept})
         return other
 
