@@ -119,8 +119,9 @@ def _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast, accumulate) ->
         w = weight_fn([g.detach() for g in grads])
         dot = sum(torch.vdot(g.reshape(-1), v.reshape(-1).to(g.dtype)) for g, v in zip(grads, w))
         del grads
-        if dot.requires_grad:
-            accumulate(dot)
+        if not dot.requires_grad:  # no inner-loss rows on this process: still join the other processes' sums
+            dot = sum((x * 0.0).sum() for x in xs)
+        accumulate(dot)
 
 
 def _hvp_finite_difference(inner_loss, xs, zs, weight_fn, autocast, accumulate, eps: float, need_gradient: bool = True):
