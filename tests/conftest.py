@@ -19,6 +19,12 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_digest_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Content digests of large files are cached per user; tests keep theirs apart."""
+    os.environ["METAUNLEARN_CACHE"] = str(tmp_path_factory.mktemp("digest-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SD-1.x pipeline folder (16x16 images, 8x8 latents). Shared: copy it before modifying it."""

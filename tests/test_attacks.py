@@ -140,8 +140,7 @@ def test_sweep_writes_rows_per_run_and_resumes(tmp_path):
     suite = AttackSuiteConfig(sets={"hrm-s": {"data": "unused"}, "clean": {"data": "unused"}},
                               modes=["full", "lora"], lrs=[1e-3], seeds=[0, 1], snapshot_steps=[0, 2],
                               batch_size=2)
-    info = ModelInfo.infer("esd-meta")
-    assert (info.method, info.variant) == ("esd", "meta")
+    info = ModelInfo("esd-meta", "esd", "meta")
     rows = run_sweep(backbone, {"hrm-s": data, "clean": data}, suite, tmp_path, info, progress=False)
     assert len(rows) == 2 * 2 * 2 * 2  # sets × modes × seeds × snapshots
     files = sorted((tmp_path / "attacks" / "esd-meta").glob("*/*.jsonl"))

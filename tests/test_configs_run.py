@@ -22,7 +22,7 @@ def _shrink(cfg: dict, model_dir: Path, tmp: Path, clip_dir: Path) -> dict:
     cfg["model"] = str(model_dir)
     cfg["run_dir"] = "run"  # relative: resolved against the config file's folder
     data = cfg["data"]
-    data["root"] = "data"  # relative: inside the run folder
+    data.pop("root", None)  # unset: the run folder's data/
     data["sampler"] = {"steps": 2, "guidance": 3.0, "batch_size": 8}
     for role in ("forget", "related", "irrelevant"):
         spec = data[role]
@@ -106,7 +106,7 @@ def test_grid_seeds_run_in_parallel_worker_processes(tiny_sd_dir, tmp_path, run_
     run = tmp_path / "run"
     for key in ("uce-plain", "uce-meta", "uce-plain.s1", "uce-meta.s1"):
         assert (run / "models" / key / "model" / "model_index.json").is_file()
-        assert (run / "stages" / f"attack-{key}.done.json").is_file()
+        assert json.loads((run / "stages" / f"attack-{key}.json").read_text())["state"] == "done"
     rows = json.loads((run / "results.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert {(r["model"], r["seed"]) for r in rows} >= {("uce-meta", 0), ("uce-meta", 1), ("uce-plain", 1)}

@@ -248,7 +248,8 @@ def test_generate_folder(sd, tmp_path):
 
 def test_failed_generation_keeps_existing_folder(sd, tmp_path, monkeypatch):
     out = generate_folder(sd, ["a dog"], tmp_path / "set", images_per_prompt=2, sampler=FAST, progress=False)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    files = lambda: {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
     real, calls = sd.sample, {"n": 0}
 
     def crash_on_second_batch(*args, **kwargs):
@@ -260,7 +261,7 @@ def test_failed_generation_keeps_existing_folder(sd, tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "sample", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         generate_folder(sd, ["a cat"], out, images_per_prompt=8, sampler=FAST, overwrite=True, progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert files() == before
     assert _no_temp_dirs(tmp_path)
 
 

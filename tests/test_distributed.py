@@ -143,7 +143,7 @@ def test_two_process_meta_unlearn_equals_one_process(tiny_sd_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}
     proc = subprocess.Popen(
         [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "metaunlearn", "unlearn", str(meta_file),
-         "--meta", "--resume", "-q"],
+         "--meta", "-q"],  # resumes: the same settings, more steps
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
     try:

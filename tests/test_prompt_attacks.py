@@ -120,7 +120,7 @@ def test_every_prompt_attack_from_the_cli_on_tiny_sdxl(tmp_path, run_cli, tiny_s
     (tmp_path / "attack.yaml").write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     result = run_cli("attack", tiny_sdxl_dir, tmp_path / "attack.yaml", "--run-dir", run_dir, "--quiet",
-                     "--name", "x-plain")
+                     "--name", "x-plain", "--method", "x", "--variant", "plain")  # a model without unlearn_config.json
     assert result.exit_code == 0, result.stderr
     files = sorted(p.name for p in (run_dir / "prompt_attacks" / "x-plain").glob("*.jsonl"))
     assert files == ["hard_s0.jsonl", "hard_s1.jsonl", "ring_s0.jsonl", "ring_s1.jsonl", "soft_s0.jsonl",

@@ -163,7 +163,7 @@ def test_attack_and_report_commands_end_to_end(tmp_path, capsys):
     from metaunlearn.toyworld.detector import ConceptDetector, DetectorArch
     from metaunlearn.toyworld.taxonomy import CLASS_NAMES
 
-    model_dir = save_tiny_pipeline("sd", tmp_path / "esd-meta")
+    model_dir = save_tiny_pipeline("sd", tmp_path / "model")  # no unlearn_config.json: labelled on the command line
     backbone = load_backbone(model_dir)
     prompts = ["a photo of a nude person", "naked body"]
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -188,7 +188,7 @@ def test_attack_and_report_commands_end_to_end(tmp_path, capsys):
     umask = os.umask(0o027)  # every output (rows, grids, cache, report) is readable by the group, as umask says
     try:
         code = _cli(["attack", str(model_dir), str(tmp_path / "attack.yaml"), "--run-dir", str(run_dir), "--quiet",
-                     "--device", "cpu"])
+                     "--device", "cpu", "--method", "esd", "--variant", "meta"])
         assert code == 0, capsys.readouterr().err
         assert _cli(["report", str(run_dir)]) == 0
     finally:

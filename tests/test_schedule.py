@@ -134,7 +134,7 @@ def test_ray_backend_gives_the_local_backends_results(tiny_sd_dir, tmp_path, run
     # the grid's stages again, on Ray (data and attack sets are kept: only the scheduled stages differ)
     for folder in ("models", "attacks", "grids", "logs"):
         shutil.rmtree(run / folder, ignore_errors=True)
-    for marker in (run / "stages").glob("*.done.json"):
+    for marker in (run / "stages").glob("*.json"):
         if marker.name.startswith(("unlearn-", "attack-uce")):
             marker.unlink()
     (run / "results.json").unlink()

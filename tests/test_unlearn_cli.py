@@ -102,7 +102,7 @@ def test_resume_is_bit_identical_with_ema_and_lora(world, tmp_path):
     run_unlearn(UnlearnConfig.model_validate(straight), progress=False)
     first = {**config_dict(world, "sd", "sdd", True, tmp_path / "b"), "meta": meta, "steps": 2}
     run_unlearn(UnlearnConfig.model_validate(first), progress=False)
-    run_unlearn(UnlearnConfig.model_validate({**first, "steps": 4}), resume=True, progress=False)
+    run_unlearn(UnlearnConfig.model_validate({**first, "steps": 4}), progress=False)  # more steps: resumes
     a = load_file(str(tmp_path / "a" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
     original = load_file(str(world["sd"] / "unet" / "diffusion_pytorch_model.safetensors"))

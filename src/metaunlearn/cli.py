@@ -17,7 +17,7 @@ import sys
 import typer
 
 from metaunlearn import __version__
-from metaunlearn.errors import UserError
+from metaunlearn.errors import UserError, os_error_message
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -107,6 +107,9 @@ def main() -> None:
         code = build_command().main(prog_name="metaunlearn", standalone_mode=False)
     except UserError as exc:
         err.print(f"error: {exc}", markup=False)
+        sys.exit(2)
+    except OSError as exc:  # full disk, permissions, an output path under a file: the user's to fix, not a bug
+        err.print(f"error: {os_error_message(exc)}", markup=False)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -77,3 +77,19 @@ def write_resolved(config: BaseModel, path: str | Path) -> Path:
     tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def resolve_path(path: str | Path, base: str | Path) -> Path:
+    """``path`` (``~`` expanded) if absolute, else relative to ``base`` — a config file's folder: every relative
+    path in a config means the same thing in every command."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(base) / p
+
+
+def default_run_dir(config_path: str | Path, run_dir: str | Path | None = None) -> Path:
+    """The run folder of a config file: its ``run_dir`` (relative to the file), else ``runs/<file name>`` in the
+    working directory."""
+    config_path = Path(config_path)
+    if run_dir:
+        return resolve_path(run_dir, config_path.resolve().parent)
+    return Path("runs") / config_path.stem

@@ -38,7 +38,6 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from metaunlearn.config import write_resolved
 from metaunlearn.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -155,6 +154,65 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+class AtomicFiles:
+    """Several outputs that appear together or not at all (a report: JSON, CSV, Markdown, HTML, figures).
+
+    Each file or folder is first written to a temporary name beside its final path (:meth:`temp_file`,
+    :meth:`temp_dir`, :meth:`write_text`); :meth:`commit` renames them all into place. Renames need no space, so a
+    full disk or any other error while writing leaves every previous output as it was. Use as a context manager:
+    the block's success commits, an error discards.
+    """
+
+    def __init__(self) -> None:
+        self._files: list[tuple[Path, Path]] = []
+        self._dirs: list[tuple[Path, Path]] = []
+
+    def temp_file(self, final: str | Path) -> Path:
+        final = Path(final)
+        ensure_dir(final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix, dir=final.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        self._files.append((Path(tmp), final))
+        return Path(tmp)
+
+    def temp_dir(self, final: str | Path) -> Path:
+        final = Path(final)
+        ensure_dir(final.parent)
+        tmp = make_temp_dir(final.parent, f".{final.name}.tmp-")
+        self._dirs.append((tmp, final))
+        return tmp
+
+    def write_text(self, final: str | Path, text: str) -> Path:
+        """Stage ``text`` for ``final``; returns ``final`` (where it will be after :meth:`commit`)."""
+        self.temp_file(final).write_text(text)
+        return Path(final)
+
+    def commit(self) -> None:
+        for tmp, final in self._dirs:
+            replace_directory(tmp, final)
+        for tmp, final in self._files:
+            os.replace(tmp, final)
+        self._files, self._dirs = [], []
+
+    def discard(self) -> None:
+        for tmp, _ in self._files:
+            Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in self._dirs:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._files, self._dirs = [], []
+
+    def __enter__(self) -> AtomicFiles:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.discard()
+
+
 # ---- progress ---------------------------------------------------------------------------------------------------
 class RateColumn(ProgressColumn):
     """Items (images, steps) per second, or seconds per item when slower than one per second."""
@@ -233,55 +291,166 @@ def latest_run_dir(root: str | Path, name: str) -> Path | None:
     return max(runs)[1] if runs else None
 
 
+def _jsonable(settings: BaseModel | dict | str) -> dict | str:
+    if isinstance(settings, BaseModel):
+        return settings.model_dump(mode="json")
+    if isinstance(settings, str):
+        return settings
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
 def settings_key(settings: BaseModel | dict | str) -> str:
     """A short stable hash of a stage's settings (a pydantic model, a JSON-able dict or a string)."""
-    if isinstance(settings, BaseModel):
-        settings = settings.model_dump(mode="json")
-    text = settings if isinstance(settings, str) else json.dumps(settings, sort_keys=True, default=str)
+    settings = _jsonable(settings)
+    text = settings if isinstance(settings, str) else json.dumps(settings, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class RunDir:
-    """One run folder: ``config.json`` (resolved config), ``stages/<stage>.done.json`` markers, stage subfolders."""
+def changed_keys(old: object, new: object, prefix: str = "") -> list[str]:
+    """Dotted paths at which two JSON documents differ (``unlearn.steps``, ``attack.sets.hrm-m.data``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += changed_keys(a, b, f"{prefix}.{i}" if prefix else str(i))
+        return out
+    return [] if old == new else [prefix or "(settings)"]
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = ensure_dir(path)
+
+@dataclass
+class StageStatus:
+    """Where a stage stands against the settings it is asked to run with.
+
+    ``new``: nothing there yet. ``done``: finished with exactly these settings (skip it). ``partial``: started or
+    finished with settings it can resume from (the same, or differing only in keys the stage declared resumable,
+    e.g. more training steps). ``changed``: its outputs were made with other settings (``changed`` names them).
+    """
+
+    state: str
+    changed: list[str] = field(default_factory=list)
+    record: dict | None = None
+
+    def describe(self) -> str:
+        shown = ", ".join(self.changed[:3]) + (f" and {len(self.changed) - 3} more" if len(self.changed) > 3 else "")
+        return shown or "settings"
+
+
+class RunDir:
+    """One output folder of a stage (or a whole run): ``stages/<stage>.json`` markers and stage subfolders.
+
+    Every stage of metaunlearn (``run`` and ``demo`` stages, ``unlearn``, ``attack``) goes through the same three
+    calls: :meth:`begin` (refuses when earlier outputs were made with other settings, unless ``overwrite``;
+    records the settings as started), the work, :meth:`mark_done`. A marker holds the settings themselves, so a
+    refusal can say which keys changed.
+    """
+
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        self.path = ensure_dir(path) if create else Path(path)
 
     def write_config(self, config: BaseModel) -> Path:
-        """Save the fully resolved config as ``config.json``."""
-        return write_resolved(config, self.path / CONFIG_FILE)
+        """Save the fully resolved config as ``config.json`` (atomically)."""
+        return atomic_write_text(self.path / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
 
     def stage_dir(self, stage: str) -> Path:
         """The output folder of ``stage`` (created)."""
         return ensure_dir(self.path / _slug(stage))
 
     def _marker(self, stage: str) -> Path:
-        return self.path / STAGES_DIR / f"{_slug(stage)}.done.json"
+        parts = [_slug(p) for p in stage.split("/")]
+        return self.path.joinpath(STAGES_DIR, *parts[:-1], f"{parts[-1]}.json")
+
+    def record(self, stage: str) -> dict | None:
+        """The marker of ``stage`` (``None`` when there is none or it is unreadable)."""
+        marker = self._marker(stage)
+        legacy = marker.with_name(marker.name[: -len(".json")] + ".done.json")
+        for path, state in ((marker, None), (legacy, "done")):
+            if path.is_file():
+                try:
+                    record = json.loads(path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                    return None
+                if isinstance(record, dict):
+                    return {**record, "state": state or record.get("state", "done")}
+        return None
+
+    def status(self, stage: str, settings: BaseModel | dict | str, *, outputs: Sequence[Path] = (),
+               resumable: Sequence[str] = (), complete: Sequence[Path] = ()) -> StageStatus:
+        """Compare ``settings`` with what ``stage`` was run with (``resumable``: top-level keys that may differ
+        for a resume). Outputs present without any marker count as made with unknown settings; a stage done with
+        these settings whose ``complete`` outputs are not all there (deleted since) is ``partial``: resumed."""
+        record = self.record(stage)
+        new = _jsonable(settings)
+        if record is None:
+            if any(Path(p).exists() for p in outputs):
+                return StageStatus("changed", ["(no record of the settings its outputs were made with)"])
+            return StageStatus("new")
+        if record.get("state") == "done" and record.get("settings_key") == settings_key(new):
+            if all(Path(p).exists() for p in complete):
+                return StageStatus("done", record=record)
+            return StageStatus("partial", record=record)
+        old = record.get("settings")
+        if old is None:
+            return StageStatus("changed", ["(settings of an earlier version)"], record)
+        differ = changed_keys(old, new)
+        if differ and all(key.split(".")[0] in resumable for key in differ):
+            return StageStatus("partial", differ, record)
+        if not differ:
+            return StageStatus("partial", record=record)
+        return StageStatus("changed", differ, record)
+
+    def begin(self, stage: str, settings: BaseModel | dict | str, *, overwrite: bool = False, what: str = "",
+              outputs: Sequence[Path] = (), resumable: Sequence[str] = (), complete: Sequence[Path] = ()) -> StageStatus:
+        """Check ``stage`` against ``settings`` and record it as started (unless it is done).
+
+        Changed settings raise a one-line :class:`UserError` unless ``overwrite``; then the caller discards the
+        old outputs (status ``changed``) before redoing the stage.
+        """
+        status = self.status(stage, settings, outputs=outputs, resumable=resumable, complete=complete)
+        if status.state == "changed" and not overwrite:
+            raise UserError(
+                f"{what or stage} was made with other settings ({status.describe()} changed); "
+                "pass --overwrite to redo it, or choose another output folder"
+            )
+        if status.state != "done":
+            self._write(stage, settings, "started")
+        return status
+
+    def _write(self, stage: str, settings, state: str, **info: object) -> Path:
+        settings = _jsonable(settings)
+        record = {"stage": stage, "state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "settings_key": settings_key(settings), **info, "settings": settings}
+        return atomic_write_text(self._marker(stage), json.dumps(record, indent=2, default=str) + "\n")
 
     def is_done(self, stage: str, settings: BaseModel | dict | str | None = None) -> bool:
-        """Whether ``stage`` finished before — with the same ``settings`` when given (changed settings re-run it)."""
-        marker = self._marker(stage)
-        if not marker.is_file():
-            return False
-        try:
-            record = json.loads(marker.read_text())
-        except json.JSONDecodeError:
+        """Whether ``stage`` finished before — with the same ``settings`` when given."""
+        record = self.record(stage)
+        if record is None or record.get("state") != "done":
             return False
         return settings is None or record.get("settings_key") == settings_key(settings)
 
-    def mark_done(self, stage: str, settings: BaseModel | dict | str | None = None, **info: object) -> Path:
-        """Record that ``stage`` finished (with ``settings``); ``info`` (JSON-able) is stored alongside."""
-        record = {
-            "stage": stage,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "settings_key": None if settings is None else settings_key(settings),
-            **info,
-        }
-        return atomic_write_text(self._marker(stage), json.dumps(record, indent=2, default=str) + "\n")
+    def mark_done(self, stage: str, settings: BaseModel | dict | str, **info: object) -> Path:
+        """Record that ``stage`` finished with ``settings``; ``info`` (JSON-able) is stored alongside."""
+        return self._write(stage, settings, "done", **info)
 
     def clear_done(self, stage: str) -> None:
-        """Forget that ``stage`` finished, so the next run repeats it."""
-        self._marker(stage).unlink(missing_ok=True)
+        """Forget ``stage``, so the next run repeats it."""
+        marker = self._marker(stage)
+        marker.unlink(missing_ok=True)
+        marker.with_name(marker.name[: -len(".json")] + ".done.json").unlink(missing_ok=True)
+
+
+def remove_outputs(paths: Sequence[Path]) -> None:
+    """Delete stale outputs (files or folders) of a stage that is redone with other settings."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 # ---- dry-run plans -----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from pydantic import Field, model_validator
 
 from metaunlearn.backbones.base import TRAINABLE_SUBSETS, Backbone
-from metaunlearn.config import StrictModel, read_yaml, validate, write_resolved
+from metaunlearn.config import StrictModel, read_yaml, validate
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.formatting import format_lr
@@ -45,6 +46,7 @@ from metaunlearn.meta.plan import MetaData
 from metaunlearn.data.caching import load_set
 from metaunlearn.methods import Method, UnlearnInputs
 from metaunlearn.methods.config import MethodSpec
+from metaunlearn.runs import settings_key
 
 MODEL_DIR = "model"
 CONFIG_FILE = "config.json"
@@ -117,8 +119,9 @@ def _resolve_path(path: Path | None, base: Path) -> Path | None:
     return path if path.is_absolute() else base / path
 
 
-def unlearn_section(raw: dict, base: Path, source: str) -> dict:
-    """The ``unlearn`` section completed from the experiment file's top-level ``model`` and ``data``."""
+def unlearn_section(raw: dict, base: Path, source: str, data_root: Path | None = None) -> dict:
+    """The ``unlearn`` section completed from the experiment file's top-level ``model`` and ``data`` (an unset
+    ``data.root`` is ``data_root``, the run folder's ``data/``)."""
     section = raw["unlearn"]
     if not isinstance(section, dict):
         raise UserError(f"{source}: 'unlearn' must be a mapping")
@@ -130,7 +133,7 @@ def unlearn_section(raw: dict, base: Path, source: str) -> dict:
         from metaunlearn.data.config import DataConfig
         from metaunlearn.data.prompts import resolve_prompts
 
-        data_cfg = validate(DataConfig, top_data, f"{source} (data)").resolve_paths(base)
+        data_cfg = validate(DataConfig, top_data, f"{source} (data)").resolve_paths(base, data_root)
         if "data" not in section:
             section["data"] = {
                 **{
@@ -149,9 +152,12 @@ def unlearn_section(raw: dict, base: Path, source: str) -> dict:
 def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
     """Read an unlearn config (standalone, or an experiment file's ``unlearn`` section); paths relative to the file."""
     path = Path(path)
+    from metaunlearn.config import default_run_dir
+
     raw = read_yaml(path)
     base = path.resolve().parent
-    data = unlearn_section(raw, base, str(path)) if "unlearn" in raw else dict(raw)
+    run_dir = default_run_dir(path, raw.get("run_dir") if isinstance(raw.get("run_dir"), str) else None)
+    data = unlearn_section(raw, base, str(path), run_dir / "data") if "unlearn" in raw else dict(raw)
     overrides = dict(overrides or {})
     cli_out = overrides.pop("out", None)
     for key, value in overrides.items():
@@ -176,7 +182,7 @@ def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> 
     elif config.out is not None:
         update["out"] = _resolve_path(config.out, base)
     else:
-        update["out"] = Path("runs") / path.stem / config.variant
+        update["out"] = run_dir / config.variant
     splits = {}
     for role in ("forget", "related", "irrelevant"):
         s = getattr(config.data, role)
@@ -229,6 +235,16 @@ class UnlearnResult:
     edit_stats: dict[str, float]
     is_main: bool = True
     """False in the other processes of a data-parallel launch (which write nothing and should report nothing)."""
+    skipped: bool = False  # already done with the same settings: nothing was recomputed
+
+    def pipeline(self, **kwargs):
+        """The unlearned model as a diffusers pipeline (``DiffusionPipeline.from_pretrained(model)``)."""
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(str(self.model), use_safetensors=True, **kwargs)
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "model": str(self.model), "steps": self.steps, **self.terms, **self.edit_stats}
 
 
 def describe(config: UnlearnConfig) -> list[str]:
@@ -267,20 +283,80 @@ def _build_optimizer(params: list[torch.nn.Parameter], config: UnlearnConfig, me
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
+def unlearn_inputs(config: UnlearnConfig, backbone: Backbone | None = None) -> dict:
+    """Validate the stage's inputs and fingerprint them: the start model's identity and every data set the meta
+    objective reads (a one-line :class:`UserError` for a missing or malformed one)."""
+    from metaunlearn.data.caching import data_fingerprint
+    from metaunlearn.identity import file_digest, model_identity, module_digest
+
+    if backbone is not None and not (Path(backbone.source) / "model_index.json").is_file():
+        model = {"path": None, "fingerprint": module_digest(backbone.pipe)[:16]}
+    else:
+        identity = model_identity(config.model)
+        model = {"path": identity.path, "fingerprint": identity.fingerprint}
+    data: dict[str, str] = {}
+    if config.meta is not None:
+        for meta_role, (role, split) in meta_roles(config.meta).items():
+            split = split or config.data.benign_split
+            paths = getattr(config.data, role)
+            path = getattr(paths, split) if paths is not None else None
+            if path is None:
+                raise UserError(f"the meta objective needs data.{role}.{split} (a folder or a cached set)")
+            path = Path(path)
+            if path.suffix == ".safetensors":
+                if not path.is_file():
+                    raise UserError(f"data.{role}.{split}: cached set not found: {path}")
+                data[f"{role}.{split}"] = file_digest(path)[:16]
+            else:
+                if not path.is_dir():
+                    raise UserError(f"data.{role}.{split}: data folder not found: {path}")
+                data[f"{role}.{split}"] = data_fingerprint(path)[:16]
+    return {"model": model, "data": data}
+
+
+def unlearn_settings(config: UnlearnConfig, inputs: dict) -> dict:
+    """Everything the unlearned model depends on (the stage's settings hash): the resolved config without the
+    output folder, checkpoint cadence and gradient accumulation (a data-parallel launch computes the same global
+    batch however it splits it), and the inputs' fingerprints. ``steps`` is kept apart: more steps resume
+    a finished run from its checkpoint."""
+    cfg = config.model_dump(mode="json", exclude={"out", "checkpoint_every", "steps", "gradient_accumulation_steps"})
+    return {"config": cfg, "inputs": inputs, "steps": config.steps}
+
+
+def provenance(config: UnlearnConfig, inputs: dict, settings: dict) -> dict:
+    """The record saved inside the model folder: how this model was made (read back by ``attack``)."""
+    return {
+        "method": config.method.name,
+        "variant": "meta" if config.meta is not None else "plain",
+        "base_model": inputs["model"],
+        "settings_key": settings_key(settings),
+        "config": config.model_dump(mode="json"),
+    }
+
+
 def run_unlearn(
     config: UnlearnConfig,
     *,
-    resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     backbone: Backbone | None = None,
 ) -> UnlearnResult:
-    """Run the stage (see the module docstring). ``backbone`` may be given to skip loading ``config.model``."""
+    """Run the stage (see the module docstring). ``backbone`` may be given to skip loading ``config.model``.
+
+    Resumes by default: a finished run with the same settings is returned as it is, a started one continues from
+    its checkpoint; earlier outputs made with other settings are refused unless ``overwrite``. Inputs are checked
+    before anything is written.
+    """
     from metaunlearn.backbones.loading import load_backbone
-    from metaunlearn.runs import atomic_write_text, ensure_dir
+    from metaunlearn.identity import PROVENANCE_FILE
+    from metaunlearn.runs import RunDir, atomic_write_text, remove_outputs
     from metaunlearn.training.accel import make_accelerator, stage_device
-    from metaunlearn.training.loop import TrainLoop
+    from metaunlearn.training.loop import CHECKPOINT_DIR, LOG_FILE, TrainLoop, checkpoint_step
 
     assert config.out is not None
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file, not a folder")
     accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps, cpu=config.device == "cpu")
     # the settings in force (a launcher's included) are the ones recorded with the model
     config = config.model_copy(update={"mixed_precision": accelerator.mixed_precision,
@@ -289,12 +365,36 @@ def run_unlearn(
         raise UserError(f"unlearning runs in bf16 or fp32, not {accelerator.mixed_precision} (launcher setting)")
     main = accelerator.is_main_process
     progress = progress and main
-    out = ensure_dir(config.out)
-    if main:
-        write_resolved(config, out / CONFIG_FILE)
-    if backbone is None:
-        backbone = load_backbone(config.model, device=stage_device(config.device, accelerator), dtype=torch.float32)
+    device = stage_device(config.device, accelerator)
     method = config.method.build()
+    fingerprints = unlearn_inputs(config, backbone)  # validates every input before anything is written
+    settings = unlearn_settings(config, fingerprints)
+    outputs = [out / MODEL_DIR, out / CHECKPOINT_DIR, out / LOG_FILE]
+    complete = [out / MODEL_DIR / "model_index.json"]
+    status = RunDir(out, create=False).status("unlearn", settings, outputs=outputs, resumable=("steps",),
+                                              complete=complete)
+    reached = checkpoint_step(out) if out.is_dir() else None
+    if status.state == "partial" and reached is not None and reached > config.steps:
+        raise UserError(f"{out} holds a checkpoint at step {reached}, past steps: {config.steps}; "
+                        "pass --overwrite to start over")
+    accelerator.wait_for_everyone()  # every process has read the folder's state before the main one writes
+    run = RunDir(out)
+    if main:
+        status = run.begin("unlearn", settings, overwrite=overwrite, what=f"unlearned model {out}", outputs=outputs,
+                           resumable=("steps",), complete=complete)
+    elif status.state == "changed" and not overwrite:
+        raise UserError(f"unlearned model {out} was made with other settings ({status.describe()} changed)")
+    if status.state == "done":
+        info = status.record or {}
+        return UnlearnResult(out, out / MODEL_DIR, int(info.get("steps", config.steps)), dict(info.get("terms", {})),
+                             dict(info.get("edit_stats", {})), is_main=main, skipped=True)
+    if status.state == "changed" and main:  # --overwrite: the old checkpoint and log belong to other settings
+        remove_outputs([out / CHECKPOINT_DIR, out / LOG_FILE, out / EDIT_FILE])
+    if main:
+        atomic_write_text(out / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    if backbone is None:
+        backbone = load_backbone(config.model, device=device, dtype=torch.float32)
     subset = config.trainable or method.trainable_subset
     generator = torch.Generator().manual_seed(config.seed)  # for set-up only; training draws from the loop's
     inputs = UnlearnInputs(backbone, list(config.forget_prompts), list(config.preserve_prompts), generator, subset)
@@ -310,8 +410,6 @@ def run_unlearn(
     steps, terms = 0, {}
     trains = base_loss is not None or config.meta is not None
     if not trains and main:  # a closed-form edit alone: no training outputs of an earlier run may linger
-        from metaunlearn.training.loop import CHECKPOINT_DIR, LOG_FILE
-
         (out / LOG_FILE).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     if trains:
@@ -352,7 +450,7 @@ def run_unlearn(
             loop.track("method", base_loss)
         began = time.time()
         try:
-            result = loop.run(lambda step: objective.step(step, loop.generator, optimizer), resume=resume)
+            result = loop.run(lambda step: objective.step(step, loop.generator, optimizer), resume=True)
         finally:
             objective.close()
         steps, terms = result.step, result.terms
@@ -363,6 +461,19 @@ def run_unlearn(
     backbone.unet.requires_grad_(False)
     model_dir = out / MODEL_DIR
     if main:
-        backbone.save(model_dir)
+        backbone.save(model_dir, {PROVENANCE_FILE: provenance(config, fingerprints, settings)})
+        run.mark_done("unlearn", settings, steps=steps, terms=terms, edit_stats=dict(method.edit_stats))
     accelerator.wait_for_everyone()
     return UnlearnResult(out, model_dir, steps, terms, dict(method.edit_stats), is_main=main)
+
+
+# ``metaunlearn.unlearn`` is both this module and the API function :func:`metaunlearn.api.unlearn`: importing the
+# module binds it as the package attribute, so the module itself forwards calls to the function.
+class _UnlearnModule(sys.modules[__name__].__class__):
+    def __call__(self, *args: Any, **kwargs: Any) -> UnlearnResult:
+        from metaunlearn.api import unlearn
+
+        return unlearn(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _UnlearnModule

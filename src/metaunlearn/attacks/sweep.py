@@ -6,7 +6,8 @@ Run-dir layout written here (and read by :mod:`metaunlearn.experiment.report`)::
       attacks/<model>/<attack_set>/<mode>_lr<lr>_s<seed>.jsonl    one JSON row per snapshot step
       grids/<model>/<attack_set>/<mode>_lr<lr>_s<seed>/step<k>.png sample grid of the eval grid set at step k
 
-A row is ``{model, method, variant, attack_set, mode, lr, seed, step, grid, <metric>: value, …}`` where ``grid``
+A row is ``{model, method, variant, attack_set, mode, lr, seed, step, grid, model_path, model_fingerprint,
+<metric>: value, …}`` where ``grid``
 is the grid PNG's path relative to RUN_DIR (or null) and the metrics are those of
 :mod:`metaunlearn.metrics.evaluate` plus ``attack_loss``. A run's file is written atomically when the run
 finishes, so an existing file means a complete run: a repeated sweep skips it (resume).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,27 +44,14 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """How a model appears in results: its name, the base method and the variant (base / plain / meta)."""
+    """How a model appears in results: its name, base method, variant (base / plain / meta) and identity (resolved
+    folder and content fingerprint, see :mod:`metaunlearn.identity`; empty for a model only in memory)."""
 
     name: str
     method: str
     variant: str
-
-    @classmethod
-    def infer(cls, name: str, method: str | None = None, variant: str | None = None) -> ModelInfo:
-        """Fill ``method``/``variant`` from a name like ``esd-meta`` / ``esd`` / ``base`` unless given."""
-        check_name(name, "model name")
-        lowered = name.lower()
-        if variant is None:
-            if lowered in ("base", "original", "sd", "sdxl"):
-                variant = "base"
-            elif re.search(r"[-_.]meta$", lowered):
-                variant = "meta"
-            else:
-                variant = "plain"
-        if method is None:
-            method = re.sub(r"[-_.](meta|unlearn|plain)$", "", name) if variant != "base" else "base"
-        return cls(name=name, method=method, variant=variant)
+    path: str | None = None
+    fingerprint: str | None = None
 
 
 def check_name(name: str, what: str) -> str:
@@ -83,6 +72,20 @@ def grid_file(run_dir: Path, model: str, attack_set: str, spec: AttackSpec, step
 def write_jsonl(rows: Sequence[Mapping], path: Path) -> Path:
     """Write rows as JSON lines atomically (NaN/inf as null)."""
     return atomic_write_text(path, "".join(json.dumps(_json_safe(row)) + "\n" for row in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_run_rows(run_dir: Path, model: str, attack_set: str, specs: Iterable[AttackSpec]) -> list[dict]:
+    """The rows of finished runs (their files), in spec order."""
+    rows = []
+    for spec in specs:
+        path = run_file(run_dir, model, attack_set, spec)
+        if path.is_file():
+            rows += _read_jsonl(path)
+    return rows
 
 
 def _json_safe(row: Mapping) -> dict:
@@ -164,10 +167,12 @@ def run_sweep(
             check_name(spec.kind, "attack kind")
             path = run_file(run_dir, model.name, set_name, spec)
             if resume and path.is_file():
-                done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                done = _read_jsonl(path)
                 if sorted(r["step"] for r in done) == spec.snapshot_steps:
                     rows.extend(done)
                     continue
+            # grids of an interrupted attempt: this run's PNGs must all come from the run about to happen
+            shutil.rmtree(grid_file(run_dir, model.name, set_name, spec, 0).parent, ignore_errors=True)
 
             ti_init = spec.textual_inversion.init_words if spec.mode == "textual_inversion" else None
             step0 = step0s.setdefault((tuple(spec.eval_prompts or ()), ti_init), {})
@@ -214,6 +219,8 @@ def run_sweep(
                     "seed": spec.seed,
                     "step": snap.step,
                     "grid": str(grid.relative_to(run_dir)) if grid.is_file() else None,
+                    "model_path": model.path,
+                    "model_fingerprint": model.fingerprint,
                     **snap.metrics,
                 })
             write_jsonl(run_rows, path)

@@ -255,8 +255,11 @@ class Backbone(abc.ABC):
         return params
 
     # ---- saving -----------------------------------------------------------------------------------------------
-    def save(self, out_dir: str | Path) -> Path:
-        """Write a standard diffusers folder atomically (built beside ``out_dir``, then renamed over it)."""
+    def save(self, out_dir: str | Path, records: dict[str, dict] | None = None) -> Path:
+        """Write a standard diffusers folder atomically (built beside ``out_dir``, then renamed over it).
+
+        ``records`` are extra JSON files written at the folder's root first (e.g. ``unlearn``'s provenance), so the
+        weights and their description appear together."""
         from metaunlearn.runs import ensure_dir, make_temp_dir, replace_directory
 
         out_dir = Path(out_dir)
@@ -270,6 +273,8 @@ class Backbone(abc.ABC):
                 self.pipe.scheduler = self.sample_scheduler
             if self.pixel_space:
                 (tmp / MARKER_FILE).write_text(json.dumps({"pixel_space": True}) + "\n")
+            for name, record in (records or {}).items():
+                (tmp / name).write_text(json.dumps(record, indent=2) + "\n")
             replace_directory(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -75,3 +75,18 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu", dtype: t
         raise UserError(f"cannot load model folder {path}: {message}") from None
     backbone = BACKBONES[family](pipe, source=path, pixel_space=pixel_space)
     return backbone.to(device)
+
+
+def backbone_from_pipeline(pipe, pixel_space: bool | None = None) -> Backbone:
+    """The backbone of a diffusers pipeline already in memory (its scheduler is switched to DDIM for sampling).
+
+    ``pixel_space`` defaults to what the folder the pipeline was loaded from says (the toy model's marker file)."""
+    class_name = type(pipe).__name__
+    if class_name not in PIPELINE_FAMILIES:
+        raise UserError(f"unsupported pipeline {class_name!r} (supported: {', '.join(PIPELINE_FAMILIES)})")
+    source = getattr(getattr(pipe, "config", None), "_name_or_path", "") or "(in memory)"
+    if pixel_space is None:
+        marker = Path(source) / MARKER_FILE
+        pixel_space = marker.is_file() and bool(json.loads(marker.read_text()).get("pixel_space", False))
+    family = "toy" if pixel_space else PIPELINE_FAMILIES[class_name]
+    return BACKBONES[family](pipe, source=source, pixel_space=pixel_space)

@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
     def demo(
         quick: bool = typer.Option(False, "--quick", help="UCE plain and meta under the primary attack only (a few minutes)."),
         seeds: int = typer.Option(1, "--seeds", help="Replicates of the whole grid (unlearning + attacks) under seeds 0..N-1; mean ± std in the report."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo...)."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo, runs/demo-quick or runs/demo-Nseeds in the working directory)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Redo stages that ran with other settings (by default they are refused)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
         all_attacks: bool = typer.Option(False, "--all-attacks", help="Add DreamBooth, textual inversion, cross-attention SGD, related-first sequential finetuning and three prompt attacks (soft prompt, Ring-A-Bell concept vector, hard-prompt search) beside the finetuning attacks; own run dir."),
@@ -24,7 +25,8 @@ def register(app: typer.Typer) -> None:
         from metaunlearn.experiment.demo import build_demo
         from metaunlearn.runs import print_plan
 
-        experiment = build_demo(quick=quick, seeds=seeds, run_dir=run_dir, all_attacks=all_attacks)
+        experiment = build_demo(quick=quick, seeds=seeds, run_dir=run_dir, all_attacks=all_attacks,
+                                create=not dry_run, overwrite=overwrite)
         if dry_run:
             print_plan(experiment.plan(), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 from pydantic import Field
@@ -12,13 +12,8 @@ from rich.table import Table
 
 from metaunlearn.config import StrictModel, read_yaml, validate
 from metaunlearn.data.config import DataConfig, SamplerSettings
+from metaunlearn.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (used by other commands)
 from metaunlearn.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # option name -> torch dtype name
-
 
 class GenerateFile(StrictModel):
     """The parts of a config file ``generate --config`` reads: ``model`` and ``data`` (other sections belong to
@@ -28,24 +23,6 @@ class GenerateFile(StrictModel):
 
     model: Optional[str] = Field(None, description="base model folder (relative to the config file)")
     data: DataConfig
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu`` (see :func:`metaunlearn.training.accel.resolve_device`)."""
-    from metaunlearn.training.accel import resolve_device as resolve
-
-    return resolve(device)
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` -> fp16 on GPU, fp32 on CPU; otherwise one of :data:`DTYPES`."""
-    import torch
-
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
-    return getattr(torch, DTYPES[dtype])
 
 
 def _load(model: Path, device: str, dtype: str):
@@ -79,7 +56,8 @@ def register(app: typer.Typer) -> None:
             None, "--prompt-file", help="Prompt file: .txt (one per line), .csv with a 'prompt' column, or .yaml list."
         ),
         out: Optional[Path] = typer.Option(
-            None, "--out", "-o", help="Output image folder (with --config: the data root, overriding data.root)."
+            None, "--out", "-o", help="Output image folder (with --config: the data root, overriding data.root; default there: data.root "
+            "relative to the config file, else the config's run folder's data/)."
         ),
         images_per_prompt: int = typer.Option(1, "--images-per-prompt", "-n", min=1, help="Images per prompt."),
         seed: int = typer.Option(0, "--seed", help="Seed of the first image; image i uses seed+i."),
@@ -161,11 +139,13 @@ def split_prompts(value: str) -> list[str]:
 
 def load_generate_file(path: Path) -> GenerateFile:
     """Read a config's ``model`` and ``data`` sections, with relative paths taken from the config's folder."""
-    parsed = validate(GenerateFile, read_yaml(path), str(path))
-    data = parsed.data.resolve_paths(path.parent)
-    model = parsed.model
-    if model is not None and not Path(model).is_absolute():
-        model = str(path.parent / model)
+    from metaunlearn.config import default_run_dir, resolve_path
+
+    raw = read_yaml(path)
+    parsed = validate(GenerateFile, raw, str(path))
+    run_dir = raw.get("run_dir") if isinstance(raw.get("run_dir"), str) else None
+    data = parsed.data.resolve_paths(path.resolve().parent, default_run_dir(path, run_dir) / "data")
+    model = str(resolve_path(parsed.model, path.resolve().parent)) if parsed.model is not None else None
     return GenerateFile(model=model, data=data)
 
 

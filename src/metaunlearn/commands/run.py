@@ -12,8 +12,9 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
         config: Path = typer.Argument(..., help="Experiment YAML (sections: model, data, unlearn, grid, attack, eval, report)."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: config's run_dir or runs/<config name>)."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, models, data, outputs) and exit."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: the config's run_dir, relative to the config file, else runs/<config name> in the working directory)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Validate every section, print the plan and every missing input (with what provides it), and exit; creates nothing."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Redo stages that ran with other settings (by default finished stages with the same settings are skipped and others are refused)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
         jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Unlearn/attack stages run at once (worker processes; with a local --ray: its CPUs, default every core)."),
         ray: bool = typer.Option(
@@ -26,10 +27,11 @@ def register(app: typer.Typer) -> None:
         cpus: int = typer.Option(1, "--cpus-per-stage", min=1, help="CPU cores a Ray task asks for (its torch threads)."),
         gpus: Optional[float] = typer.Option(None, "--gpus-per-stage", min=0, help="GPUs a Ray task asks for (default: 1 if the cluster has GPUs, else 0)."),
     ) -> None:
-        """Run a whole experiment; stages finished with unchanged settings are skipped."""
+        """Run a whole experiment; stages finished with unchanged settings are skipped. Relative paths in the config
+        are relative to the config file."""
         from metaunlearn.experiment.runner import run_experiment
         from metaunlearn.experiment.schedule import StageResources
 
         target = ray_address or ("local" if ray else None)
         run_experiment(config, run_dir=run_dir, dry_run=dry_run, progress=not quiet, jobs=jobs, ray=target,
-                       resources=StageResources(cpus, gpus))
+                       resources=StageResources(cpus, gpus), overwrite=overwrite)

@@ -16,13 +16,18 @@ from rich.console import Console
 def register(app: typer.Typer) -> None:
     @app.command("unlearn")
     def unlearn(
-        config: Path = typer.Argument(..., help="YAML config (the unlearn stage's, or one with an 'unlearn' section)."),
+        config: Path = typer.Argument(..., help="YAML config (the unlearn stage's, or one with an 'unlearn' section); relative paths in it are "
+                        "relative to the config file."),
         method: Optional[str] = typer.Option(None, "--method", help="Override the method: esd, sdd, uce or rece."),
         meta: Optional[bool] = typer.Option(
             None, "--meta/--no-meta", help="Add the meta objective (config's 'meta' or defaults) / run plain."
         ),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: config 'out')."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from the output folder's checkpoint."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: the config's 'out', relative to the config file; else "
+                                   "<run folder>/<method>[-meta], the run folder being the config's run_dir or runs/<config name>)."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Redo the run when the output folder holds one made with other settings "
+            "(by default a run with the same settings resumes from its checkpoint, and other settings are refused)."
+        ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
@@ -44,8 +49,11 @@ def register(app: typer.Typer) -> None:
             for line in describe(cfg):
                 console.print(line, markup=False, highlight=False)
             return
-        result = run_unlearn(cfg, resume=resume, progress=not quiet)
+        result = run_unlearn(cfg, overwrite=overwrite, progress=not quiet)
         if not result.is_main:  # another process of a data-parallel launch
+            return
+        if result.skipped:
+            console.print(f"already done with these settings: {result.model}", markup=False, highlight=False)
             return
         summary = " ".join(f"{k} {v:.4g}" for k, v in {**result.edit_stats, **result.terms}.items())
         console.print(f"{cfg.variant}: {result.steps} steps {summary}".rstrip(), markup=False, highlight=False)

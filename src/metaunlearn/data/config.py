@@ -88,7 +88,10 @@ class ConceptData(StrictModel):
 class DataConfig(StrictModel):
     """The concept data sets of an experiment (any role may be left out if no stage needs it)."""
 
-    root: Path = Field(Path("data"), description="where generated image folders go: root/<role>/<split>")
+    root: Path | None = Field(
+        None, description="where generated image folders go: root/<role>/<split> (relative to the config file; "
+                          "default: the run folder's data/)"
+    )
     cache_dir: Path | None = Field(None, description="latent/conditioning cache folder (default: root/cache)")
     seed: int = Field(0, description="base sampling seed")
     sampler: SamplerSettings = Field(default_factory=SamplerSettings, description="default sampler settings")
@@ -126,21 +129,27 @@ class DataConfig(StrictModel):
     def split_folder(self, role: str, split: str) -> Path:
         """The image folder of ``role``/``split`` (a user folder's subfolder, or ``root/role/split``)."""
         spec = self.role(role)
+        if spec.folder is None and self.root is None:
+            raise UserError("data.root is not set (resolve the config's paths first)")
         base = spec.folder if spec.folder is not None else self.root / role
         return base / split
 
     @property
     def cache_path(self) -> Path:
+        if self.cache_dir is None and self.root is None:
+            raise UserError("data.root is not set (resolve the config's paths first)")
         return self.cache_dir if self.cache_dir is not None else self.root / "cache"
 
-    def resolve_paths(self, base_dir: str | Path) -> DataConfig:
-        """A copy whose relative paths (root, cache, prompt files, folders) are taken relative to ``base_dir``."""
+    def resolve_paths(self, base_dir: str | Path, default_root: str | Path | None = None) -> DataConfig:
+        """A copy whose relative paths (root, cache, prompt files, folders) are taken relative to ``base_dir`` (the
+        config file's folder); an unset ``root`` becomes ``default_root`` (the run folder's ``data/``)."""
         base_dir = Path(base_dir)
 
         def fix(p: Path | None) -> Path | None:
             return None if p is None else (p if p.is_absolute() else base_dir / p)
 
-        update: dict = {"root": fix(self.root), "cache_dir": fix(self.cache_dir)}
+        root = fix(self.root) if self.root is not None else (Path(default_root) if default_root is not None else None)
+        update: dict = {"root": root, "cache_dir": fix(self.cache_dir)}
         for role in self.roles():
             spec = self.role(role)
             update[role] = spec.model_copy(

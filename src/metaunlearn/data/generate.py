@@ -4,14 +4,14 @@
 :func:`generate_role` and :func:`generate_data` do this for the roles and splits a :class:`DataConfig` names.
 
 Image ``i`` of a generation (prompt-major order: every image of prompt 0, then prompt 1, ...) uses sampler seed
-``seed + i``, so the result does not depend on the batch size. Each folder records its settings in
-``generation.json``; asking again for the same settings is a no-op, asking for different ones into an existing
-folder needs ``overwrite=True``. Folders are written atomically: a good folder is never replaced by a partial one.
+``seed + i``, so the result does not depend on the batch size. Each folder records its settings (the generating
+model's content fingerprint, seed, sampler, prompts) in the stage marker ``stages/generate.json`` that every stage
+uses (:class:`metaunlearn.runs.RunDir`); asking again for the same settings is a no-op, asking for different ones
+into an existing folder needs ``overwrite=True`` and the refusal names the changed keys. Folders are written atomically: a good folder is never replaced by a partial one.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,22 +19,25 @@ from pathlib import Path
 import torch
 
 from metaunlearn.backbones.base import Backbone
-from metaunlearn.data.caching import folder_fingerprint
 from metaunlearn.data.config import SPLITS, DataConfig, SamplerSettings
 from metaunlearn.data.imagefolder import ImageRecord, check_imagefolder, read_metadata, to_pil, write_records
 from metaunlearn.data.prompts import resolve_prompts
 from metaunlearn.errors import UserError
-from metaunlearn.runs import ensure_dir, make_temp_dir, progress_bar, replace_directory
+from metaunlearn.runs import RunDir, ensure_dir, make_temp_dir, progress_bar, replace_directory
 
-GENERATION_FILE = "generation.json"
+STAGE = "generate"
+"""The folder's stage marker (``stages/generate.json``, see :class:`metaunlearn.runs.RunDir`) holds the settings."""
 
 
-def model_identity(backbone: Backbone) -> str:
-    """Path plus fingerprint of every component (UNet included) of the model that generates the data."""
+def model_identity(backbone: Backbone) -> dict:
+    """Resolved path and content fingerprint of every file of the model that generates the data (a digest of
+    its weights for a pipeline only in memory)."""
+    from metaunlearn.identity import module_digest, tree_digest
+
     source = Path(backbone.source)
     if (source / "model_index.json").is_file():
-        return f"{source.resolve()}#{folder_fingerprint(source, components=None)[:16]}"
-    return backbone.source
+        return {"path": str(source.resolve()), "fingerprint": tree_digest(source)[:16]}
+    return {"path": None, "fingerprint": module_digest(backbone.pipe)[:16]}
 
 
 def _spec(backbone: Backbone, items: Sequence[tuple[str, str]], seed: int, sampler: SamplerSettings) -> dict:
@@ -50,28 +53,27 @@ def _split_spec(spec: dict, split: str) -> dict:
     return {**spec, "split": split}
 
 
+def _status(folder: Path, spec: dict):
+    """The folder's :class:`~metaunlearn.runs.StageStatus` against ``spec`` (done only with readable images)."""
+    from metaunlearn.runs import RunDir, StageStatus
+
+    status = RunDir(folder, create=False).status(STAGE, spec, outputs=[folder])
+    if status.state == "done":
+        try:
+            read_metadata(folder)
+        except UserError:
+            return StageStatus("changed", ["(its images are incomplete)"])
+    return status
+
+
 def _is_current(folder: Path, spec: dict) -> bool:
     """``folder`` is a valid image folder generated with exactly ``spec``."""
-    record = folder / GENERATION_FILE
-    if not record.is_file():
-        return False
-    try:
-        same = json.loads(record.read_text()) == spec
-        return same and bool(read_metadata(folder))
-    except (json.JSONDecodeError, UserError):
-        return False
+    return _status(folder, spec).state == "done"
 
 
 def _difference(folder: Path, spec: dict) -> str:
-    """Which generation setting of an existing folder differs from ``spec`` (for the error message)."""
-    try:
-        old = json.loads((folder / GENERATION_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return "it has no readable generation.json"
-    changed = [k for k in spec if old.get(k) != spec[k]]
-    if not changed:
-        return "it is incomplete"
-    return f"its {' and '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}"
+    """Which generation settings of an existing folder differ from ``spec`` (for the error message)."""
+    return f"{_status(folder, spec).describe()} changed"
 
 
 def _check_replaceable(folder: Path, spec: dict, overwrite: bool) -> None:
@@ -145,7 +147,7 @@ def _write_splits(
         records = sample_items(backbone, items, seed, sampler, tmps, progress=progress, description=description)
         for split, tmp in tmps.items():
             write_records(tmp, records[split])
-            (tmp / GENERATION_FILE).write_text(json.dumps(_split_spec(spec, split), indent=2) + "\n")
+            RunDir(tmp, create=False).mark_done(STAGE, _split_spec(spec, split))
         for split, tmp in tmps.items():
             replace_directory(tmp, targets[split])
     finally:

@@ -43,7 +43,7 @@ def with_attack_suite(attack, primary: str, quick: bool):
 
 
 def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None, console: Console | None = None,
-               all_attacks: bool = False) -> Experiment:
+               all_attacks: bool = False, *, create: bool = True, overwrite: bool = False) -> Experiment:
     """The demo experiment: the full grid, or ``quick`` (UCE plain and meta, the primary attack to 25 steps).
 
     ``seeds`` > 1 replicates the whole grid (unlearning and attacks) under seeds 0..N-1; the report then gives
@@ -56,7 +56,7 @@ def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None,
     grid = config.grid.model_copy(update={"seeds": list(range(seeds))})
     attack = config.attack
     ev = config.eval
-    default_dir = Path(config.run_dir or "runs/demo")
+    default_dir = Path("runs/demo")  # in the working directory, not beside the packaged config
     if quick:  # one method, the primary attack only: the meta effect in a few minutes
         grid = grid.model_copy(update={"methods": [m for m in grid.methods if m.name == QUICK_METHOD]})
         primary = config.report.primary_set or "hrm-m"
@@ -70,4 +70,4 @@ def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None,
         default_dir = default_dir.with_name(f"{default_dir.name}-{seeds}seeds")
     attack_data = {k: v for k, v in config.attack_data.items() if k in attack.sets}
     config = config.model_copy(update={"grid": grid, "attack": attack, "eval": ev, "attack_data": attack_data})
-    return Experiment(config, base, run_dir or default_dir, console)
+    return Experiment(config, base, run_dir or default_dir, console, create=create, overwrite=overwrite)

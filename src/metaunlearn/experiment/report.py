@@ -40,7 +40,7 @@ from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
-from metaunlearn.runs import atomic_write_text
+from metaunlearn.runs import AtomicFiles
 
 VARIANT_ORDER = {"base": 0, "plain": 1, "meta": 2}
 METRIC_LABELS = {
@@ -322,10 +322,25 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     prompt_rows = read_prompt_rows(run_dir)
     prompts = prompt_attack_table(prompt_rows, rows, config.metric, models)
 
-    assets = out / ASSETS
-    figs = report_figures(rows, config.metric, METRIC_LABELS.get(config.metric, config.metric),
-                          config.related_metric if config.related_metric != config.metric else None,
-                          primary, sets, config.budget_steps, assets)
+    # Every output is staged beside its final path and renamed into place together at the end: a failure (a full
+    # disk, a bad path) leaves the previous report whole, and report_assets/ never keeps figures of another run.
+    with AtomicFiles() as staged:
+        assets = staged.temp_dir(out / ASSETS)
+        figs = report_figures(rows, config.metric, METRIC_LABELS.get(config.metric, config.metric),
+                              config.related_metric if config.related_metric != config.metric else None,
+                              primary, sets, config.budget_steps, assets)
+        return _write(staged, out, config, rows, run_dir, primary, sets, metrics, summary, worst, figs, main,
+                      worst_table, table_data, reduction, related, quality, aucs, worst_runs_table, worst_runs_data,
+                      prompt_rows, prompts)
+
+
+def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: Path, primary: str, sets, metrics,
+           summary, worst, figs, main, worst_table, table_data, reduction, related, quality, aucs, worst_runs_table,
+           worst_runs_data, prompt_rows, prompts) -> ReportFiles:
+    """Stage every report file in ``staged`` (figures are already in its temporary assets folder)."""
+    from metaunlearn.attacks.curves import run_curves
+    from metaunlearn.attacks.sweep import KEY_FIELDS
+
     grid_columns, grids = grid_rows(rows, run_dir, primary)
 
     n_runs = len({(r["model"], r["attack_set"], r["mode"], r["lr"], r["seed"]) for r in rows})
@@ -333,11 +348,11 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     subtitle = (f"{len({r['model'] for r in rows})} models · attack sets {', '.join(sets)} · "
                 f"{n_runs} attack runs · seeds {', '.join(map(str, seeds))} · source {run_dir.resolve()}")
 
-    by_name = {path.stem: (path, caption) for path, caption in figs}
-    relearning = [by_name[n] for n in ("relearning_curves", "relearning_other_sets") if n in by_name]
-    destruct = [by_name["self_destruct"]] if "self_destruct" in by_name else []
-
-    def sections(grid_cells) -> list[Section]:
+    def sections(grid_cells, final: bool) -> list[Section]:
+        # HTML embeds the staged figures; Markdown links them where they will be after the commit
+        by_name = {path.stem: (out / ASSETS / path.name if final else path, caption) for path, caption in figs}
+        relearning = [by_name[n] for n in ("relearning_curves", "relearning_other_sets") if n in by_name]
+        destruct = [by_name["self_destruct"]] if "self_destruct" in by_name else []
         s = []
         if relearning:
             s.append(Section("Relearning under attack", figures=relearning))
@@ -364,13 +379,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     columns = list(KEY_FIELDS) + settings + metrics
     summary_columns = ["metric", "model", "method", "variant", "attack_set", "mode", "lr", "step",
                        "mean", "std", "min", "max", "n"]
-    files = ReportFiles(
-        results_json=atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n"),
-        results_csv=atomic_write_text(out / "results.csv", _csv_text(rows, columns)),
-        summary_csv=atomic_write_text(out / "summary.csv", _csv_text(summary, summary_columns)),
-        markdown=atomic_write_text(out / "report.md", render_markdown(config.title, subtitle, sections(grids), out)),
-        html=atomic_write_text(out / "report.html", render_html(config.title, subtitle, sections(grids))),
-        figures=[p for p, _ in figs],
+    return ReportFiles(
+        results_json=staged.write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n"),
+        results_csv=staged.write_text(out / "results.csv", _csv_text(rows, columns)),
+        summary_csv=staged.write_text(out / "summary.csv", _csv_text(summary, summary_columns)),
+        markdown=staged.write_text(out / "report.md",
+                                   render_markdown(config.title, subtitle, sections(grids, True), out)),
+        html=staged.write_text(out / "report.html", render_html(config.title, subtitle, sections(grids, False))),
+        figures=[out / ASSETS / p.name for p, _ in figs],
     )
-    return files
 

@@ -3,7 +3,8 @@
 Layout of ``RUN_DIR``::
 
     config.json                    the fully resolved experiment config
-    stages/<stage>.done.json       markers: a finished stage with unchanged settings is skipped on re-run
+    stages/<stage>.json            markers (state + full settings): done stages with the same settings are skipped,
+                                   started ones resumed, changed ones refused unless overwrite
     logs/<stage>.log               output of a stage run by a worker process or a Ray task (see schedule.py)
     data/                          concept data (when the config's data.root is relative, it is taken from here)
     attack_data/<set>/             attack sets generated from the base model
@@ -39,7 +40,7 @@ class GridModel:
 
     name: str
     method: str
-    variant: str  # base | unlearn | meta (the report's names)
+    variant: str  # base | plain | meta
     entry: GridMethod | None = None
     seed: int = 0  # the grid seed (replicate) this model belongs to
 
@@ -67,6 +68,7 @@ class Task:
     kind: str  # unlearn | attack
     model: GridModel
     after: tuple[str, ...] = ()
+    overwrite: bool = False  # redo it if it ran with other settings (travels with the task to worker processes)
 
 
 def _resolve(path: str | Path, base: Path) -> Path:
@@ -85,16 +87,18 @@ def load_experiment(path: str | Path) -> tuple[ExperimentConfig, dict[str, Any],
 class Experiment:
     """One experiment config bound to its run directory."""
 
-    def __init__(self, config: ExperimentConfig, base: Path, run_dir: Path, console: Console | None = None) -> None:
+    def __init__(self, config: ExperimentConfig, base: Path, run_dir: Path, console: Console | None = None,
+                 *, create: bool = True, overwrite: bool = False) -> None:
         self.config = config
         self.base = base
-        self.run = RunDir(Path(run_dir).resolve())  # absolute: stage configs resolve paths against other folders
+        # absolute: stage configs resolve paths against other folders; a dry run creates nothing
+        self.run = RunDir(Path(run_dir).resolve(), create=create)
         self.console = console or Console()
+        self.overwrite = overwrite  # redo stages whose outputs were made with other settings
         self.model_dir = _resolve(config.model, base)
-        data = config.data.resolve_paths(base) if config.data is not None else None
-        if data is not None and not Path(config.data.root).is_absolute():
-            data = data.model_copy(update={"root": self.run.path / config.data.root,
-                                           "cache_dir": self.run.path / "cache"})
+        data = config.data.resolve_paths(base, self.run.path / "data") if config.data is not None else None
+        if data is not None and config.data.cache_dir is None:
+            data = data.model_copy(update={"cache_dir": self.run.path / "cache"})
         self.data = data
 
     # ---- the models of the grid -----------------------------------------------------------------------------
@@ -151,6 +155,61 @@ class Experiment:
     def attack_folders(self) -> dict[str, Path]:
         return {name: self.run.path / "attack_data" / name for name in self.config.attack_data}
 
+    # ---- checks before running -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Validate every section a run will use (the unlearn template and each grid model's stage config)."""
+        from metaunlearn.unlearn import UnlearnConfig, unlearn_section
+
+        if self.config.unlearn is not None:
+            raw = {"model": str(self.model_dir), "unlearn": dict(self.config.unlearn)}
+            if self.data is not None:
+                raw["data"] = self.data.model_dump(mode="json")
+            validate(UnlearnConfig, unlearn_section(raw, self.base, "unlearn"), "unlearn")
+        for m in self.models():
+            if m.entry is not None:
+                self.unlearn_config(m).method.build()
+
+    def missing_inputs(self) -> list[tuple[str, str]]:
+        """``(path, what provides it)`` for every input of the run that does not exist yet and no stage makes."""
+        from metaunlearn.config import resolve_path
+
+        missing: list[tuple[str, str]] = []
+
+        def need(path: str | Path | None, fix: str) -> None:
+            if path is not None and not Path(path).exists():
+                missing.append((str(path), fix))
+
+        need(self.model_dir, "edit 'model': a local diffusers model folder (safetensors weights)")
+        if self.data is not None:
+            for role in self.data.roles():
+                spec = self.data.role(role)
+                if spec.generated:
+                    need(spec.prompt_file, f"edit data.{role}.prompt_file")
+                    need(spec.test_prompt_file, f"edit data.{role}.test_prompt_file")
+                else:
+                    for split in ("train", "test"):
+                        need(self.data.split_folder(role, split),
+                             f"edit data.{role}.folder (a folder holding train/ and test/ image folders), or "
+                             f"give prompts to generate it: `metaunlearn run` then makes it")
+        if self.config.attack is not None:
+            for name, spec in self.config.attack.sets.items():
+                if name not in self.config.attack_data and spec.data:
+                    path = resolve_path(spec.data, self.base)
+                    need(path, f"make it with `metaunlearn generate {self.model_dir} --prompt-file PROMPTS "
+                               f"--out {path}`, edit attack.sets.{name}.data, or add attack_data.{name} (prompts) "
+                               "so the run generates it")
+        if self.config.eval is not None:
+            ev = self.config.eval
+            for i, ps in enumerate(ev.prompt_sets):
+                if ps.prompts_file:
+                    need(resolve_path(ps.prompts_file, self.base), f"edit eval.prompt_sets.{i}.prompts_file")
+            for key, value in (("detector.path", ev.detector.path), ("quality.fid_features_path",
+                               ev.quality.fid_features_path), ("quality.fid_reference", ev.quality.fid_reference),
+                               ("quality.clip_score_path", ev.quality.clip_score_path)):
+                if value:
+                    need(resolve_path(value, self.base), f"edit eval.{key}")
+        return missing
+
     # ---- plan ------------------------------------------------------------------------------------------------
     def plan(self) -> list[PlannedStage]:
         stages: list[PlannedStage] = []
@@ -195,6 +254,7 @@ class Experiment:
         from metaunlearn.experiment.report import build_report
         from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
 
+        self.check_settings()
         self.run.write_config(self.config)
         began = time.time()
         base_backbone = None
@@ -245,10 +305,11 @@ class Experiment:
             if m.entry is None:
                 continue
             after = (f"unlearn-{m.plain_twin().key}",) if m.from_plain else ()
-            out.append(Task(f"unlearn-{m.key}", "unlearn", m, after))
+            out.append(Task(f"unlearn-{m.key}", "unlearn", m, after, self.overwrite))
         if self.config.attack is not None:
             for m in models:
-                out.append(Task(f"attack-{m.key}", "attack", m, () if m.entry is None else (f"unlearn-{m.key}",)))
+                out.append(Task(f"attack-{m.key}", "attack", m, () if m.entry is None else (f"unlearn-{m.key}",),
+                                self.overwrite))
         return out
 
     def is_done(self, task: Task) -> bool:
@@ -257,6 +318,7 @@ class Experiment:
 
     def run_task(self, task: Task, progress: bool = True) -> None:
         """One unlearn or attack stage (skipped when done with the same settings)."""
+        self.overwrite = self.overwrite or task.overwrite  # a worker process learns it from the task
         settings, work = self._task_work(task, progress)
         self._stage(task.stage, settings, work)
 
@@ -264,14 +326,45 @@ class Experiment:
         m = task.model
         if task.kind == "unlearn":
             cfg = self.unlearn_config(m)
-            settings = {"unlearn": cfg.model_dump(mode="json")}
-            if m.from_plain:  # a rebuilt plain model rebuilds this one
-                settings["from"] = self.unlearn_config(m.plain_twin()).model_dump(mode="json")
-            return settings, lambda: self._unlearn(cfg, progress)
+            return self._unlearn_settings(m), lambda: self._unlearn(cfg, progress)
         suite = self._suite(m.seed)
-        settings = {"suite": suite.model_dump(mode="json"),
+        settings = {"model": self._unlearn_settings(m) if m.entry is not None else str(self.model_dir),
+                    "suite": suite.model_dump(mode="json"),
                     "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
         return settings, lambda: self._attack(m, suite, progress)
+
+    def _unlearn_settings(self, m: GridModel) -> dict:
+        """An unlearn stage's settings: its config, the data stage's (rebuilt data rebuild the model) and, for a
+        meta model started from its plain twin, the twin's (a rebuilt plain model rebuilds this one)."""
+        settings = {"unlearn": self.unlearn_config(m).model_dump(mode="json"),
+                    "data": self.data.model_dump(mode="json") if self.data is not None else None}
+        if m.from_plain:
+            settings["from"] = self._unlearn_settings(m.plain_twin())
+        return settings
+
+    def stage_settings(self) -> list[tuple[str, object]]:
+        """``(stage, settings)`` of every stage of the run, in order (the report excluded: it is always rebuilt)."""
+        out: list[tuple[str, object]] = []
+        if self.data is not None:
+            out.append(("data", self.data))
+        for name in self.attack_folders():
+            out.append((f"attack-data-{name}", self.config.attack_data[name]))
+        for seed in self._by_seed():
+            out += [(t.stage, self._task_work(t, False)[0]) for t in self.tasks(seed)]
+        return out
+
+    def check_settings(self) -> None:
+        """Before any work: refuse (one line) when a stage already run in this folder had other settings, unless
+        ``overwrite``; so a changed config never mixes old and new results."""
+        if self.overwrite:
+            return
+        changed = [(stage, status) for stage, settings in self.stage_settings()
+                   if (status := self.run.status(stage, settings)).state == "changed"]
+        if changed:
+            stage, status = changed[0]
+            more = f" and {len(changed) - 1} more stage(s)" if len(changed) > 1 else ""
+            raise UserError(f"{self.run.path}: stage {stage}{more} ran with other settings ({status.describe()} "
+                            "changed); pass --overwrite to redo them, or choose another run folder")
 
     def _by_seed(self) -> dict[int, list[GridModel]]:
         out: dict[int, list[GridModel]] = {}
@@ -280,7 +373,8 @@ class Experiment:
         return out
 
     def _stage(self, stage: str, settings, work) -> None:
-        if self.run.is_done(stage, settings):
+        status = self.run.begin(stage, settings, overwrite=self.overwrite, what=f"stage {stage} of {self.run.path}")
+        if status.state == "done":
             self.console.print(f"[dim]skip {stage} (done)[/]")
             return
         self.console.print(f"[bold cyan]stage[/] {stage}")
@@ -291,7 +385,7 @@ class Experiment:
     def _make_data(self, backbone, progress: bool) -> None:
         from metaunlearn.data.generate import generate_data
 
-        generate_data(backbone, self.data, overwrite=True, progress=progress)
+        generate_data(backbone, self.data, overwrite=self.overwrite, progress=progress)
 
     def _make_attack_set(self, backbone, spec, folder: Path, progress: bool) -> None:
         from metaunlearn.data.config import SamplerSettings
@@ -299,12 +393,12 @@ class Experiment:
 
         sampler = spec.sampler or (self.data.sampler if self.data is not None else SamplerSettings())
         generate_folder(backbone, spec.prompts, folder, images_per_prompt=spec.images_per_prompt, seed=spec.seed,
-                        sampler=sampler, overwrite=True, progress=progress)
+                        sampler=sampler, overwrite=self.overwrite, progress=progress)
 
     def _unlearn(self, config, progress: bool) -> None:
         from metaunlearn.unlearn import run_unlearn
 
-        result = run_unlearn(config, resume=True, progress=progress)
+        result = run_unlearn(config, overwrite=self.overwrite, progress=progress)
         self.console.print(f"  saved {result.model} ({result.steps} steps)")
 
     def _suite(self, seed: int = 0):
@@ -323,41 +417,41 @@ class Experiment:
         return suite.model_copy(update={"sets": sets, "cache_dir": cache, "seeds": [s + seed for s in suite.seeds]})
 
     def _attack(self, model: GridModel, suite, progress: bool) -> None:
-        from metaunlearn.attacks.sweep import ModelInfo, run_sweep
-        from metaunlearn.backbones.loading import load_backbone
-        from metaunlearn.commands.attack import load_attack_sets
-        from metaunlearn.metrics.evaluate import Evaluator
-        from metaunlearn.runs import atomic_write_text
+        from metaunlearn.attacks.stage import attack_model
 
         folder = self.model_folder(model)
         if not folder.is_dir():
             raise UserError(f"model {model.key} was not built: {folder} is missing")
-        backbone = load_backbone(folder)
-        evaluator = Evaluator(self.config.eval, base_dir=self.base) if self.config.eval else None
-        sets = load_attack_sets(backbone, suite, self.base, self.run.path, None, progress)
-        info = ModelInfo(model.name, model.method, model.variant)
-        resolved = {"model": str(folder), "name": model.name, "method": model.method, "variant": model.variant,
-                    "attack": suite.model_dump(mode="json")}
-        name = "config.json" if model.seed == 0 else f"config.s{model.seed}.json"
-        atomic_write_text(self.run.path / "attacks" / model.name / name, json.dumps(resolved, indent=2) + "\n")
-        run_sweep(backbone, sets, suite, self.run.path, info, evaluator, progress=progress, resume=True,
-                  cache_dir=suite.cache_dir)
-        if suite.prompt_attacks:
-            from metaunlearn.attacks.prompts import run_prompt_attacks
-
-            run_prompt_attacks(backbone, suite.prompt_attacks, suite.seeds, evaluator, self.run.path, info,
-                               sets.get(suite.concept_set), progress=progress)
+        attack_model(folder, suite, self.run.path, eval_config=self.config.eval, base_dir=self.base, name=model.name,
+                     method=model.method, variant=model.variant, stage_key=model.key, overwrite=self.overwrite,
+                     progress=progress)
 
 
 def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,
                    progress: bool = True, console: Console | None = None, jobs: int = 1, ray: str | None = None,
-                   resources: StageResources | None = None) -> Path | None:
-    """``metaunlearn run CONFIG``: every stage the config names, skipping finished ones."""
+                   resources: StageResources | None = None, overwrite: bool = False) -> Path | None:
+    """``metaunlearn run CONFIG``: every stage the config names, skipping finished ones.
+
+    The run folder is ``run_dir``, else the config's ``run_dir`` (relative to the config file), else
+    ``runs/<config name>`` in the working directory. A dry run validates every section, prints the plan and every
+    input that does not exist yet (and what provides it), and creates nothing. Stages already run with other
+    settings are refused unless ``overwrite``.
+    """
+    from metaunlearn.config import default_run_dir
+
     config, _, base = load_experiment(path)
-    chosen = run_dir or (config.run_dir and _resolve(config.run_dir, base)) or Path("runs") / Path(path).stem
-    experiment = Experiment(config, base, Path(chosen), console)
+    chosen = Path(run_dir) if run_dir is not None else default_run_dir(path, config.run_dir)
+    experiment = Experiment(config, base, chosen, console, create=not dry_run, overwrite=overwrite)
     if dry_run:
+        experiment.validate()
         print_plan(experiment.plan(), experiment.console, title=f"plan for {path} -> {experiment.run.path}")
+        missing = experiment.missing_inputs()
+        if missing:
+            experiment.console.print(f"[bold]{len(missing)} input(s) missing[/] (edit {path} or create them first):")
+            for where, fix in missing:
+                experiment.console.print(f"  {where}: {fix}", markup=False, highlight=False)
+        else:
+            experiment.console.print("every input exists")
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("run schedules whole stages itself: start it as one process (--jobs N or --ray for stages at "

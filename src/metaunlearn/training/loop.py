@@ -362,3 +362,11 @@ def read_log(out_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoint_step(out_dir: str | Path) -> int | None:
+    """The step of the checkpoint in a loop's output folder, or ``None`` when there is none."""
+    folder = recover_directory(Path(out_dir) / CHECKPOINT_DIR)
+    if not (folder / STATE_FILE).is_file():
+        return None
+    return int(read_step(folder)["step"])

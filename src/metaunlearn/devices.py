@@ -1,0 +1,30 @@
+"""Device and dtype options shared by the stages and commands (torch is imported on use)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from metaunlearn.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # option name -> torch dtype name
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu`` (see :func:`metaunlearn.training.accel.resolve_device`)."""
+    from metaunlearn.training.accel import resolve_device as resolve
+
+    return resolve(device)
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` -> fp16 on GPU, fp32 on CPU; otherwise one of :data:`DTYPES`."""
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
+    return getattr(torch, DTYPES[dtype])
