@@ -255,6 +255,9 @@ def test_dry_run_lists_missing_inputs_validates_and_creates_nothing(run_cli, tmp
     assert "/models/clip-vit-large-patch14: edit eval.quality.fid_features_path" in out
     assert "edit eval.quality.fid_reference" in out and "input(s) missing" in out
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing created, not even the run folder
+    res = run_cli("run", configs / "sd14_nudity.yaml")  # a real run refuses before writing anything
+    assert_user_error(res, "input not found: /models/stable-diffusion-v1-4", "see --dry-run")
+    assert sorted(p for p in tmp_path.rglob("*")) == before
 
     cfg = yaml.safe_load((configs / "sd14_nudity.yaml").read_text())
     cfg["unlearn"]["steps"] = "ten"

@@ -6,7 +6,7 @@ Layout of ``RUN_DIR``::
     stages/<stage>.json            markers (state + full settings): done stages with the same settings are skipped,
                                    started ones resumed, changed ones refused unless overwrite
     logs/<stage>.log               output of a stage run by a worker process or a Ray task (see schedule.py)
-    data/                          concept data (when the config's data.root is relative, it is taken from here)
+    data/                          concept data (unless the config's data.root, relative to the config file, says otherwise)
     attack_data/<set>/             attack sets generated from the base model
     models/<method>-<variant>/     unlearned models (model/ is a plain diffusers folder) + their training logs
     models/<method>-<variant>.s<k>/  the same for grid seed k > 0 (replicates; results keep the model's name)
@@ -441,7 +441,13 @@ def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_r
 
     config, _, base = load_experiment(path)
     chosen = Path(run_dir) if run_dir is not None else default_run_dir(path, config.run_dir)
-    experiment = Experiment(config, base, chosen, console, create=not dry_run, overwrite=overwrite)
+    experiment = Experiment(config, base, chosen, console, create=False, overwrite=overwrite)
+    if not dry_run:  # every input that no stage makes must exist before anything is written
+        missing = experiment.missing_inputs()
+        if missing:
+            where, fix = missing[0]
+            more = f" (and {len(missing) - 1} more; see --dry-run)" if len(missing) > 1 else ""
+            raise UserError(f"input not found: {where}: {fix}{more}")
     if dry_run:
         experiment.validate()
         print_plan(experiment.plan(), experiment.console, title=f"plan for {path} -> {experiment.run.path}")
