@@ -131,12 +131,17 @@ def test_every_prompt_attack_from_the_cli_on_tiny_sdxl(tmp_path, run_cli, tiny_s
                for r in rows)
     after = _weights(backbone)
     assert all(torch.equal(after[k], before[k]) for k in before)
-    # a rerun reuses every result; a changed setting reruns only that attack
+    # a rerun reuses every result; a changed setting is refused, and redone with --overwrite for that attack only
     stamps = {f: (run_dir / "prompt_attacks" / "x-plain" / f).stat().st_mtime_ns for f in files}
+    labels = ("--name", "x-plain", "--method", "x", "--variant", "plain")
+    assert run_cli("attack", tiny_sdxl_dir, tmp_path / "attack.yaml", "--run-dir", run_dir, "--quiet",
+                   *labels).exit_code == 0
     config["attack"]["prompt_attacks"]["ring"]["strength"] = 3.0
     (tmp_path / "attack.yaml").write_text(yaml.safe_dump(config))
+    refused = run_cli("attack", tiny_sdxl_dir, tmp_path / "attack.yaml", "--run-dir", run_dir, "--quiet", *labels)
+    assert refused.exit_code == 2 and "prompt_attack.strength" in refused.stderr
     assert run_cli("attack", tiny_sdxl_dir, tmp_path / "attack.yaml", "--run-dir", run_dir, "--quiet",
-                   "--name", "x-plain").exit_code == 0
+                   *labels, "--overwrite").exit_code == 0
     changed = {f for f in files if (run_dir / "prompt_attacks" / "x-plain" / f).stat().st_mtime_ns != stamps[f]}
     assert changed == {"ring_s0.jsonl", "ring_s1.jsonl"}
     md = build_report(run_dir).markdown.read_text()

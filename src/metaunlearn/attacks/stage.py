@@ -214,20 +214,19 @@ def attack_model(
                             f"({status.describe()} changed); pass --overwrite to redo them, or choose another run "
                             "folder")
         checks.append((set_name, path, specs, settings, outputs, finished))
-    prompt_settings, prompt_outputs = None, []
+    prompts: list[tuple[str, dict, list[Path]]] = []  # one stage per prompt attack: a changed one redoes only it
     if suite.prompt_attacks:
         from metaunlearn.attacks.prompts import prompt_attack_file
 
-        prompt_settings = {**common, "prompt_attacks": {n: a.model_dump(mode="json")
-                                                        for n, a in suite.prompt_attacks.items()},
-                           "seeds": suite.seeds}
-        prompt_outputs = [prompt_attack_file(run_dir, name, n, seed) for n in suite.prompt_attacks
-                          for seed in suite.seeds]
-        status = run.status(f"attack/{key}/prompt-attacks", prompt_settings, outputs=prompt_outputs,
-                            complete=prompt_outputs)
-        if status.state == "changed" and not overwrite:
-            raise UserError(f"prompt attack results '{name}' in {run_dir} were made with other settings "
-                            f"({status.describe()} changed); pass --overwrite to redo them")
+        for attack_name, spec in suite.prompt_attacks.items():
+            settings = {**common, "prompt_attack": {"name": attack_name, **spec.model_dump(mode="json")},
+                        "seeds": suite.seeds}
+            files = [prompt_attack_file(run_dir, name, attack_name, seed) for seed in suite.seeds]
+            status = run.status(f"attack/{key}/prompt-{attack_name}", settings, outputs=files, complete=files)
+            if status.state == "changed" and not overwrite:
+                raise UserError(f"prompt attack '{attack_name}' results of '{name}' in {run_dir} were made with other "
+                                f"settings ({status.describe()} changed); pass --overwrite to redo them")
+            prompts.append((attack_name, settings, files))
     # under a data-parallel launch every process trains; the main one alone writes, after all have read the folder
     accelerator = make_accelerator(None, None, cpu=device == "cpu" or backbone is not None)
     main = outcome.is_main = accelerator.is_main_process
@@ -247,16 +246,18 @@ def attack_model(
             old_specs = [AttackSpec.model_validate(s) for s in (status.record or {}).get("settings", {}).get("specs", [])]
             remove_outputs(_outputs(run_dir, name, set_name, specs + old_specs))
         todo[set_name] = path
-    if prompt_settings is not None and main:
-        status = run.begin(f"attack/{key}/prompt-attacks", prompt_settings, overwrite=overwrite, outputs=prompt_outputs,
-                           complete=prompt_outputs)
+    prompt_todo: dict[str, dict] = {}
+    for attack_name, settings, files in prompts if main else []:
+        status = run.begin(f"attack/{key}/prompt-{attack_name}", settings, overwrite=overwrite, outputs=files,
+                           complete=files)
         if status.state == "changed":
-            remove_outputs(prompt_outputs)
-        if status.state == "done":
-            prompt_settings = None
+            remove_outputs(files)
+        if status.state != "done":
+            prompt_todo[attack_name] = settings
     # every process takes the main one's decisions: the same sets to run, or none
-    todo = {n: p for n, p in todo.items() if n in _shared(accelerator, [n for n in todo] if main else None)}
-    if not todo and (prompt_settings is None or not main):
+    plan = _shared(accelerator, [*todo, *(f"prompt:{n}" for n in prompt_todo)] if main else None)
+    todo = {n: p for n, p in todo.items() if n in plan}
+    if not todo and not any(n.startswith("prompt:") for n in plan):
         return outcome
     info = ModelInfo(name, method, variant, identity.path, identity.fingerprint)
     resolved = {**common, "attack": suite.model_dump(mode="json"), "sets": {n: str(p) for n, p in folders.items()}}
@@ -281,12 +282,13 @@ def attack_model(
         if main:
             run.mark_done(f"attack/{key}/{set_name}", settings, runs=len(specs))
         outcome.rows += rows
-    if prompt_settings is not None and main:
+    if prompt_todo:  # the main process alone (prompt attacks change no weight and train nothing shared)
         from metaunlearn.attacks.prompts import run_prompt_attacks
 
-        run_prompt_attacks(backbone, suite.prompt_attacks, suite.seeds, evaluator, run_dir, info,
-                           data.get(suite.concept_set), progress=progress)
-        run.mark_done(f"attack/{key}/prompt-attacks", prompt_settings)
+        run_prompt_attacks(backbone, {n: suite.prompt_attacks[n] for n in prompt_todo}, suite.seeds, evaluator,
+                           run_dir, info, data.get(suite.concept_set), progress=progress)
+        for attack_name, settings in prompt_todo.items():
+            run.mark_done(f"attack/{key}/prompt-{attack_name}", settings)
     return outcome
 
 
