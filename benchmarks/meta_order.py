@@ -126,8 +126,11 @@ def run_row(args) -> dict:
     params = backbone.set_trainable(args.defence)
     attack = AttackConfig(steps=args.steps, batch_size=args.inner_batch, lr=1e-5,
                           trainable="lora" if args.attack == "lora" else args.attack)
+    # SD rows (--light): one retain and two ascent terms (related shared at θ and θ'), to keep a row near 20 minutes
+    irrelevant = 0.0 if args.light else 1.0
     config = MetaConfig(order=args.order, batch_size=args.batch, offload=args.offload, attacks=[attack],
-                        gamma_irrelevant=1.0, gamma_related=1.0, beta_forget=1.0, beta_related=1.0, beta_irrelevant=0.1)
+                        gamma_irrelevant=irrelevant, gamma_related=1.0, beta_forget=1.0, beta_related=1.0,
+                        beta_irrelevant=0.1 * irrelevant)
     objective = MetaObjective(backbone, config, data, params,
                               autocast=autocast_factory(backbone.device, "bf16" if args.bf16 else "no"))
     if args.adam8bit:
@@ -254,12 +257,13 @@ def child(argv: list[str], max_rss: float) -> dict | str:
     if killed:
         return f"stopped above {max_rss:g} GiB"
     if proc.returncode != 0:
-        return "failed: " + err.strip().splitlines()[-1][:200]
+        lines = err.strip().splitlines()
+        return "failed: " + (lines[-1][:200] if lines else f"exit code {proc.returncode}")
     return json.loads(out.strip().splitlines()[-1])
 
 
 ROW_KEYS = ("model", "order", "defence", "attack", "steps", "inner_batch", "batch", "latent", "bf16", "checkpointing",
-            "offload", "adam8bit")
+            "offload", "adam8bit", "light")
 
 
 def row_argv(row: dict) -> list[str]:
@@ -276,17 +280,13 @@ def row_argv(row: dict) -> list[str]:
 
 def default_rows(args) -> list[dict]:
     base = dict(defence="full", attack="full", steps=args.steps, inner_batch=2, batch=2, latent=args.latent[0],
-                bf16=False, checkpointing=False, offload=True, adam8bit=False, warmup=1, timed=3)
+                bf16=False, checkpointing=False, offload=True, adam8bit=False, light=False, warmup=1, timed=3)
     rows = []
     if args.sd14:
-        big = dict(base, model="sd14", inner_batch=1, batch=1, warmup=0, timed=1)
+        big = dict(base, model="sd14", inner_batch=1, batch=1, warmup=0, timed=1, light=True)
         for latent in args.latent:
-            rows += [
-                dict(big, latent=latent, order="first", defence="xattn", attack="xattn"),
-                dict(big, latent=latent, order="second", defence="xattn", attack="xattn"),
-                dict(big, latent=latent, order="second", defence="full", attack="lora"),
-                dict(big, latent=latent, order="first", defence="full", attack="lora"),
-            ]
+            rows += [dict(big, latent=latent, order=order, defence=d, attack=a) for order in ("second", "first")
+                     for d, a in args.spaces]
         return rows
     for model in ("tiny", "toy"):
         for order in ("first", "second_unrolled", "second", "second_fd"):
@@ -315,6 +315,8 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="per-copy sizes and activation memory at SD scale")
     parser.add_argument("--latent", type=int, nargs="+", default=[32], help="latent sides for --sd14/--parts")
     parser.add_argument("--steps", type=int, default=3, help="inner steps M")
+    parser.add_argument("--spaces", nargs="+", default=[("xattn", "xattn")], type=lambda v: tuple(v.split("/")),
+                        help="--sd14 rows: defence/attack parameter spaces, e.g. xattn/xattn full/lora full/full")
     parser.add_argument("--max-rss", type=float, default=19.0, help="GiB; a row above it is stopped")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     # one row (internal)
@@ -327,12 +329,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--timed", type=int, default=3, help=argparse.SUPPRESS)
-    for flag in ("bf16", "checkpointing", "offload", "adam8bit"):
+    for flag in ("bf16", "checkpointing", "offload", "adam8bit", "light"):
         parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=flag == "offload",
                             help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=["fwd_bwd", "double_backward"], help=argparse.SUPPRESS)
     parser.add_argument("--part-model", choices=["sd14", "sdxl"], default="sd14", help=argparse.SUPPRESS)
     parser.add_argument("--narrow", type=int, default=4, help="--parts: SDXL channel divisor")
+    parser.add_argument("--part-models", nargs="+", default=["sd14", "sdxl"], choices=["sd14", "sdxl"],
+                        help="--parts: which UNets")
     args = parser.parse_args()
     if args.row:
         args.latent = args.latent[0]
@@ -346,7 +350,7 @@ def main() -> None:
         print(f"{'UNet':<14}{'latent':>7}{'pass':>17}{'params':>14}{'weights MiB':>13}{'activations MiB':>17}"
               f"{'predicted MiB':>15}{'seconds':>9}")
         results = []
-        for model in ("sd14", "sdxl"):
+        for model in args.part_models:
             for latent in args.latent:
                 for part in ("fwd_bwd", "double_backward"):
                     r = child(["--part", part, "--part-model", model, "--latent", str(latent), "--narrow",

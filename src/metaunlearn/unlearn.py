@@ -88,6 +88,10 @@ class UnlearnConfig(StrictModel):
     steps: int = Field(200, ge=1, description="outer optimizer steps (ESD/SDD, or the meta stage after UCE/RECE)")
     lr: float | None = Field(None, gt=0, description="outer AdamW learning rate (default: the method's, 1e-5)")
     weight_decay: float = Field(0.0, ge=0, description="outer AdamW weight decay")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="outer optimizer; adamw8bit: bitsandbytes' 8-bit AdamW (pip install 'metaunlearn[bnb]'), "
+                             "a quarter of AdamW's state memory"
+    )
     clip_grad_norm: float | None = Field(None, gt=0, description="clip of plain-method gradients (meta: meta.clip)")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0)
@@ -247,8 +251,30 @@ class UnlearnResult:
         return {"out": str(self.out), "model": str(self.model), "steps": self.steps, **self.terms, **self.edit_stats}
 
 
-def describe(config: UnlearnConfig) -> list[str]:
-    """Human-readable plan lines (for ``--dry-run``)."""
+def memory_plan(config: UnlearnConfig, model: Path | None = None):
+    """The meta step's :class:`~metaunlearn.meta.memory.MemoryPlan` for ``config`` (None without a meta objective).
+
+    ``model``: a folder with the same architecture to read shapes from (default: ``config.model``). On CPU the
+    plan includes this process's resident memory (the Python/torch runtime); on a GPU it counts tensors only.
+    """
+    from metaunlearn.meta.memory import plan_for_model_folder, process_rss
+
+    if config.meta is None:
+        return None
+    method = config.method.build()
+    subset = config.meta.trainable or config.trainable or method.trainable_subset
+    folder = Path(model or config.model)
+    if not (folder / "unet" / "config.json").exists():
+        return None
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    return plan_for_model_folder(folder, config.meta, subset, mixed_precision=config.mixed_precision,
+                                 gradient_checkpointing=config.gradient_checkpointing, outer_optimizer=config.optimizer,
+                                 runtime_bytes=process_rss() if on_cpu else 0)
+
+
+def describe(config: UnlearnConfig, device_memory: float | None = None) -> list[str]:
+    """Human-readable plan lines (for ``--dry-run``), with the meta step's memory plan (and whether it fits
+    ``device_memory`` GiB)."""
     method = config.method.build()
     lines = [f"model: {config.model}", f"method: {method.describe()}"]
     subset = config.trainable or method.trainable_subset
@@ -274,12 +300,23 @@ def describe(config: UnlearnConfig) -> list[str]:
             split = split or config.data.benign_split
             paths = getattr(config.data, role)
             lines.append(f"data {meta_role}: {getattr(paths, split) if paths else 'MISSING'}")
+        plan = memory_plan(config)
+        if plan is None:
+            lines.append(f"meta step memory plan: no model folder at {config.model}")
+        else:
+            lines += plan.lines(device_memory)
     lines.append(f"out: {config.out}/{MODEL_DIR}")
     return lines
 
 
 def _build_optimizer(params: list[torch.nn.Parameter], config: UnlearnConfig, method: Method) -> torch.optim.Optimizer:
     lr = config.lr or method.default_lr
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise UserError("optimizer adamw8bit needs bitsandbytes: pip install 'metaunlearn[bnb]'") from exc
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 

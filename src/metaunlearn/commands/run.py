@@ -26,6 +26,10 @@ def register(app: typer.Typer) -> None:
         ),
         cpus: int = typer.Option(1, "--cpus-per-stage", min=1, help="CPU cores a Ray task asks for (its torch threads)."),
         gpus: Optional[float] = typer.Option(None, "--gpus-per-stage", min=0, help="GPUs a Ray task asks for (default: 1 if the cluster has GPUs, else 0)."),
+        device_memory: Optional[float] = typer.Option(
+            None, "--device-memory", min=0.1, metavar="GB",
+            help="With --dry-run: say whether each meta stage's predicted peak fits this much device memory (GiB).",
+        ),
     ) -> None:
         """Run a whole experiment; stages finished with unchanged settings are skipped. Relative paths in the config
         are relative to the config file."""
@@ -34,4 +38,4 @@ def register(app: typer.Typer) -> None:
 
         target = ray_address or ("local" if ray else None)
         run_experiment(config, run_dir=run_dir, dry_run=dry_run, progress=not quiet, jobs=jobs, ray=target,
-                       resources=StageResources(cpus, gpus), overwrite=overwrite)
+                       resources=StageResources(cpus, gpus), overwrite=overwrite, device_memory=device_memory)

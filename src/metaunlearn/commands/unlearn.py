@@ -30,6 +30,10 @@ def register(app: typer.Typer) -> None:
         ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        device_memory: Optional[float] = typer.Option(
+            None, "--device-memory", min=0.1, metavar="GB",
+            help="With --dry-run: say whether the meta step's predicted peak fits this much device memory (GiB).",
+        ),
     ) -> None:
         """Unlearn a concept; writes a diffusers model folder, the resolved config and a JSONL training log."""
         from metaunlearn.methods import get_method
@@ -46,7 +50,7 @@ def register(app: typer.Typer) -> None:
             overrides["out"] = out
         cfg = load_unlearn_config(config, overrides)
         if dry_run:
-            for line in describe(cfg):
+            for line in describe(cfg, device_memory):
                 console.print(line, markup=False, highlight=False)
             return
         result = run_unlearn(cfg, overwrite=overwrite, progress=not quiet)

@@ -211,6 +211,27 @@ class Experiment:
         return missing
 
     # ---- plan ------------------------------------------------------------------------------------------------
+    def memory_lines(self, device_memory: float | None = None) -> list[str]:
+        """The meta step's memory plan of every distinct meta stage setting (architecture of the base model)."""
+        from metaunlearn.unlearn import memory_plan
+
+        lines, seen = [], set()
+        for models in self._by_seed().values():
+            for m in models:
+                if m.entry is None:
+                    continue
+                config = self.unlearn_config(m)
+                if config.meta is None:
+                    continue
+                key = (config.meta.model_dump_json(), config.trainable, config.mixed_precision, config.method.name)
+                if key in seen:
+                    continue
+                seen.add(key)
+                plan = memory_plan(config, model=self.model_dir)
+                if plan is not None:
+                    lines += [f"{m.key}: {line}" if i == 0 else line for i, line in enumerate(plan.lines(device_memory))]
+        return lines
+
     def plan(self) -> list[PlannedStage]:
         stages: list[PlannedStage] = []
         if self.data is not None:
@@ -429,13 +450,15 @@ class Experiment:
 
 def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,
                    progress: bool = True, console: Console | None = None, jobs: int = 1, ray: str | None = None,
-                   resources: StageResources | None = None, overwrite: bool = False) -> Path | None:
+                   resources: StageResources | None = None, overwrite: bool = False,
+                   device_memory: float | None = None) -> Path | None:
     """``metaunlearn run CONFIG``: every stage the config names, skipping finished ones.
 
     The run folder is ``run_dir``, else the config's ``run_dir`` (relative to the config file), else
     ``runs/<config name>`` in the working directory. A dry run validates every section, prints the plan and every
-    input that does not exist yet (and what provides it), and creates nothing. Stages already run with other
-    settings are refused unless ``overwrite``.
+    input that does not exist yet (and what provides it), each meta stage's predicted peak memory (and whether it
+    fits ``device_memory`` GiB), and creates nothing. Stages already run with other settings are refused unless
+    ``overwrite``.
     """
     from metaunlearn.config import default_run_dir
 
@@ -458,6 +481,8 @@ def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_r
                 experiment.console.print(f"  {where}: {fix}", markup=False, highlight=False)
         else:
             experiment.console.print("every input exists")
+        for line in experiment.memory_lines(device_memory):
+            experiment.console.print(line, markup=False, highlight=False)
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("run schedules whole stages itself: start it as one process (--jobs N or --ray for stages at "

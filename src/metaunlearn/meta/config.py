@@ -78,7 +78,8 @@ class MetaConfig(StrictModel):
         1e-3, gt=0, description="second_fd: relative step of the central difference, h = fd_eps·‖x‖/‖w‖"
     )
     offload: bool = Field(
-        True, description="second/second_fd: keep the saved θ and the inner-step snapshots in host memory"
+        True, description="keep the saved θ (and, second order, the inner-step gradients) in host memory (pinned "
+                          "when the UNet is on a GPU); no effect on CPU"
     )
     attacks: list[AttackConfig] = Field(default_factory=lambda: [AttackConfig()], min_length=1)
 

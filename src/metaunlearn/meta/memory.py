@@ -14,11 +14,12 @@ Phases (S_x: the attack's parameters x, P: the outer parameters θ, Z: outer par
 * second order (reverse mode) — the same attack, then per inner step a replay (inner state, ā_x and the adjoints
   of the inner state, one scratch copy) and one Hessian-vector product (ā_x, adjoint state, w, the graph gradient g,
   Z's gradients, double-backward activations). The inner-step gradients live in host memory with ``offload``
-  (device memory then does not grow with M), and so does the saved x.
+  (device memory then does not grow with M), and so does the saved x (every order).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,16 +53,19 @@ class MemoryPlan:
         return self.peak <= device_gib * 2**30
 
     def lines(self, device_gib: float | None = None) -> list[str]:
-        gib = 2**30
-        out = [f"meta step memory plan: peak {self.peak / gib:.2f} GiB ({self.phase})"
-               + (f", host {self.host / gib:.2f} GiB" if self.host else "")]
-        out.append("  " + ", ".join(f"{k} {v / gib:.2f}" for k, v in self.parts.items()) + " (GiB)")
-        out.append("  phases: " + ", ".join(f"{k} {v / gib:.2f}" for k, v in self.phases.items()) + " (GiB)")
+        out = [f"meta step memory plan: peak {_size(self.peak)} ({self.phase})"
+               + (f", host {_size(self.host)}" if self.host else "")]
+        out.append("  " + ", ".join(f"{k} {_size(v)}" for k, v in self.parts.items()))
+        out.append("  phases: " + ", ".join(f"{k} {_size(v)}" for k, v in self.phases.items()))
         out += [f"  note: {n}" for n in self.notes]
         if device_gib is not None:
             verdict = "fits" if self.fits(device_gib) else "does NOT fit"
             out.append(f"  {verdict} in --device-memory {device_gib:g} GiB")
         return out
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 # ---- activations by tracing on the meta device ------------------------------------------------------------------------
@@ -190,13 +194,14 @@ def plan_meta_memory(
                                   ("vae", "text_encoder", "text_encoder_2")) if m is not None)
     outer = list(dict((id(p), p) for _, p in backbone.named_trainable(defence_subset)).values())
     P = _bytes(outer)
-    plan.parts = {"weights": weights + other_modules_bytes + data_bytes + runtime_bytes}
+    plan.parts = {"runtime": runtime_bytes} if runtime_bytes else {}
+    plan.parts["weights"] = weights + other_modules_bytes + data_bytes
     optimizer_state = 2 * P if outer_optimizer == "adamw" else 2 * P // 4 + P // 64
     plan.parts["outer optimizer"] = optimizer_state
     act_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     act = dict(latent_shape=latent_shape, cond_shapes=cond_shapes, checkpointing=gradient_checkpointing, dtype=act_dtype)
     a_term = activation_bytes(unet, batch=batch, **act)
-    base = plan.parts["weights"] + optimizer_state
+    base = runtime_bytes + plan.parts["weights"] + optimizer_state
     if mixed_precision == "bf16":
         base += weights // 2  # autocast's bf16 copies of the weights, cached for a forward with grad
         plan.notes.append("bf16 autocast: activations traced in bf16, plus the autocast cache of bf16 weights")
@@ -216,7 +221,7 @@ def plan_meta_memory(
     inner_state = 2 * X if attack.optimizer == "adamw" else (X if attack.momentum > 0 else 0)
     plan.parts.update({"attack params": X, "inner state": inner_state})
     a_inner = activation_bytes(unet, batch=inner_batch, **act)
-    offload = config.offload and config.second_order
+    offload = config.offload
     if offload:
         plan.host = saved
         saved = 0
@@ -273,6 +278,62 @@ class _MetaBackbone:
         return Backbone.named_trainable(self, subset)
 
 
-def folder_bytes(folder: Path, components=("vae", "text_encoder", "text_encoder_2")) -> int:
-    """Bytes of the safetensors weights of ``components`` in a diffusers folder (file sizes; nothing is loaded)."""
-    return sum(f.stat().st_size for c in components for f in (Path(folder) / c).glob("*.safetensors"))
+def _folder_module_bytes(folder: Path, components=("vae", "text_encoder", "text_encoder_2")) -> int:
+    """fp32 bytes of the floating-point weights of ``components`` (read from safetensors headers; nothing loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for component in components:
+        for path in (Path(folder) / component).glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    if part.get_dtype().startswith(("F", "BF")):
+                        n = 1
+                        for d in part.get_shape():
+                            n *= d
+                        total += 4 * n
+    return total
+
+
+def plan_for_model_folder(
+    folder: str | Path,
+    config: MetaConfig,
+    defence_subset: str,
+    *,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    outer_optimizer: str = "adamw",
+    runtime_bytes: int = 0,
+) -> MemoryPlan:
+    """The plan for a diffusers model folder: the UNet from its ``config.json`` (on the meta device), the text
+    encoder(s) and VAE from their safetensors headers, latent and conditioning shapes from the configs."""
+    folder = Path(folder)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    side = unet_config.get("sample_size") or 64
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    latent = (unet_config.get("in_channels", 4), side, side)
+    tokens = 77
+    tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+    if tokenizer.exists():
+        tokens = int(json.loads(tokenizer.read_text()).get("model_max_length", 77))
+    cond: dict[str, tuple[int, ...]] = {"encoder_hidden_states": (tokens, unet_config["cross_attention_dim"])}
+    if unet_config.get("addition_embed_type") == "text_time":
+        pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+        cond.update({"text_embeds": (pooled,), "time_ids": (6,)})
+    return plan_from_unet_config(
+        unet_config, config, defence_subset, latent_shape=latent, cond_shapes=cond, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing, other_modules_bytes=_folder_module_bytes(folder),
+        outer_optimizer=outer_optimizer, runtime_bytes=runtime_bytes,
+    )
+
+
+def process_rss() -> int:
+    """This process's resident memory (Linux; 0 elsewhere): the runtime a CPU plan adds."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

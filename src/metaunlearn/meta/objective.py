@@ -139,7 +139,7 @@ class MetaObjective:
         self.shard = shard
         self._check_data()
         self.attacks = (
-            AttackRunner(backbone, config.attacks, seed=seed, offload=config.offload and config.second_order)
+            AttackRunner(backbone, config.attacks, seed=seed, offload=config.offload)
             if config.needs_attack else None
         )
         self.trajectory = Trajectory("cpu" if config.offload else None)
