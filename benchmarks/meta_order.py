@@ -64,6 +64,7 @@ def narrow(config: dict, factor: int) -> dict:
     """The same UNet shape with every channel count divided by ``factor`` (heads keep their count)."""
     out = dict(config)
     out["block_out_channels"] = tuple(c // factor for c in config["block_out_channels"])
+    out["norm_num_groups"] = max(1, 32 // factor)
     if isinstance(config["attention_head_dim"], tuple):
         out["attention_head_dim"] = tuple(max(1, h // factor) for h in config["attention_head_dim"])
     return out

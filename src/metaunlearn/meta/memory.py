@@ -31,6 +31,15 @@ from metaunlearn.meta.config import MetaConfig
 BACKWARD_FACTOR = {"fwd_bwd": 1.0, "double_backward": 1.0}
 """Peak activation memory of a pass / bytes autograd saves for it (calibrated; see the module docstring)."""
 
+OVERLAP = 0.25
+"""During a backward pass the saved activations are freed as the gradients appear: measured on the SD-1.4 UNet
+(batch 1, 32×32 and 64×64 latents) the peak above the weights is max(A, G + 0.25·A) for activations A, gradients G
+(3386 and 3779 MiB measured; 3397 and 3747 predicted)."""
+
+
+def _backward_peak(activations: int, gradients: int) -> int:
+    return max(activations, gradients + int(OVERLAP * activations))
+
 
 @dataclass
 class MemoryPlan:
@@ -206,7 +215,7 @@ def plan_meta_memory(
         base += weights // 2  # autocast's bf16 copies of the weights, cached for a forward with grad
         plan.notes.append("bf16 autocast: activations traced in bf16, plus the autocast cache of bf16 weights")
     if not config.needs_attack:
-        plan.phases["retain"] = base + P + a_term
+        plan.phases["retain"] = base + _backward_peak(a_term, P)
         return plan
     if attack.trainable == "lora":
         X = _lora_bytes(unet, attack.lora_rank, attack.lora_targets)
@@ -227,8 +236,8 @@ def plan_meta_memory(
         saved = 0
     steps = attack.steps or 1
     persistent = base + saved + inner_state
-    plan.phases["attack"] = persistent + X + a_inner
-    plan.phases["ascent/retain"] = persistent + P + a_term
+    plan.phases["attack"] = persistent + _backward_peak(a_inner, X)
+    plan.phases["ascent/retain"] = persistent + _backward_peak(a_term, P)
     plan.parts["activations (inner batch)"] = a_inner
     if config.order == "first":
         return plan
@@ -245,11 +254,11 @@ def plan_meta_memory(
         plan.phases["attack"] += trajectory
         plan.phases["ascent/retain"] += trajectory
     adj_state = 2 * X if attack.optimizer == "adamw" else (X if attack.momentum > 0 else 0)
-    plan.phases["ascent at θ'"] = persistent + X + Z + a_term
+    plan.phases["ascent at θ'"] = persistent + _backward_peak(a_term, X + Z)
     plan.phases["reverse: replay"] = persistent + X + adj_state + X + Z
     reverse = persistent - inner_state + X + adj_state + X + Z  # ā_x, adjoint state, w; inner state released
     if config.order == "second_fd":
-        plan.phases["reverse: HVP"] = reverse + X + a_inner
+        plan.phases["reverse: HVP"] = reverse + _backward_peak(a_inner, X)
     else:
         a2 = activation_bytes(unet, batch=inner_batch, double_backward=True, **act)
         plan.phases["reverse: HVP"] = reverse + X + a2  # + the graph gradient g
