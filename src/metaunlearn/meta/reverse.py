@@ -228,8 +228,9 @@ def reverse_meta_gradient(
                     loss = part.loss(backbone, train)
                     loss = loss if share == 1.0 else share * loss
                     total = loss if total is None else total + loss
-                if total is None:  # none of this batch's rows here: a zero that still depends on x
-                    total = sum((x * 0.0).sum() for x in xs)
+                if total is None:  # none of this batch's rows here: a zero whose gradient still depends on x,
+                    # so the Hessian-vector product runs (and joins the other processes' sums) here too
+                    total = 0.0 * sum((x * x).sum() for x in xs)
                 return total
 
             if hvp == "finite_difference":
