@@ -66,6 +66,11 @@ class UnlearnData(StrictModel):
     forget: SplitPaths | None = Field(None, description="attack on train, β_f term on test")
     related: SplitPaths | None = None
     irrelevant: SplitPaths | None = None
+    attack_sets: dict[str, Path] = Field(
+        default_factory=dict,
+        description="further forget sets a simulated attack may finetune on (meta.attacks[].data names one): "
+                    "name -> image folder or cached set",
+    )
     benign_split: Literal["train", "test"] = Field(
         "test", description="split of related/irrelevant used by the meta terms (the official code: test)"
     )
@@ -193,7 +198,8 @@ def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> 
         if s is not None:
             splits[role] = SplitPaths(train=_resolve_path(s.train, base), test=_resolve_path(s.test, base))
     cache = _resolve_path(config.data.cache_dir, base)
-    update["data"] = config.data.model_copy(update={**splits, "cache_dir": cache})
+    attack_sets = {name: _resolve_path(p, base) for name, p in config.data.attack_sets.items()}
+    update["data"] = config.data.model_copy(update={**splits, "cache_dir": cache, "attack_sets": attack_sets})
     return config.model_copy(update=update)
 
 
@@ -224,7 +230,12 @@ def load_meta_data(backbone: Backbone, config: UnlearnConfig, progress: bool = T
         if path is None:
             raise UserError(f"the meta objective needs data.{role}.{split} (a folder or a cached set)")
         sets[meta_role] = load_set(backbone, path, cache_dir, f"data.{role}.{split}", progress)
-    return MetaData(**sets)
+    extra = {}
+    for name in sorted({a.data for a in config.meta.attacks} - {"forget_train"}):
+        if name not in config.data.attack_sets:
+            raise UserError(f"meta.attacks names data '{name}', which is neither forget_train nor in data.attack_sets")
+        extra[name] = load_set(backbone, config.data.attack_sets[name], cache_dir, f"data.attack_sets.{name}", progress)
+    return MetaData(**sets, attack_sets=extra)
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------------------
@@ -291,15 +302,24 @@ def describe(config: UnlearnConfig, device_memory: float | None = None) -> list[
             f"meta ({m.order} order): γ_ir {m.gamma_irrelevant:g} γ_rel {m.gamma_related:g} β_f {m.beta_forget:g} "
             f"β_rel {m.beta_related:g} β_ir {m.beta_irrelevant:g}; attacks "
             + ", ".join(
-                f"{a.trainable}/{a.optimizer} lr {format_lr(a.lr)} "
-                + (f"{a.steps} steps" if a.steps else f"{a.epochs} epoch(s)")
+                f"{a.trainable}/{a.optimizer}"
+                + (f" radius {a.radius:g}" if a.radius else
+                   f" lr {format_lr(a.lr_range[0])}-{format_lr(a.lr_range[1])}" if a.lr_range else
+                   f" lr {format_lr(a.lr)}")
+                + (f" {a.steps_range[0]}-{a.steps_range[1]} steps" if a.steps_range else
+                   f" {a.steps} steps" if a.steps else f" {a.epochs} epoch(s)")
+                + (f" on {a.data}" if a.data != "forget_train" else "")
                 for a in m.attacks
             )
+            + (f"; ascent along the trajectory (every {m.trajectory_stride})" if m.ascent_along == "trajectory" else "")
+            + (f"; ascent bound {m.ascent_bound} {m.ascent_cap:g}" if m.ascent_bound != "none" else "")
         )
         for meta_role, (role, split) in meta_roles(m).items():
             split = split or config.data.benign_split
             paths = getattr(config.data, role)
             lines.append(f"data {meta_role}: {getattr(paths, split) if paths else 'MISSING'}")
+        for name in sorted({a.data for a in m.attacks} - {"forget_train"}):
+            lines.append(f"data attack set {name}: {config.data.attack_sets.get(name, 'MISSING')}")
         plan = memory_plan(config)
         if plan is None:
             lines.append(f"meta step memory plan: no model folder at {config.model}")

@@ -13,9 +13,10 @@ outer step) over forget-train at batch 10 on the full UNet: ``AttackConfig()``'s
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from metaunlearn.backbones.base import TRAINABLE_SUBSETS
 from metaunlearn.config import StrictModel
@@ -24,14 +25,39 @@ ATTACK_SUBSETS = (*TRAINABLE_SUBSETS, "lora")
 
 
 class AttackConfig(StrictModel):
-    """One simulated relearning attack A(θ): finetuning on forget-train, run in place each outer step."""
+    """One simulated relearning attack A(θ): finetuning on a forget set, run in place each outer step.
+
+    ``lr_range`` and ``steps_range`` make the attack a family: each outer step that samples this attack draws its
+    learning rate log-uniformly from ``lr_range`` and its step count uniformly from ``steps_range`` (inclusive), so
+    one entry can bracket a threat ("AdamW, 1e-4 to 1e-3, 3 to 8 steps"). ``radius`` replaces the learning rate by a
+    normalised step: every inner update is the optimizer's direction rescaled to a fixed L2 norm ρ.
+    """
 
     weight: float = Field(1.0, gt=0, description="sampling weight when several attacks form a distribution")
     steps: int | None = Field(None, ge=1, description="inner optimizer steps (overrides epochs)")
+    steps_range: tuple[int, int] | None = Field(
+        None, description="[min, max] inner steps, drawn uniformly (inclusive) per outer step; overrides steps/epochs"
+    )
     epochs: int = Field(1, ge=1, description="passes over forget-train when steps is not set")
     batch_size: int = Field(10, ge=1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-5, gt=0)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw (decoupled weight decay) or sgd (with momentum > 0: SGD with heavy-ball momentum)"
+    )
+    lr: float = Field(1e-5, gt=0, description="inner learning rate (unused with radius; replaced by lr_range)")
+    lr_range: tuple[float, float] | None = Field(
+        None, description="[min, max] learning rate, drawn log-uniformly per outer step; overrides lr"
+    )
+    radius: float | None = Field(
+        None, gt=0,
+        description="normalised-step attacker: each inner update is the optimizer's direction (SGD: the (momentum) "
+                    "gradient; AdamW: m̂/(√v̂+ε)) rescaled to global L2 norm radius (SAM-style); lr and weight decay "
+                    "are then unused",
+    )
+    data: str = Field(
+        "forget_train",
+        description="the set the attack finetunes on: forget_train, or the name of one of the unlearn stage's extra "
+                    "forget sets (data.attack_sets), so a distribution can span several forget data sets",
+    )
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
@@ -42,6 +68,31 @@ class AttackConfig(StrictModel):
     lora_alpha: float | None = Field(None, gt=0, description="default: the rank (scale 1)")
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     timestep: int | None = Field(None, ge=0, description="fixed training timestep; null = uniform random")
+
+    @field_validator("lr_range", "steps_range")
+    @classmethod
+    def _ordered_range(cls, value):
+        if value is not None and not 0 < value[0] <= value[1]:
+            raise ValueError("a range is [min, max] with 0 < min <= max")
+        return value
+
+    def sample(self, generator) -> AttackConfig:
+        """This attack with ``lr`` and ``steps`` drawn from their ranges (itself when it has none)."""
+        import torch
+
+        update = {}
+        if self.lr_range is not None:
+            lo, hi = (math.log(v) for v in self.lr_range)
+            update["lr"] = math.exp(lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64)))
+        if self.steps_range is not None:
+            lo, hi = self.steps_range
+            update["steps"] = int(torch.randint(lo, hi + 1, (), generator=generator))
+        return self.model_copy(update=update) if update else self
+
+    @property
+    def max_lr(self) -> float:
+        """The highest learning rate this attack can draw."""
+        return self.lr_range[1] if self.lr_range is not None else self.lr
 
 
 class MetaConfig(StrictModel):
@@ -81,13 +132,49 @@ class MetaConfig(StrictModel):
         True, description="keep the saved θ (and, second order, the inner-step gradients) in host memory (pinned "
                           "when the UNet is on a GPU); no effect on CPU"
     )
-    attacks: list[AttackConfig] = Field(default_factory=lambda: [AttackConfig()], min_length=1)
+    attacks: list[AttackConfig] = Field(
+        default_factory=lambda: [AttackConfig()], min_length=1,
+        description="the simulated attack, or a distribution of them: one is drawn per outer step by weight",
+    )
+    ascent_along: Literal["end", "trajectory"] = Field(
+        "end",
+        description="end: ascent terms at θ' = A(θ) only; trajectory: the mean of the ascent terms at every "
+                    "trajectory_stride-th inner iterate θ_k (k >= 1) and at the end, so the defence is scored along "
+                    "the whole attack, not only where it stops",
+    )
+    trajectory_stride: int = Field(1, ge=1, description="with ascent_along trajectory: every k-th inner step")
+    ascent_bound: Literal["none", "cap", "tanh"] = Field(
+        "none",
+        description="bound on each ascent loss L(θ'; D) so the defence cannot win by wrecking the model: cap uses "
+                    "min(L, ascent_cap) (no reward past the cap), tanh the smooth c·tanh(L/c) with c = ascent_cap",
+    )
+    ascent_cap: float | None = Field(None, gt=0, description="the bound c of ascent_bound (denoising-loss units)")
 
     @model_validator(mode="after")
     def _second_order_support(self) -> MetaConfig:
         if self.order == "second_unrolled" and any(a.trainable == "lora" for a in self.attacks):
             raise ValueError("order 'second_unrolled' supports UNet-subset attacks only, not lora")
+        if self.order in ("second", "second_fd") and any(a.radius is not None for a in self.attacks):
+            raise ValueError("a radius attacker is differentiated by order 'first' or 'second_unrolled' only")
+        if self.ascent_bound != "none" and self.ascent_cap is None:
+            raise ValueError(f"ascent_bound '{self.ascent_bound}' needs ascent_cap")
         return self
+
+    def bounded(self, loss):
+        """The ascent loss after ``ascent_bound`` (a tensor; unchanged for 'none')."""
+        import torch
+
+        if self.ascent_bound == "cap":
+            return torch.clamp(loss, max=self.ascent_cap)
+        if self.ascent_bound == "tanh":
+            return self.ascent_cap * torch.tanh(loss / self.ascent_cap)
+        return loss
+
+    def trajectory_points(self, steps: int) -> list[int]:
+        """Inner steps k (1-based) whose iterate θ_k carries ascent terms: the end only, or along the trajectory."""
+        if self.ascent_along == "end" or steps == 0:
+            return [steps] if steps else []
+        return sorted({*range(self.trajectory_stride, steps + 1, self.trajectory_stride), steps})
 
     @property
     def second_order(self) -> bool:

@@ -4,6 +4,9 @@ The official code builds a fresh ``torch.optim.AdamW`` every outer step (allocat
 each time). Here the state buffers are allocated once and zeroed by :meth:`InnerOptimizer.reset`, which gives the
 same "fresh state every outer step" semantics. The update is torch's AdamW / SGD algorithm on ``torch._foreach_*``
 ops (checked against ``torch.optim.AdamW`` in the tests), with torch's global-norm gradient clipping.
+
+With ``radius`` set (a normalised-step attacker) the update is the optimizer's direction — SGD: the gradient or
+momentum buffer; AdamW: m̂ / (√v̂ + ε) — rescaled to global L2 norm ``radius``; lr and weight decay are unused.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class InnerOptimizer:
         params, grads = self.params, list(grads)
         if cfg.optimizer == "adamw":
             beta1, beta2 = cfg.betas
-            if cfg.weight_decay:
+            if cfg.weight_decay and cfg.radius is None:
                 torch._foreach_mul_(params, 1 - cfg.lr * cfg.weight_decay)
             torch._foreach_lerp_(self.exp_avg, grads, 1 - beta1)
             torch._foreach_mul_(self.exp_avg_sq, beta2)
@@ -90,9 +93,13 @@ class InnerOptimizer:
             torch._foreach_sqrt_(denom)
             torch._foreach_div_(denom, math.sqrt(bias2))
             torch._foreach_add_(denom, cfg.eps)
+            if cfg.radius is not None:
+                direction = torch._foreach_div(self.exp_avg, denom)
+                _radius_step_(params, direction, cfg.radius)
+                return
             torch._foreach_addcdiv_(params, self.exp_avg, denom, -cfg.lr / bias1)
             return
-        if cfg.weight_decay:
+        if cfg.weight_decay and cfg.radius is None:
             grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
         if cfg.momentum > 0:
             if self.step_count == 1:
@@ -101,4 +108,15 @@ class InnerOptimizer:
                 torch._foreach_mul_(self.momentum, cfg.momentum)
                 torch._foreach_add_(self.momentum, grads)
             grads = self.momentum
+        if cfg.radius is not None:
+            _radius_step_(params, grads, cfg.radius)
+            return
         torch._foreach_add_(params, grads, alpha=-cfg.lr)
+
+
+def _radius_step_(params: list[torch.Tensor], direction: list[torch.Tensor], radius: float) -> None:
+    """``params -= radius · direction / ‖direction‖`` (global L2 norm; no step when the direction is zero)."""
+    norms = torch._foreach_norm(direction)
+    total = torch.linalg.vector_norm(torch.stack([n.double() for n in norms]))
+    if float(total) > 0:
+        torch._foreach_add_(params, direction, alpha=-radius / float(total))

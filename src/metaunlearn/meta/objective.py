@@ -151,7 +151,8 @@ class MetaObjective:
                 if getattr(self.config, attr) > 0:
                     self.data.get(role)
         if self.config.needs_attack:
-            self.data.get("forget_train")
+            for attack in self.config.attacks:
+                self.data.get(attack.data)
 
     def plan(self, generator: torch.Generator) -> StepPlan:
         """Draw the random numbers of one step (see :mod:`metaunlearn.meta.plan`)."""
@@ -192,37 +193,60 @@ class MetaObjective:
         return value
 
     def _ascent(self, plan: StepPlan) -> dict[str, float]:
-        """``−Σ β ∇L(θ'; D)`` into ``.grad`` (first order: at θ' = A(θ) run in place, then θ restored)."""
+        """``−Σ β ∇B(L(θ'; D))`` into ``.grad`` (B: ``ascent_bound``), at θ' = A(θ) or averaged over the iterates θ_k
+        of the trajectory (``ascent_along``); first order: at the attacked weights run in place, then θ restored."""
         cfg = self.config
-        attack = cfg.attacks[plan.attack]
+        attack = plan.attack_config or cfg.attacks[plan.attack]
         ascent = [(role, getattr(cfg, ASCENT_WEIGHTS[role]), draw, self.data.get(role)) for role, draw in plan.ascent.items()]
-        train = self.data.get("forget_train")
+        train = self.data.get(attack.data)
+        points = cfg.trajectory_points(len(plan.inner))
+        terms: dict[str, float] = {"attack_lr": attack.lr, "attack_steps": float(len(plan.inner))}
         if cfg.order in ("second", "second_fd"):
-            return self._reverse(plan, ascent, train)
+            terms.update(self._reverse(plan, attack, ascent, train, points))
+            return terms
         if cfg.order == "second_unrolled":
             space = self.attacks.space(plan.attack)
-            return second_order_ascent(
-                self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast, self.shard
-            )
-        terms: dict[str, float] = {}
-        try:
-            terms.update(self.attacks.run(plan.attack, plan.inner, train, frozen=self.params, autocast=self.autocast,
-                                          shard=self.shard))
+            terms.update(second_order_ascent(
+                self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast, self.shard,
+                points=points, bound=cfg.bounded,
+            ))
+            return terms
+        sums: dict[str, float] = {}
+
+        def ascend(k: int) -> None:
+            if k not in points:
+                return
             set_requires_grad(self.params, True)
             for role, weight, draw, data in ascent:
-                terms[f"ascent_{role}"] = self._backward(draw, data, -weight)
+                value = 0.0
+                for part, share in draw.shares(self.shard):  # this process's share of the batch
+                    with self.autocast():
+                        loss = part.loss(self.backbone, data)
+                    (-weight / len(points) * cfg.bounded(share * loss)).backward()
+                    value += share * float(loss.detach())
+                sums[role] = sums.get(role, 0.0) + value
+
+        try:
+            hook = ascend if len(points) > 1 else None
+            terms.update(self.attacks.run(plan.attack, plan.inner, train, frozen=self.params, autocast=self.autocast,
+                                          shard=self.shard, config=attack, after_step=hook))
+            if hook is None:
+                ascend(len(plan.inner))
         finally:
             self.attacks.undo()
             set_requires_grad(self.params, True)
+        terms.update({f"ascent_{role}": value / len(points) for role, value in sums.items()})
         return terms
 
-    def _reverse(self, plan: StepPlan, ascent, train) -> dict[str, float]:
-        """Exact second order by reverse mode: the ascent terms are the outer loss at the attack's end point."""
+    def _reverse(self, plan: StepPlan, attack, ascent, train, points: list[int]) -> dict[str, float]:
+        """Exact second order by reverse mode: the (bounded) ascent terms are the outer loss at every iterate in
+        ``points`` (the end point only, or along the trajectory), injected at those inner steps."""
         terms: dict[str, float] = {}
-        last = len(plan.inner)
+        sums: dict[str, float] = {}
+        bound = self.config.bounded
 
         def loss_at(k: int) -> torch.Tensor | None:
-            if k != last:
+            if k not in points:
                 return None
             total = None
             for role, weight, draw, data in ascent:
@@ -231,16 +255,17 @@ class MetaObjective:
                     with self.autocast():
                         loss = part.loss(self.backbone, data)
                     value += share * float(loss.detach())
-                    term = -weight * share * loss
+                    term = -weight / len(points) * bound(share * loss)
                     total = term if total is None else total + term
-                terms[f"ascent_{role}"] = value
+                sums[role] = sums.get(role, 0.0) + value
             return total
 
         terms.update(reverse_meta_gradient(
             self.attacks, plan.attack, plan.inner, train, self.params, loss_at, trajectory=self.trajectory,
             hvp="finite_difference" if self.config.order == "second_fd" else "double_backward",
-            fd_eps=self.config.fd_eps, autocast=self.autocast, shard=self.shard,
+            fd_eps=self.config.fd_eps, autocast=self.autocast, shard=self.shard, config=attack,
         ))
+        terms.update({f"ascent_{role}": value / len(points) for role, value in sums.items()})
         return terms
 
     def step(self, step: int, generator: torch.Generator, optimizer: torch.optim.Optimizer) -> dict[str, float]:

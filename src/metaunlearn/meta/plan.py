@@ -25,15 +25,19 @@ ROLES = ("forget_train", "forget_test", "related", "irrelevant")
 
 @dataclass
 class MetaData:
-    """The cached data sets the meta objective reads (a set whose terms all have weight 0 may be ``None``)."""
+    """The cached data sets the meta objective reads (a set whose terms all have weight 0 may be ``None``).
+
+    ``attack_sets`` are further forget sets a simulated attack may finetune on (``AttackConfig.data`` names one).
+    """
 
     forget_train: CachedSet | None = None
     forget_test: CachedSet | None = None
     related: CachedSet | None = None
     irrelevant: CachedSet | None = None
+    attack_sets: dict[str, CachedSet] = field(default_factory=dict)
 
     def get(self, role: str) -> CachedSet:
-        data = getattr(self, role)
+        data = getattr(self, role) if role in ROLES else self.attack_sets.get(role)
         if data is None or len(data) == 0:
             raise UserError(f"the meta objective needs the '{role}' data set (empty or not given)")
         return data
@@ -76,6 +80,7 @@ class StepPlan:
     """The random numbers of one outer step (see the module docstring)."""
 
     attack: int | None = None
+    attack_config: AttackConfig | None = None  # the sampled attack with its drawn lr and steps
     inner: list[Draw] = field(default_factory=list)
     retain: dict[str, Draw] = field(default_factory=dict)
     ascent: dict[str, Draw] = field(default_factory=dict)
@@ -130,8 +135,8 @@ def make_plan(config: MetaConfig, data: MetaData, num_train_timesteps: int, gene
         return plan
     weights = torch.tensor([a.weight for a in config.attacks], dtype=torch.float64)
     plan.attack = int(torch.multinomial(weights, 1, generator=generator)) if len(weights) > 1 else 0
-    attack = config.attacks[plan.attack]
-    train = data.get("forget_train")
+    attack = plan.attack_config = config.attacks[plan.attack].sample(generator)
+    train = data.get(attack.data)
     for index in inner_indices(len(train), attack, generator):
         plan.inner.append(draw(train, index, num_train_timesteps, generator, attack.timestep))
     ascent = {"forget_test": config.beta_forget, "related": config.beta_related, "irrelevant": config.beta_irrelevant}

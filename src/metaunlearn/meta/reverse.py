@@ -167,12 +167,14 @@ def reverse_meta_gradient(
     fd_eps: float = 1e-3,
     autocast=nullcontext,
     shard: Shard = SINGLE,
+    config: AttackConfig | None = None,
 ) -> dict[str, float]:
     """Accumulate dF/dθ (see the module docstring) into ``outer_params``' ``.grad``; return the attack's losses.
 
-    ``runner.attacks[index]`` is the attack; ``draws`` its inner batches; the UNet is left at θ.
+    ``runner.attacks[index]`` is the attack (``config``: as sampled for this step, with its drawn lr); ``draws`` its
+    inner batches; the UNet is left at θ.
     """
-    config: AttackConfig = runner.attacks[index]
+    config = config if config is not None else runner.attacks[index]
     backbone: Backbone = runner.backbone
     space = runner.space(index)
     xs = list(space.params)
@@ -182,7 +184,7 @@ def reverse_meta_gradient(
     trajectory.reset()
     try:
         terms = runner.run(index, draws, train, frozen=outer_params, autocast=autocast,
-                           on_gradient=lambda k, grads: trajectory.record(grads), shard=shard)
+                           on_gradient=lambda k, grads: trajectory.record(grads), shard=shard, config=config)
         optimizer = space.optimizers[space.key(config)]
         set_requires_grad(xs + zs, True)
         loss = loss_at(len(draws))

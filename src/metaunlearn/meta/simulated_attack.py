@@ -151,14 +151,19 @@ class AttackRunner:
         autocast: Autocast = nullcontext,
         on_gradient: Callable[[int, list[torch.Tensor]], None] | None = None,
         shard: Shard = SINGLE,
+        *,
+        config: AttackConfig | None = None,
+        after_step: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
         """Finetune in place (θ → θ'); ``frozen`` parameters get no gradient. Call :meth:`undo` afterwards.
 
         ``on_gradient(k, grads)`` (optional) sees the clipped gradient ĝ_k of inner step k = 1 … M before the
         optimizer consumes it. With several processes each computes its share of every inner batch and the inner
         gradients are summed across them before the clip and the update, so every process takes the same inner
-        steps. The returned losses are this process's shares (the caller sums them)."""
-        config = self.attacks[index]
+        steps. The returned losses are this process's shares (the caller sums them). ``config`` is attack ``index``
+        as sampled for this step (drawn lr and steps; default: as configured); ``after_step(k)`` is called with the
+        k-th iterate θ_k live, e.g. to take ascent terms along the trajectory."""
+        config = config if config is not None else self.attacks[index]
         space = self.space(index)
         space.save()
         self.active = space
@@ -194,6 +199,10 @@ class AttackRunner:
                 on_gradient(k, grads)
             opt.step(grads)
             del grads  # not held through the next forward pass (one parameter copy less at the peak)
+            if after_step is not None:
+                after_step(k)
+                set_requires_grad(frozen, False)
+                set_requires_grad(space.params, True)
         set_requires_grad(space.params, False)
         return {"attack_first": losses[0], "attack_last": losses[-1]} if losses else {}
 

@@ -5,6 +5,8 @@ reference the scalable reverse mode (:mod:`metaunlearn.meta.reverse`) is tested 
 (``torch.func.functional_call`` via :class:`~metaunlearn.methods.base.SwappedUNet`), every inner gradient is taken
 with ``create_graph=True``, and the SGD or AdamW update (and the global-norm clip) is written with differentiable
 ops. Back-propagating the ascent terms at θ' then yields d/dθ of L(A(θ)), Jacobian of the attack included.
+With ``points`` the ascent terms are taken at several inner iterates θ_k (their mean), each differentiated through
+the first k steps; a ``radius`` attack's rescaled step is differentiated too.
 Memory grows with the number of inner steps (every step's activations and double-backward graph stay alive); use it
 on the toy model or tiny pipelines. Attention runs on
 PyTorch's math SDPA backend here, the fused kernels having no double backward.
@@ -13,7 +15,7 @@ PyTorch's math SDPA backend here, the fused kernels having no double backward.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -25,6 +27,12 @@ from metaunlearn.meta.config import AttackConfig
 from metaunlearn.meta.plan import Draw
 from metaunlearn.methods.base import SwappedUNet
 from metaunlearn.training.parallel import SINGLE, Shard
+
+
+def _to_radius(direction: list[torch.Tensor], radius: float) -> list[torch.Tensor]:
+    """``radius · direction / ‖direction‖`` (differentiable)."""
+    total = torch.sqrt(sum((d * d).sum() for d in direction))
+    return [radius * d / total for d in direction]
 
 
 def _clip(grads: list[torch.Tensor], max_norm: float | None) -> list[torch.Tensor]:
@@ -56,9 +64,11 @@ def unrolled_attack(
     data: CachedSet,
     autocast=nullcontext,
     shard: Shard = SINGLE,
+    visit: Callable[[int, list[torch.Tensor]], None] | None = None,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """θ' as differentiable functions of ``params`` (which must require grad), and the inner losses (this
-    process's shares). With several processes the inner gradients are summed across them inside the graph."""
+    process's shares). With several processes the inner gradients are summed across them inside the graph.
+    ``visit(k, θ_k)`` sees every iterate (k = 1..len(draws))."""
     current = list(params)
     m = [torch.zeros_like(p) for p in params] if config.optimizer == "adamw" else None
     v = [torch.zeros_like(p) for p in params] if config.optimizer == "adamw" else None
@@ -81,18 +91,26 @@ def unrolled_attack(
             root2 = math.sqrt(1 - b2**k)
             # sqrt(v + tiny) instead of sqrt(v): the same value, but a finite derivative where a parameter's inner
             # gradients are all exactly zero (d sqrt(v)/dv = inf at 0 would turn 0·inf into NaN)
-            current = [
-                p * (1 - config.lr * config.weight_decay)
-                - step * mi / (torch.sqrt(vi + torch.finfo(vi.dtype).tiny) / root2 + config.eps)
-                for p, mi, vi in zip(current, m, v)
-            ]
+            denom = [torch.sqrt(vi + torch.finfo(vi.dtype).tiny) / root2 + config.eps for vi in v]
+            if config.radius is not None:
+                direction = [mi / di for mi, di in zip(m, denom)]
+                current = [p - u for p, u in zip(current, _to_radius(direction, config.radius))]
+            else:
+                current = [
+                    p * (1 - config.lr * config.weight_decay) - step * mi / di for p, mi, di in zip(current, m, denom)
+                ]
         else:
-            if config.weight_decay:
+            if config.weight_decay and config.radius is None:
                 grads = [g + config.weight_decay * p for g, p in zip(grads, current)]
             if config.momentum > 0:
                 buf = grads if buf is None else [config.momentum * b + g for b, g in zip(buf, grads)]
                 grads = buf
-            current = [p - config.lr * g for p, g in zip(current, grads)]
+            if config.radius is not None:
+                current = [p - u for p, u in zip(current, _to_radius(grads, config.radius))]
+            else:
+                current = [p - config.lr * g for p, g in zip(current, grads)]
+        if visit is not None:
+            visit(k, current)
     return current, losses
 
 
@@ -106,28 +124,42 @@ def second_order_ascent(
     ascent: Sequence[tuple[str, float, Draw, CachedSet]],
     autocast=nullcontext,
     shard: Shard = SINGLE,
+    *,
+    points: Sequence[int] | None = None,
+    bound: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
 ) -> dict[str, float]:
-    """Accumulate ``−Σ β ∇_θ L(A(θ); D)`` (exact) into the outer parameters' ``.grad`` (this process's share);
-    return logged values (this process's shares)."""
+    """Accumulate ``−Σ β ∇_θ mean_k bound(L(θ_k; D))`` (exact) into the outer parameters' ``.grad`` (this process's
+    share) over the inner steps k in ``points`` (default: the end only, θ' = θ_M); return logged values (this
+    process's shares; with several processes ``bound`` applies to each process's share of a loss)."""
     outer_ids = {id(p) for p in outer_params}
+    points = list(points) if points is not None else [len(draws)]
+    total: list = [0.0]
+    last: list = [None]
+    sums: dict[str, float] = {}
+
+    def ascend(k: int, current: list[torch.Tensor]) -> None:
+        last[0] = current
+        if k not in points:
+            return
+        net = SwappedUNet(backbone.unet, dict(zip(attack_params, current)))
+        for role, weight, draw, data in ascent:
+            loss, value = _local_loss(backbone, draw, data, net, shard, autocast)
+            if loss is not None:
+                total[0] = total[0] - weight / len(points) * bound(loss)
+            sums[role] = sums.get(role, 0.0) + value
+
     for p in attack_params:
         p.requires_grad_(True)
     try:
         with sdpa_kernel([SDPBackend.MATH]):
-            current, losses = unrolled_attack(backbone, config, attack_params, draws, train, autocast, shard)
-            net = SwappedUNet(backbone.unet, dict(zip(attack_params, current)))
-            total = 0.0
+            _, losses = unrolled_attack(backbone, config, attack_params, draws, train, autocast, shard, visit=ascend)
             terms: dict[str, float] = {"attack_first": losses[0], "attack_last": losses[-1]} if losses else {}
-            for role, weight, draw, data in ascent:
-                loss, value = _local_loss(backbone, draw, data, net, shard, autocast)
-                if loss is not None:
-                    total = total - weight * loss
-                terms[f"ascent_{role}"] = value
-            if shard.distributed and ascent and draws and not torch.is_tensor(total):
+            terms.update({f"ascent_{role}": value / len(points) for role, value in sums.items()})
+            if shard.distributed and ascent and draws and not torch.is_tensor(total[0]):
                 # no ascent rows here: still run the backward, whose inner all-reduces the other processes wait on
-                total = 0.0 * sum(c.sum() for c in current)
-            if torch.is_tensor(total):
-                total.backward()
+                total[0] = 0.0 * sum(c.sum() for c in last[0])
+            if torch.is_tensor(total[0]):
+                total[0].backward()
     finally:
         for p in attack_params:
             if id(p) not in outer_ids:

@@ -1,0 +1,186 @@
+"""Simulated-attack distributions (lr / step ranges, several forget sets), the normalised-step (radius) attacker,
+ascent terms along the inner trajectory and bounded ascent terms: each checked against an independent computation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from metaunlearn.errors import UserError
+from metaunlearn.meta import AttackConfig, MetaConfig, MetaObjective, make_plan
+from metaunlearn.meta.inner_optim import InnerOptimizer
+
+from test_meta import cached, make_backbone, meta_data
+
+ASCENT_ONLY = dict(gamma_irrelevant=0, gamma_related=0, beta_forget=1.0, beta_related=0.5, beta_irrelevant=0)
+
+
+def grads_of(objective: MetaObjective, plan) -> list[torch.Tensor]:
+    for p in objective.params:
+        p.grad = None
+    objective._ascent(plan)
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in objective.params]
+
+
+def test_lr_and_steps_ranges_are_sampled_per_outer_step():
+    backbone = make_backbone("sd")
+    data = meta_data(backbone, n=5)
+    attack = AttackConfig(lr_range=(1e-5, 1e-3), steps_range=(2, 4), batch_size=2)
+    config = MetaConfig(attacks=[attack], **ASCENT_ONLY)
+    gen = torch.Generator().manual_seed(0)
+    plans = [make_plan(config, data, 1000, gen) for _ in range(300)]
+    lrs = [p.attack_config.lr for p in plans]
+    assert all(1e-5 <= lr <= 1e-3 for lr in lrs)
+    # log-uniform: a third of the draws in each decade-and-a-half third, median near the geometric mean 1e-4
+    logs = sorted(math.log10(lr) for lr in lrs)
+    assert abs(logs[len(logs) // 2] - (-4)) < 0.25
+    assert sum(lr < 1e-4 for lr in lrs) / len(lrs) == pytest.approx(0.5, abs=0.1)
+    assert {len(p.inner) for p in plans} == {2, 3, 4}
+    assert all(len(p.inner) == p.attack_config.steps for p in plans)
+    # without ranges the attack is used as configured and no extra random number is drawn
+    fixed = MetaConfig(attacks=[AttackConfig(steps=3, batch_size=2)], **ASCENT_ONLY)
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    plan = make_plan(fixed, data, 1000, a)
+    assert plan.attack_config is fixed.attacks[0]
+    torch.testing.assert_close(plan.inner[0].noise, make_plan(fixed, data, 1000, b).inner[0].noise)
+    with pytest.raises(ValueError):
+        AttackConfig(lr_range=(1e-3, 1e-5))
+
+
+def test_attack_on_another_forget_set():
+    backbone = make_backbone("sd")
+    data = meta_data(backbone, n=5)
+    data.attack_sets["renders"] = cached(backbone, "a rendered nude", 3, 9)
+    config = MetaConfig(attacks=[AttackConfig(steps=4, batch_size=2, data="renders")], **ASCENT_ONLY)
+    plan = make_plan(config, data, 1000, torch.Generator().manual_seed(0))
+    assert max(int(d.index.max()) for d in plan.inner) < 3  # rows of the 3-image set
+    params = backbone.set_trainable("xattn")
+    objective = MetaObjective(backbone, config, data, params)
+    assert objective.accumulate(0, torch.Generator(), plan)["attack_steps"] == 4
+    missing = MetaConfig(attacks=[AttackConfig(steps=1, data="nowhere")], **ASCENT_ONLY)
+    with pytest.raises(UserError, match="nowhere"):
+        MetaObjective(backbone, missing, data, params)
+
+
+@pytest.mark.parametrize(("optimizer", "momentum"), [("sgd", 0.0), ("sgd", 0.9), ("adamw", 0.0)])
+def test_radius_step_has_fixed_norm_along_the_optimizer_direction(optimizer, momentum):
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3), torch.randn(7)]
+    start = [p.clone() for p in params]
+    config = AttackConfig(optimizer=optimizer, momentum=momentum, radius=0.05, lr=123.0, weight_decay=0.5)
+    opt = InnerOptimizer(params, config)
+    g = [torch.randn_like(p) for p in params]
+    opt.step([x.clone() for x in g])
+    delta = [p - s for p, s in zip(params, start)]
+    norm = torch.sqrt(sum((d * d).sum() for d in delta))
+    assert float(norm) == pytest.approx(0.05, rel=1e-5)
+    if optimizer == "sgd":  # first step: along −g
+        g_norm = torch.sqrt(sum((x * x).sum() for x in g))
+        for d, x in zip(delta, g):
+            torch.testing.assert_close(d, -0.05 * x / g_norm)
+    else:  # first AdamW step: m̂/√v̂ = sign(g) (up to ε)
+        n = sum(x.numel() for x in g)
+        for d, x in zip(delta, g):
+            torch.testing.assert_close(d, -0.05 * torch.sign(x) / math.sqrt(n), rtol=1e-4, atol=1e-7)
+    before = [p.clone() for p in params]
+    opt.step([torch.randn_like(p) for p in params])
+    second = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(params, before)))
+    assert float(second) == pytest.approx(0.05, rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_second_order_radius_attacker_matches_finite_differences(optimizer):
+    backbone = make_backbone("sd", torch.float64)
+    data = meta_data(backbone, n=4)
+    params = backbone.set_trainable("xattn")
+    # a large Adam ε keeps m̂/(√v̂+ε) smooth enough for central differences (at ε ≈ 0 it is sign(g))
+    attack = AttackConfig(steps=2, batch_size=2, optimizer=optimizer, radius=0.05, trainable="xattn", eps=1e-3,
+                          momentum=0.5 if optimizer == "sgd" else 0.0, clip_grad_norm=None)
+    config = MetaConfig(attacks=[attack], batch_size=2, order="second_unrolled", **ASCENT_ONLY)
+    with pytest.raises(ValueError, match="radius"):  # reverse mode has no adjoint of the rescaled step
+        MetaConfig(attacks=[attack], order="second")
+    objective = MetaObjective(backbone, config, data, params)
+    plan = objective.plan(torch.Generator().manual_seed(0))
+    grad = grads_of(objective, plan)
+    theta = [p.detach().clone() for p in params]
+
+    def value(values) -> float:  # −Σβ L(A(θ)) with the first-order (in-place) radius attack on a copy
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
+        first = MetaConfig(attacks=[attack], batch_size=2, **ASCENT_ONLY)
+        runner = MetaObjective(backbone, first, data, params)
+        runner.attacks.run(0, plan.inner, data.forget_train, frozen=params, config=attack)
+        with torch.no_grad():
+            out = -sum(config.beta_forget * plan.ascent["forget_test"].loss(backbone, data.forget_test)
+                       + config.beta_related * plan.ascent["related"].loss(backbone, data.related) for _ in [0])
+        runner.attacks.undo()
+        return float(out)
+
+    direction = [torch.randn_like(t, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(theta)]
+    eps = 1e-5
+    plus = value([t + eps * d for t, d in zip(theta, direction)])
+    minus = value([t - eps * d for t, d in zip(theta, direction)])
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+    numeric = (plus - minus) / (2 * eps)
+    analytic = float(sum((g * d).sum() for g, d in zip(grad, direction)))
+    assert analytic == pytest.approx(numeric, rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("order", ["first", "second", "second_unrolled"])
+def test_trajectory_ascent_is_the_mean_of_end_ascents_over_prefixes(order):
+    dtype = torch.float64 if order != "first" else torch.float32
+    backbone = make_backbone("sd", dtype)
+    data = meta_data(backbone, n=4)
+    params = backbone.set_trainable("xattn")
+    attack = AttackConfig(steps=4, batch_size=2, lr=1e-2, trainable="xattn" if order != "first" else "full")
+    along = MetaConfig(attacks=[attack], batch_size=2, order=order, ascent_along="trajectory", trajectory_stride=2,
+                       **ASCENT_ONLY)
+    assert along.trajectory_points(4) == [2, 4] and along.trajectory_points(5) == [2, 4, 5]
+    objective = MetaObjective(backbone, along, data, params)
+    plan = objective.plan(torch.Generator().manual_seed(0))
+    ours = grads_of(objective, plan)
+    end = MetaObjective(backbone, along.model_copy(update={"ascent_along": "end"}), data, params)
+    parts = [grads_of(end, dataclasses.replace(plan, inner=plan.inner[:k])) for k in (2, 4)]
+    for a, b, c in zip(ours, *parts):
+        torch.testing.assert_close(a, (b + c) / 2, rtol=1e-5, atol=1e-9)
+    assert any(float(g.abs().max()) > 0 for g in ours)
+
+
+@pytest.mark.parametrize("order", ["first", "second", "second_unrolled"])
+def test_bounded_ascent_caps_and_saturates(order):
+    dtype = torch.float64 if order != "first" else torch.float32
+    backbone = make_backbone("sd", dtype)
+    data = meta_data(backbone, n=4)
+    params = backbone.set_trainable("xattn")
+    weights = dict(ASCENT_ONLY, beta_related=0.0)  # one ascent term: forget-test
+    attack = AttackConfig(steps=2, batch_size=2, lr=1e-2, trainable="xattn")
+    plain = MetaConfig(attacks=[attack], batch_size=2, order=order, **weights)
+    objective = MetaObjective(backbone, plain, data, params)
+    plan = objective.plan(torch.Generator().manual_seed(0))
+    free = grads_of(objective, plan)
+    loss = objective._ascent(plan)["ascent_forget_test"]
+    for p in params:
+        p.grad = None
+
+    def bounded(kind: str, cap: float) -> list[torch.Tensor]:
+        cfg = plain.model_copy(update={"ascent_bound": kind, "ascent_cap": cap})
+        return grads_of(MetaObjective(backbone, cfg, data, params), plan)
+
+    assert all(float(g.abs().max()) == 0 for g in bounded("cap", loss / 2))  # past the cap: no reward
+    for a, b in zip(bounded("cap", loss * 2), free):
+        torch.testing.assert_close(a, b)
+    cap = loss * 0.8
+    factor = 1 - math.tanh(loss / cap) ** 2  # d/dL c·tanh(L/c)
+    for a, b in zip(bounded("tanh", cap), free):
+        torch.testing.assert_close(a, factor * b, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="ascent_cap"):
+        MetaConfig(ascent_bound="cap")
+    tiny = copy.deepcopy(plain)
+    assert tiny.bounded(torch.tensor(3.0)) == 3.0
