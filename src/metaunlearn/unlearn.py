@@ -47,6 +47,7 @@ from metaunlearn.data.caching import load_set
 from metaunlearn.methods import Method, UnlearnInputs
 from metaunlearn.methods.config import MethodSpec
 from metaunlearn.runs import settings_key
+from metaunlearn.training.durability import SIGNALS_FILE, DurabilityProbe, SignalsConfig, reference_weights
 
 MODEL_DIR = "model"
 CONFIG_FILE = "config.json"
@@ -100,6 +101,10 @@ class UnlearnConfig(StrictModel):
     clip_grad_norm: float | None = Field(None, gt=0, description="clip of plain-method gradients (meta: meta.clip)")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0)
+    signals: SignalsConfig | None = Field(
+        default_factory=SignalsConfig,
+        description="durability signals in the training log and signals.json (needs data.forget; null: none)",
+    )
     mixed_precision: Literal["no", "bf16"] | None = Field(
         None, description="bf16 autocast or no; null: the launcher's (accelerate launch --mixed_precision), else no"
     )
@@ -197,6 +202,8 @@ def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> 
         s = getattr(config.data, role)
         if s is not None:
             splits[role] = SplitPaths(train=_resolve_path(s.train, base), test=_resolve_path(s.test, base))
+    if config.signals is not None and config.signals.reference is not None:
+        update["signals"] = config.signals.model_copy(update={"reference": _resolve_path(config.signals.reference, base)})
     cache = _resolve_path(config.data.cache_dir, base)
     attack_sets = {name: _resolve_path(p, base) for name, p in config.data.attack_sets.items()}
     update["data"] = config.data.model_copy(update={**splits, "cache_dir": cache, "attack_sets": attack_sets})
@@ -236,6 +243,23 @@ def load_meta_data(backbone: Backbone, config: UnlearnConfig, progress: bool = T
             raise UserError(f"meta.attacks names data '{name}', which is neither forget_train nor in data.attack_sets")
         extra[name] = load_set(backbone, config.data.attack_sets[name], cache_dir, f"data.attack_sets.{name}", progress)
     return MetaData(**sets, attack_sets=extra)
+
+
+def durability_probe(backbone: Backbone, config: UnlearnConfig, progress: bool = True) -> DurabilityProbe | None:
+    """The signals probe of this stage (``None`` without ``signals`` or without forget data)."""
+    signals, data = config.signals, config.data
+    if signals is None or data.forget is None or (data.forget.train or data.forget.test) is None:
+        return None
+    cache_dir = data.cache_dir or (config.out / "cache")
+    split = "train" if data.forget.train is not None else "test"
+    forget = load_set(backbone, getattr(data.forget, split), cache_dir, f"data.forget.{split}", progress)
+    related = None
+    if data.related is not None and getattr(data.related, data.benign_split) is not None:
+        path = getattr(data.related, data.benign_split)
+        related = load_set(backbone, path, cache_dir, f"data.related.{data.benign_split}", progress)
+    reference = reference_weights(signals.reference) if signals.reference is not None else None
+    return DurabilityProbe(backbone, signals, forget.to(backbone.device), related and related.to(backbone.device),
+                           reference)
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------------------
@@ -459,6 +483,7 @@ def run_unlearn(
         backbone.unet.enable_gradient_checkpointing()
     backbone.unet.train()
 
+    probe = durability_probe(backbone, config, progress)  # before any edit: its reference is the start weights
     base_loss = method.apply(inputs)  # ESD/SDD build their teacher from the original weights; UCE/RECE edit now
     if main and method.edit_stats:
         atomic_write_text(out / EDIT_FILE, json.dumps(method.edit_stats, indent=2) + "\n")
@@ -506,8 +531,16 @@ def run_unlearn(
         if base_loss is not None and base_loss.state_dict():
             loop.track("method", base_loss)
         began = time.time()
+        every = config.signals.every if probe is not None else 0
+
+        def step_fn(step: int) -> dict[str, float]:
+            terms = objective.step(step, loop.generator, optimizer)
+            if every and step % every == 0:
+                terms.update(probe())
+            return terms
+
         try:
-            result = loop.run(lambda step: objective.step(step, loop.generator, optimizer), resume=True)
+            result = loop.run(step_fn, resume=True)
         finally:
             objective.close()
         steps, terms = result.step, result.terms
@@ -518,6 +551,11 @@ def run_unlearn(
     backbone.unet.requires_grad_(False)
     model_dir = out / MODEL_DIR
     if main:
+        if probe is not None:
+            final = {"steps": steps, **probe(), "reference": str(config.signals.reference or config.model)}
+            atomic_write_text(out / SIGNALS_FILE, json.dumps(final, indent=2) + "\n")
+        else:
+            (out / SIGNALS_FILE).unlink(missing_ok=True)
         backbone.save(model_dir, {PROVENANCE_FILE: provenance(config, fingerprints, settings)})
         run.mark_done("unlearn", settings, steps=steps, terms=terms, edit_stats=dict(method.edit_stats))
     accelerator.wait_for_everyone()

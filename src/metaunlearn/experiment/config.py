@@ -81,12 +81,30 @@ class GridConfig(StrictModel):
 
 
 class AttackDataSpec(StrictModel):
-    """An attack set the runner generates from the base model (the attacker's own data)."""
+    """An attack set the runner makes: sampled from the base model, or (toy world) the attacker's own images."""
 
     prompts: list[str] = Field(min_length=1)
     images_per_prompt: int = Field(8, ge=1)
     seed: int = 0
     sampler: SamplerSettings | None = None
+    source: Literal["model", "render"] = Field(
+        "model",
+        description="model: samples of the base model; render: procedural renders of each prompt's concept from "
+                    "the embedded concept world (metaunlearn.toyworld; its prompts only) — images the attacker "
+                    "brings, not the model's own",
+    )
+
+    @model_validator(mode="after")
+    def _renderable(self) -> AttackDataSpec:
+        if self.source == "render":
+            from metaunlearn.toyworld import concept_of_prompt
+
+            for prompt in self.prompts:
+                try:
+                    concept_of_prompt(prompt)
+                except ValueError:
+                    raise ValueError(f"source 'render' draws concept-world prompts only; {prompt!r} is not one") from None
+        return self
 
 
 class ExperimentConfig(StrictModel):

@@ -40,6 +40,7 @@ from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
+from metaunlearn.experiment.signals_table import signals_table
 from metaunlearn.runs import AtomicFiles
 
 VARIANT_ORDER = {"base": 0, "plain": 1, "meta": 2}
@@ -62,7 +63,8 @@ class ReportConfig(StrictModel):
     primary_set: str | None = Field(None, description="attack set shown at every step (default: hrm-m if present)")
     set_order: list[str] | None = Field(None, description="column order of attack sets")
     budget_steps: int | None = Field(
-        None, ge=1, description="attack steps the defence is meant to hold out (marked in the tables and figures)"
+        None, ge=1, description="attack steps the defence is meant to hold out (marked in the tables and figures; "
+                                "the durability signals are judged at this step)"
     )
 
 
@@ -321,6 +323,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     worst_runs_table, worst_runs_data = worst_runs_table_of(rows, config.metric, primary, models)
     prompt_rows = read_prompt_rows(run_dir)
     prompts = prompt_attack_table(prompt_rows, rows, config.metric, models)
+    durability = signals_table(run_dir, rows, config.metric, primary, config.budget_steps)
 
     # Every output is staged beside its final path and renamed into place together at the end: a failure (a full
     # disk, a bad path) leaves the previous report whole, and report_assets/ never keeps figures of another run.
@@ -366,6 +369,8 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
                              tables=[related] if related else []))
         if quality:
             s.append(Section("Benign concepts and quality", tables=[quality]))
+        if durability:
+            s.append(Section("Durability signals logged during unlearning", tables=[durability]))
         if grids:
             s.append(Section(f"Samples of the grid prompt set (attack {primary})", grid_rows=grid_cells,
                              grid_columns=grid_columns))

@@ -147,6 +147,8 @@ class Experiment:
             start = self.model_folder(model.plain_twin())
         section["model"] = str(start)
         section["out"] = str(self.run.path / "models" / model.key)
+        if section.get("signals", {}) is not None:  # distances from the base model, for every model alike
+            section["signals"] = {**(section.get("signals") or {}), "reference": str(self.model_dir)}
         raw = {"model": str(start), "unlearn": section}
         if self.data is not None:
             raw["data"] = self.data.model_dump(mode="json")
@@ -411,6 +413,12 @@ class Experiment:
     def _make_attack_set(self, backbone, spec, folder: Path, progress: bool) -> None:
         from metaunlearn.data.config import SamplerSettings
         from metaunlearn.data.generate import generate_folder
+
+        if spec.source == "render":
+            from metaunlearn.toyworld.attack_data import render_folder
+
+            render_folder(spec.prompts, folder, images_per_prompt=spec.images_per_prompt, seed=spec.seed)
+            return
 
         sampler = spec.sampler or (self.data.sampler if self.data is not None else SamplerSettings())
         generate_folder(backbone, spec.prompts, folder, images_per_prompt=spec.images_per_prompt, seed=spec.seed,
