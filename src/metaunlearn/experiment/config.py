@@ -97,7 +97,7 @@ class AttackDataSpec(StrictModel):
     @model_validator(mode="after")
     def _renderable(self) -> AttackDataSpec:
         if self.source == "render":
-            from metaunlearn.toyworld import concept_of_prompt
+            from metaunlearn.toyworld.world import concept_of_prompt
 
             for prompt in self.prompts:
                 try:
