@@ -99,3 +99,42 @@ def test_stages_wait_for_the_models_they_need(tmp_path):
     assert len(tasks) == 2 * 2 * 8  # 8 models per seed, each unlearned and attacked
     order = [t.stage for t in experiment.tasks(0)]
     assert all(order.index(a) < order.index(s) for s, t in tasks.items() if s in order for a in t.after)
+
+
+def test_robust_demo_plans_uce_against_a_grid_wider_than_its_simulated_attacks(run_cli, tmp_path, monkeypatch):
+    from metaunlearn.experiment.demo import build_demo
+
+    monkeypatch.setenv("COLUMNS", "400")
+    result = run_cli("demo", "--robust", "--dry-run", "--run-dir", tmp_path / "robust")
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for stage in ("unlearn uce-plain", "unlearn uce-meta", "attack uce-meta", "attack data hrm-r"):
+        assert stage in text
+    experiment = build_demo(robust=True, run_dir=tmp_path / "robust")
+    config = experiment.config
+    simulated = config.unlearn["meta"]["attacks"]
+    highest = max(a["lr_range"][1] for a in simulated)
+    suite = config.attack
+    assert suite.reference_lr == highest
+    lrs = {(s.kind, s.optimizer, s.mode, s.subset, s.lr) for name in suite.sets for s in suite.specs(name)}
+    assert {lr for kind, opt, mode, subset, lr in lrs if opt == "adamw" and mode == "full" and subset == "full"} \
+        >= {highest, 3 * highest, 10 * highest}
+    assert any(opt == "sgd" for _, opt, *_ in lrs) and not any(a.get("optimizer") == "sgd" for a in simulated)
+    assert any(mode == "lora" for _, _, mode, *_ in lrs) and not any(a.get("trainable") == "lora" for a in simulated)
+    assert all(spec.source == "render" for spec in config.attack_data.values())
+    assert run_cli("demo", "--robust", "--quick", "--dry-run").exit_code == 2
+
+
+def test_rendered_attack_set_holds_the_prompts_concepts(tmp_path):
+    from metaunlearn.data.imagefolder import read_imagefolder
+    from metaunlearn.metrics.detectors import build_detector
+    from metaunlearn.toyworld.attack_data import render_folder
+
+    folder = render_folder(["red triangle", "a green circle"], tmp_path / "set", images_per_prompt=4, seed=0)
+    data = read_imagefolder(folder)
+    assert data.texts == ["red triangle"] * 4 + ["a green circle"] * 4
+    detector = build_detector("toy")
+    assert bool(detector.detects(data.images[:4], "red_triangle").all())
+    assert bool(detector.detects(data.images[4:], "green_circle").all())
+    again = read_imagefolder(render_folder(["red triangle"], tmp_path / "again", images_per_prompt=4, seed=0))
+    assert (again.images == data.images[:4]).all()  # deterministic per seed

@@ -13,6 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         quick: bool = typer.Option(False, "--quick", help="UCE plain and meta under the primary attack only (a few minutes)."),
+        robust: bool = typer.Option(False, "--robust", help="UCE plain and meta against a wide grid of attacks the defence never simulated (configs/toy_robust.yaml)."),
         seeds: int = typer.Option(1, "--seeds", help="Replicates of the whole grid (unlearning + attacks) under seeds 0..N-1; mean ± std in the report."),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo, runs/demo-quick or runs/demo-Nseeds in the working directory)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Redo stages that ran with other settings (by default they are refused)."),
@@ -26,7 +27,7 @@ def register(app: typer.Typer) -> None:
         from metaunlearn.runs import print_plan
 
         experiment = build_demo(quick=quick, seeds=seeds, run_dir=run_dir, all_attacks=all_attacks,
-                                create=not dry_run, overwrite=overwrite)
+                                create=not dry_run, overwrite=overwrite, robust=robust)
         if dry_run:
             print_plan(experiment.plan(), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return

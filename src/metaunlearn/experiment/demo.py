@@ -15,9 +15,11 @@ QUICK_METHOD = "uce"  # the cheapest base method (a closed-form edit); its meta 
 QUICK_SNAPSHOTS = [0, 25]
 
 
-def demo_config_path() -> Path:
-    """The packaged demo config (inside the installed package, next to the shipped toy model)."""
-    return Path(str(resources.files("metaunlearn") / "configs" / "toy_demo.yaml"))
+def demo_config_path(robust: bool = False) -> Path:
+    """The packaged demo config (inside the installed package, next to the shipped toy model); ``robust``: the
+    evaluation against attackers the defence never simulated (``configs/toy_robust.yaml``)."""
+    name = "toy_robust.yaml" if robust else "toy_demo.yaml"
+    return Path(str(resources.files("metaunlearn") / "configs" / name))
 
 
 def attack_suite_path() -> Path:
@@ -43,8 +45,10 @@ def with_attack_suite(attack, primary: str, quick: bool):
 
 
 def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None, console: Console | None = None,
-               all_attacks: bool = False, *, create: bool = True, overwrite: bool = False) -> Experiment:
-    """The demo experiment: the full grid, or ``quick`` (UCE plain and meta, the primary attack to 25 steps).
+               all_attacks: bool = False, *, create: bool = True, overwrite: bool = False,
+               robust: bool = False) -> Experiment:
+    """The demo experiment: the full grid, or ``quick`` (UCE plain and meta, the primary attack to 25 steps), or
+    ``robust`` (UCE plain and meta against a wide grid of attacks, most of them never simulated).
 
     ``seeds`` > 1 replicates the whole grid (unlearning and attacks) under seeds 0..N-1; the report then gives
     mean ± std over them. ``all_attacks`` adds the wider attack suite (DreamBooth, textual inversion, cross-attention
@@ -52,7 +56,9 @@ def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None,
     """
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
-    config, _, base = load_experiment(demo_config_path())
+    if robust and (quick or all_attacks):
+        raise UserError("--robust is its own experiment; give it without --quick or --all-attacks")
+    config, _, base = load_experiment(demo_config_path(robust))
     grid = config.grid.model_copy(update={"seeds": list(range(seeds))})
     attack = config.attack
     ev = config.eval
