@@ -184,3 +184,24 @@ def test_bounded_ascent_caps_and_saturates(order):
         MetaConfig(ascent_bound="cap")
     tiny = copy.deepcopy(plain)
     assert tiny.bounded(torch.tensor(3.0)) == 3.0
+
+
+def test_reverse_mode_distribution_over_parameter_spaces():
+    """A distribution mixing the full UNet and a subset: each attack keeps its own gradient record."""
+    backbone = make_backbone("sd", torch.float64)
+    data = meta_data(backbone, n=4)
+    params = backbone.set_trainable("full")
+    attacks = [AttackConfig(steps=2, batch_size=2, lr=1e-3), AttackConfig(steps=3, batch_size=2, lr=1e-3, trainable="xattn")]
+    config = MetaConfig(attacks=attacks, order="second", batch_size=2, **ASCENT_ONLY)
+    objective = MetaObjective(backbone, config, data, params)
+    unrolled = MetaObjective(backbone, config.model_copy(update={"order": "second_unrolled"}), data, params)
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(12):
+        plan = objective.plan(gen)
+        if plan.attack in seen:
+            continue
+        seen.add(plan.attack)
+        for a, b in zip(grads_of(objective, plan), grads_of(unrolled, plan)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
+    assert seen == {0, 1}

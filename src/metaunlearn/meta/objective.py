@@ -38,7 +38,7 @@ from metaunlearn.backbones.base import Backbone
 from metaunlearn.meta.config import MetaConfig
 from metaunlearn.meta.plan import MetaData, StepPlan, make_plan
 from metaunlearn.meta.reverse import Trajectory, reverse_meta_gradient
-from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad
+from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad, space_key
 from metaunlearn.meta.unrolled import second_order_ascent
 from metaunlearn.training.parallel import SINGLE, Shard
 
@@ -142,7 +142,8 @@ class MetaObjective:
             AttackRunner(backbone, config.attacks, seed=seed, offload=config.offload)
             if config.needs_attack else None
         )
-        self.trajectory = Trajectory("cpu" if config.offload else None)
+        # one gradient record per attack parameter space (a distribution may mix the full UNet, subsets, LoRA)
+        self.trajectories: dict[tuple, Trajectory] = {}
         set_requires_grad(self.params, True)
 
     def _check_data(self) -> None:
@@ -238,6 +239,12 @@ class MetaObjective:
         terms.update({f"ascent_{role}": value / len(points) for role, value in sums.items()})
         return terms
 
+    def _trajectory(self, attack) -> Trajectory:
+        key = space_key(attack)
+        if key not in self.trajectories:
+            self.trajectories[key] = Trajectory("cpu" if self.config.offload else None)
+        return self.trajectories[key]
+
     def _reverse(self, plan: StepPlan, attack, ascent, train, points: list[int]) -> dict[str, float]:
         """Exact second order by reverse mode: the (bounded) ascent terms are the outer loss at every iterate in
         ``points`` (the end point only, or along the trajectory), injected at those inner steps."""
@@ -261,7 +268,7 @@ class MetaObjective:
             return total
 
         terms.update(reverse_meta_gradient(
-            self.attacks, plan.attack, plan.inner, train, self.params, loss_at, trajectory=self.trajectory,
+            self.attacks, plan.attack, plan.inner, train, self.params, loss_at, trajectory=self._trajectory(attack),
             hvp="finite_difference" if self.config.order == "second_fd" else "double_backward",
             fd_eps=self.config.fd_eps, autocast=self.autocast, shard=self.shard, config=attack,
         ))
