@@ -149,7 +149,7 @@ class AttackSpec(StrictModel):
 
     @model_validator(mode="after")
     def _stages_fit(self) -> AttackSpec:
-        if sum(s.steps for s in self.before) >= self.steps:
+        if self.before and sum(s.steps for s in self.before) >= self.steps:
             raise ValueError("the 'before' stages take every step: the last snapshot must come after them")
         if self.before and self.mode == "textual_inversion":
             raise ValueError("a textual inversion attack has no 'before' stages (its token is only in its own captions)")
