@@ -65,9 +65,9 @@ def test_unlearn_logs_signals_and_writes_the_final_ones(world, tmp_path):  # noq
     # a closed-form edit alone still gets its final signals; none without the option
     run_unlearn(UnlearnConfig.model_validate(config_dict(world, "sd", "uce", False, tmp_path / "uce")), progress=False)
     assert json.loads((tmp_path / "uce" / "signals.json").read_text())["sig_distance"] > 0
-    run_unlearn(UnlearnConfig.model_validate(config_dict(world, "sd", "uce", False, tmp_path / "uce", signals=None)),
+    run_unlearn(UnlearnConfig.model_validate(config_dict(world, "sd", "uce", False, tmp_path / "uce-off", signals=None)),
                 progress=False)
-    assert not (tmp_path / "uce" / "signals.json").exists()
+    assert not (tmp_path / "uce-off" / "signals.json").exists()
 
 
 def test_report_correlates_final_signals_with_measured_forget_rate(tmp_path):

@@ -334,12 +334,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
                               primary, sets, config.budget_steps, assets)
         return _write(staged, out, config, rows, run_dir, primary, sets, metrics, summary, worst, figs, main,
                       worst_table, table_data, reduction, related, quality, aucs, worst_runs_table, worst_runs_data,
-                      prompt_rows, prompts)
+                      prompt_rows, prompts, durability)
 
 
 def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: Path, primary: str, sets, metrics,
            summary, worst, figs, main, worst_table, table_data, reduction, related, quality, aucs, worst_runs_table,
-           worst_runs_data, prompt_rows, prompts) -> ReportFiles:
+           worst_runs_data, prompt_rows, prompts, durability=None) -> ReportFiles:
     """Stage every report file in ``staged`` (figures are already in its temporary assets folder)."""
     from metaunlearn.attacks.curves import run_curves
     from metaunlearn.attacks.sweep import KEY_FIELDS
