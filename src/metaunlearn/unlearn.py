@@ -229,20 +229,30 @@ def load_meta_data(backbone: Backbone, config: UnlearnConfig, progress: bool = T
     """Every data set the meta weights need, as cached sets on the backbone's device."""
     assert config.meta is not None
     cache_dir = config.data.cache_dir or (config.out / "cache")
-    sets: dict[str, CachedSet] = {}
+    roles, extra = meta_data_paths(config)
+    sets = {meta_role: load_set(backbone, path, cache_dir, label, progress) for meta_role, (label, path) in roles.items()}
+    attack_sets = {name: load_set(backbone, path, cache_dir, label, progress) for name, (label, path) in extra.items()}
+    return MetaData(**sets, attack_sets=attack_sets)
+
+
+def meta_data_paths(config: UnlearnConfig) -> tuple[dict[str, tuple[str, Path]], dict[str, tuple[str, Path]]]:
+    """(meta role -> (config key, path), extra attack set -> (config key, path)) of every set the meta weights
+    need; a missing entry is a :class:`UserError`."""
+    assert config.meta is not None
+    roles: dict[str, tuple[str, Path]] = {}
     for meta_role, (role, split) in meta_roles(config.meta).items():
         split = split or config.data.benign_split
         paths = getattr(config.data, role)
         path = getattr(paths, split) if paths is not None else None
         if path is None:
             raise UserError(f"the meta objective needs data.{role}.{split} (a folder or a cached set)")
-        sets[meta_role] = load_set(backbone, path, cache_dir, f"data.{role}.{split}", progress)
-    extra = {}
+        roles[meta_role] = (f"data.{role}.{split}", Path(path))
+    extra: dict[str, tuple[str, Path]] = {}
     for name in sorted({a.data for a in config.meta.attacks} - {"forget_train"}):
         if name not in config.data.attack_sets:
             raise UserError(f"meta.attacks names data '{name}', which is neither forget_train nor in data.attack_sets")
-        extra[name] = load_set(backbone, config.data.attack_sets[name], cache_dir, f"data.attack_sets.{name}", progress)
-    return MetaData(**sets, attack_sets=extra)
+        extra[name] = (f"data.attack_sets.{name}", Path(config.data.attack_sets[name]))
+    return roles, extra
 
 
 def durability_probe(backbone: Backbone, config: UnlearnConfig, progress: bool = True) -> DurabilityProbe | None:
@@ -377,21 +387,17 @@ def unlearn_inputs(config: UnlearnConfig, backbone: Backbone | None = None) -> d
         model = {"path": identity.path, "fingerprint": identity.fingerprint}
     data: dict[str, str] = {}
     if config.meta is not None:
-        for meta_role, (role, split) in meta_roles(config.meta).items():
-            split = split or config.data.benign_split
-            paths = getattr(config.data, role)
-            path = getattr(paths, split) if paths is not None else None
-            if path is None:
-                raise UserError(f"the meta objective needs data.{role}.{split} (a folder or a cached set)")
-            path = Path(path)
+        roles, extra = meta_data_paths(config)
+        for label, path in [*roles.values(), *extra.values()]:
+            key = label.removeprefix("data.")
             if path.suffix == ".safetensors":
                 if not path.is_file():
-                    raise UserError(f"data.{role}.{split}: cached set not found: {path}")
-                data[f"{role}.{split}"] = file_digest(path)[:16]
+                    raise UserError(f"{label}: cached set not found: {path}")
+                data[key] = file_digest(path)[:16]
             else:
                 if not path.is_dir():
-                    raise UserError(f"data.{role}.{split}: data folder not found: {path}")
-                data[f"{role}.{split}"] = data_fingerprint(path)[:16]
+                    raise UserError(f"{label}: data folder not found: {path}")
+                data[key] = data_fingerprint(path)[:16]
     return {"model": model, "data": data}
 
 
