@@ -213,7 +213,7 @@ def attack(
     model folder's own record). Finished runs with the same settings are reused; results there from another model
     or other settings are refused unless ``overwrite``.
     """
-    from metaunlearn.attacks.config import AttackSuiteConfig
+    from metaunlearn.attacks.suite_config import AttackSuiteConfig
     from metaunlearn.attacks.stage import attack_model
     from metaunlearn.metrics.config import EvalConfig
 

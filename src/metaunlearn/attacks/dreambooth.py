@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from metaunlearn.attacks.config import DreamBoothSettings
+from metaunlearn.attacks.kind_settings import DreamBoothSettings
 from metaunlearn.backbones.base import Backbone, Cond
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.training.denoise import add_noise, sample_timesteps

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from metaunlearn.attacks.config import AttackSpec
+from metaunlearn.attacks.run_spec import AttackSpec
 from metaunlearn.attacks.dreambooth import class_images, prior_preservation_loss
 from metaunlearn.attacks.optim import build_optimizer, build_schedule
 from metaunlearn.backbones.base import Backbone, Cond

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from metaunlearn.attacks.config import AttackSpec
+from metaunlearn.attacks.run_spec import AttackSpec
 
 
 def build_optimizer(params: list[torch.nn.Parameter], spec: AttackSpec, *, decay: bool = True) -> torch.optim.Optimizer:

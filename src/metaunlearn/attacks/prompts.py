@@ -1,5 +1,5 @@
 """Prompt attacks: bring an erased concept back without changing a weight (see
-:class:`metaunlearn.attacks.config.PromptAttackSpec` for the three kinds and their formulas).
+:class:`metaunlearn.attacks.prompt_spec.PromptAttackSpec` for the three kinds and their formulas).
 
 Every kind rewrites how the forget prompts of the evaluation are put to the model and is then judged by the same
 :class:`~metaunlearn.metrics.evaluate.Evaluator` as finetuning attacks, on the forget prompt sets only (benign sets
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from metaunlearn.attacks.config import PromptAttackSpec
+from metaunlearn.attacks.prompt_spec import PromptAttackSpec
 from metaunlearn.backbones.base import Backbone, Cond
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError

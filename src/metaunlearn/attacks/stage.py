@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from metaunlearn.attacks.config import AttackSpec, AttackSuiteConfig
+from metaunlearn.attacks.run_spec import AttackSpec
+from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.errors import UserError
 from metaunlearn.identity import VARIANTS, ModelIdentity, file_digest, model_identity, path_digest
 

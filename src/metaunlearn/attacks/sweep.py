@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from metaunlearn.attacks.config import AttackSpec, AttackSuiteConfig
+from metaunlearn.attacks.run_spec import AttackSpec
+from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.attacks.finetune import run_attack
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.cache import CachedSet

@@ -1,6 +1,6 @@
 """``metaunlearn attack MODEL_DIR CONFIG``: relearning attacks on a released model, evaluated at snapshot steps.
 
-Reads the config's ``attack`` section (:class:`~metaunlearn.attacks.config.AttackSuiteConfig`) and ``eval``
+Reads the config's ``attack`` section (:class:`~metaunlearn.attacks.suite_config.AttackSuiteConfig`) and ``eval``
 section (:class:`~metaunlearn.metrics.config.EvalConfig`; optional — without it only the attack loss is
 recorded). Other sections belong to other commands. Results go to ``RUN_DIR/attacks/<name>/…`` (one JSONL file per
 attack run) and sample grids to ``RUN_DIR/grids/<name>/…``; see :mod:`metaunlearn.attacks.sweep`.
@@ -17,7 +17,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from metaunlearn.attacks.config import AttackSuiteConfig
+from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.config import StrictModel, read_yaml, validate
 from metaunlearn.errors import UserError
 from metaunlearn.metrics.config import EvalConfig

@@ -8,7 +8,7 @@ Sections (each owned by its stage; see the stage modules for their keys)::
     attack_data: attack sets generated from the base model  (name -> prompts, images per prompt)
     unlearn:     the unlearning stage template              (metaunlearn.unlearn.UnlearnConfig)
     grid:        methods x {plain, meta} the experiment compares
-    attack:      relearning attacks on every model          (metaunlearn.attacks.config.AttackSuiteConfig)
+    attack:      relearning attacks on every model          (metaunlearn.attacks.suite_config.AttackSuiteConfig)
     eval:        what every model and snapshot is measured on (metaunlearn.metrics.config.EvalConfig)
     report:      tables and figures                         (metaunlearn.experiment.report.ReportConfig)
 """
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from metaunlearn.attacks.config import AttackSuiteConfig
+from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.config import StrictModel
 from metaunlearn.data.config import DataConfig, SamplerSettings
 from metaunlearn.experiment.report import ReportConfig

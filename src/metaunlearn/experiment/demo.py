@@ -31,7 +31,7 @@ def with_attack_suite(attack, primary: str, quick: bool):
     """The demo's attack section plus the kinds and prompt attacks of :func:`attack_suite_path` (validated).
 
     The kinds run on the primary set; ``quick`` leaves out sequential kinds (their first set is not generated)."""
-    from metaunlearn.attacks.config import AttackSuiteConfig
+    from metaunlearn.attacks.suite_config import AttackSuiteConfig
     from metaunlearn.config import read_yaml, validate
 
     extra = read_yaml(attack_suite_path())
