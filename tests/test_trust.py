@@ -148,6 +148,74 @@ def test_changed_attack_or_eval_settings_are_refused_and_overwrite_leaves_no_sta
     assert grids == ["step0.png", "step2.png"]  # no step1.png left from the earlier settings
 
 
+
+KINDS = {
+    "sgd-x": {"mode": "full", "subset": "xattn", "optimizer": "sgd", "momentum": 0.9},
+    "lora8": {"mode": "lora", "lora": {"rank": 8, "alpha": 8}},
+    "db": {"mode": "full", "dreambooth": {"instance_prompt": "a sks person", "class_prompt": "a person",
+                                          "class_images": 2, "sampler_steps": 2}},
+    "ti": {"mode": "textual_inversion", "textual_inversion": {"token": "<x>", "init_words": "person"}},
+    "seq": {"mode": "full", "before": [{"set": "other", "steps": 1}]},
+}
+
+
+def test_a_changed_setting_of_any_attack_kind_is_refused_and_overwrite_redoes_it(lab, run_cli, tmp_path):
+    """The settings marker of every model x set holds every run's full settings: changing one setting of one
+    kind (or of a prompt attack, or the data a sequential kind trains on first) is never silently reused."""
+    shutil.copytree(lab["root"] / "attack-data", lab["root"] / "other-data", dirs_exist_ok=True)
+    config, run = lab["root"] / "kinds.yaml", tmp_path / "R"
+    attack = {**ATTACK, "sets": {"hrm": {"data": "attack-data"}, "other": {"data": "other-data", "modes": ["full"]}},
+              "modes": list(KINDS), "kinds": KINDS, "snapshot_steps": [0, 2], "grid_images": 0,
+              "prompt_attacks": {"cv": {"kind": "concept_vector", "strength": 1.0, "concept_prompts": ["a nude person"],
+                                        "neutral_prompts": ["a person"]}}}
+
+    def attack_with(**changes) -> object:
+        cfg = json.loads(json.dumps(attack))
+        for path, value in changes.items():
+            *parents, last = path.split("__")
+            node = cfg
+            for key in parents:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            node[last] = value
+        config.write_text(yaml.safe_dump({"attack": cfg, "eval": EVAL}))
+        return cfg
+
+    attack_with()
+    res = run_cli("attack", lab["a"], config, "-o", run, "--set", "hrm", "-q")
+    assert res.exit_code == 0, res.stderr
+    before = snapshot(run)
+    changes = [
+        ({"kinds__sgd-x__momentum": 0.5}, "momentum"),
+        ({"kinds__sgd-x__subset": "noxattn"}, "subset"),
+        ({"kinds__lora8__lora__rank": 4}, "lora.rank"),
+        ({"kinds__db__dreambooth__class_images": 3}, "dreambooth.class_images"),
+        ({"kinds__db__dreambooth__instance_prompt": "a zwx person"}, "dreambooth.instance_prompt"),
+        ({"kinds__ti__textual_inversion__init_words": "a"}, "textual_inversion.init_words"),
+        ({"kinds__seq__before__0__set": "hrm"}, "before.0.set"),
+        ({"prompt_attacks__cv__strength": 2.0}, "prompt_attack.strength"),
+    ]
+    for change, key in changes:
+        attack_with(**change)
+        assert_user_error(run_cli("attack", lab["a"], config, "-o", run, "--set", "hrm", "-q"), key, "--overwrite")
+        assert snapshot(run) == before, change
+    attack_with()
+    (lab["root"] / "other-data" / "metadata.jsonl").write_text(
+        (lab["root"] / "attack-data" / "metadata.jsonl").read_text().replace("naked body", "a naked body"))
+    assert_user_error(run_cli("attack", lab["a"], config, "-o", run, "--set", "hrm", "-q"), "stage_data.other")
+    shutil.copytree(lab["root"] / "attack-data", lab["root"] / "other-data", dirs_exist_ok=True)
+    res = run_cli("attack", lab["a"], config, "-o", run, "--set", "hrm", "-q")  # as before: reused
+    assert res.exit_code == 0 and snapshot(run) == before
+
+    old = {r["step"]: r["attack_loss"] for r in rows_of(run, "uce-plain") if r["mode"] == "sgd-x"}
+    attack_with(**{"kinds__sgd-x__momentum": 0.5})
+    res = run_cli("attack", lab["a"], config, "-o", run, "--set", "hrm", "-q", "--overwrite")
+    assert res.exit_code == 0, res.stderr
+    new = {r["step"]: r["attack_loss"] for r in rows_of(run, "uce-plain") if r["mode"] == "sgd-x"}
+    assert new[0] == old[0] and new[2] != old[2]  # redone under the new momentum (its second step differs)
+    marker = json.loads((run / "stages" / "attack" / "uce-plain" / "hrm.json").read_text())
+    assert {s["momentum"] for s in marker["settings"]["specs"] if s["name"] == "sgd-x"} == {0.5}
+
+
 # ---- 3. nothing good overwritten on failure; unlearn resumes by default --------------------------------------------
 def test_failed_unlearn_leaves_the_finished_run_intact_and_reruns_resume(lab, run_cli, tmp_path, tiny_sd_copy):
     out = tmp_path / "out"
