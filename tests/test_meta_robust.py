@@ -13,6 +13,7 @@ import torch
 from metaunlearn.errors import UserError
 from metaunlearn.meta import AttackConfig, MetaConfig, MetaObjective, make_plan
 from metaunlearn.meta.inner_optim import InnerOptimizer
+from metaunlearn.meta.simulated_attack import set_requires_grad
 
 from test_meta import cached, make_backbone, meta_data
 
@@ -205,3 +206,70 @@ def test_reverse_mode_distribution_over_parameter_spaces():
         for a, b in zip(grads_of(objective, plan), grads_of(unrolled, plan)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
     assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("order", ["first", "second", "second_unrolled"])
+def test_anchored_forget_term_holds_the_attacked_prediction_at_the_released_one(order):
+    """forget_term anchor: +β_f·‖ε_A(θ)(x_t, c) − sg ε_θ(x_t, c)‖² on forget-test (target taken at θ before the
+    attack); exact orders against central differences of that function with the target held fixed, first order
+    against the gradient at the attacked weights."""
+    dtype = torch.float64 if order != "first" else torch.float32
+    backbone = make_backbone("sd", dtype)
+    data = meta_data(backbone, n=4)
+    params = backbone.set_trainable("xattn")
+    # a large Adam ε keeps m̂/(√v̂+ε) smooth enough for central differences (at ε ≈ 0 it is sign(g))
+    attack = AttackConfig(steps=2, batch_size=2, lr=1e-2, trainable="xattn" if order != "first" else "full", eps=1e-3,
+                          clip_grad_norm=None)
+    config = MetaConfig(attacks=[attack], batch_size=2, order=order, forget_term="anchor", **ASCENT_ONLY)
+    objective = MetaObjective(backbone, config, data, params)
+    plan = objective.plan(torch.Generator().manual_seed(0))
+    forget, related = plan.ascent["forget_test"], plan.ascent["related"]
+    target = forget.anchored(backbone, data.forget_test, objective.shard).target  # ε_θ on the batch, now
+    with torch.no_grad():
+        assert float(dataclasses.replace(forget, target=target).loss(backbone, data.forget_test)) < 1e-20
+    grad = grads_of(objective, plan)
+    logged = objective._ascent(plan)
+    for p in params:
+        p.grad = None
+    assert "anchor_forget_test" in logged and "ascent_forget_test" not in logged
+    theta = [p.detach().clone() for p in params]
+    fixed = dataclasses.replace(forget, target=target)
+    runner = MetaObjective(backbone, config.model_copy(update={"order": "first"}), data, params)
+
+    def attacked(values):
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
+        runner.attacks.run(0, plan.inner, data.forget_train, frozen=params, config=attack)
+
+    def value(values) -> float:  # β_f·‖ε_A(θ) − target‖² − β_rel·L(A(θ); related), target fixed
+        attacked(values)
+        with torch.no_grad():
+            out = (config.beta_forget * fixed.loss(backbone, data.forget_test)
+                   - config.beta_related * related.loss(backbone, data.related))
+        runner.attacks.undo()
+        return float(out)
+
+    assert logged["anchor_forget_test"] == pytest.approx(
+        (value(theta) + config.beta_related * logged["ascent_related"]) / config.beta_forget, rel=1e-5)
+    assert logged["anchor_forget_test"] > 0  # the attack moved the forget prediction
+    if order == "first":  # the gradient at the attacked weights, applied to θ
+        attacked(theta)
+        set_requires_grad(params, True)
+        out = (config.beta_forget * fixed.loss(backbone, data.forget_test)
+               - config.beta_related * related.loss(backbone, data.related))
+        expected = torch.autograd.grad(out, params)
+        runner.attacks.undo()
+        for a, b in zip(grad, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        return
+    direction = [torch.randn_like(t, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(theta)]
+    eps = 1e-5
+    plus = value([t + eps * d for t, d in zip(theta, direction)])
+    minus = value([t - eps * d for t, d in zip(theta, direction)])
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+    numeric = (plus - minus) / (2 * eps)
+    analytic = float(sum((g * d).sum() for g, d in zip(grad, direction)))
+    assert analytic == pytest.approx(numeric, rel=1e-4, abs=1e-9)

@@ -149,6 +149,13 @@ class MetaConfig(StrictModel):
                     "min(L, ascent_cap) (no reward past the cap), tanh the smooth c·tanh(L/c) with c = ascent_cap",
     )
     ascent_cap: float | None = Field(None, gt=0, description="the bound c of ascent_bound (denoising-loss units)")
+    forget_term: Literal["ascent", "anchor"] = Field(
+        "ascent",
+        description="the forget term at θ': ascent (the paper's −β_f·L(θ'; forget-test), bounded by ascent_bound) or "
+                    "anchor (+β_f·‖ε_θ'(x_t, c) − sg[ε_θ(x_t, c)]‖² on forget-test: the attacked model's forget "
+                    "predictions held at the released model's own, taken before the attack at the same x_t, t; "
+                    "bounded below by 0, so it is never won by wrecking the model, and it knows no base method)",
+    )
 
     @model_validator(mode="after")
     def _second_order_support(self) -> MetaConfig:

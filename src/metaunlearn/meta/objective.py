@@ -36,7 +36,7 @@ import torch
 
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.meta.config import MetaConfig
-from metaunlearn.meta.plan import MetaData, StepPlan, make_plan
+from metaunlearn.meta.plan import MetaData, OuterTerm, StepPlan, make_plan
 from metaunlearn.meta.reverse import Trajectory, reverse_meta_gradient
 from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad, space_key
 from metaunlearn.meta.unrolled import second_order_ascent
@@ -71,6 +71,16 @@ def clip_and_step(
     if optimizer is not None:
         optimizer.step()
     return float(norm)
+
+
+def _ascended(weight: float, bound: Callable[[torch.Tensor], torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """An ascent term's contribution to the minimised objective: ``−β·B(L)``."""
+    return -weight * bound(loss)
+
+
+def _descended(weight: float, loss: torch.Tensor) -> torch.Tensor:
+    """A descent term's contribution (the anchored forget term): ``+β·L``."""
+    return weight * loss
 
 
 class PlainObjective:
@@ -193,23 +203,38 @@ class MetaObjective:
             value += share * float(loss.detach())
         return value
 
+    def _outer_terms(self, plan: StepPlan) -> list[OuterTerm]:
+        """The terms scored at the attacked weights: ``−β·B(L(θ_k; D))`` per ascent set (B: ``ascent_bound``), and
+        with ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_θ‖²`` instead, its target predicted now,
+        at θ (before the attack runs)."""
+        cfg = self.config
+        terms = []
+        for role, draw in plan.ascent.items():
+            weight, data = getattr(cfg, ASCENT_WEIGHTS[role]), self.data.get(role)
+            if role == "forget_test" and cfg.forget_term == "anchor":
+                anchored = draw.anchored(self.backbone, data, self.shard, self.autocast)
+                terms.append(OuterTerm(f"anchor_{role}", anchored, data, partial(_descended, weight)))
+            else:
+                terms.append(OuterTerm(f"ascent_{role}", draw, data, partial(_ascended, weight, cfg.bounded)))
+        return terms
+
     def _ascent(self, plan: StepPlan) -> dict[str, float]:
-        """``−Σ β ∇B(L(θ'; D))`` into ``.grad`` (B: ``ascent_bound``), at θ' = A(θ) or averaged over the iterates θ_k
-        of the trajectory (``ascent_along``); first order: at the attacked weights run in place, then θ restored."""
+        """The outer terms at θ' = A(θ), or averaged over the iterates θ_k of the trajectory (``ascent_along``), into
+        ``.grad``; first order: at the attacked weights run in place, then θ restored."""
         cfg = self.config
         attack = plan.attack_config or cfg.attacks[plan.attack]
-        ascent = [(role, getattr(cfg, ASCENT_WEIGHTS[role]), draw, self.data.get(role)) for role, draw in plan.ascent.items()]
+        outer = self._outer_terms(plan)
         train = self.data.get(attack.data)
         points = cfg.trajectory_points(len(plan.inner))
         terms: dict[str, float] = {"attack_lr": attack.lr, "attack_steps": float(len(plan.inner))}
         if cfg.order in ("second", "second_fd"):
-            terms.update(self._reverse(plan, attack, ascent, train, points))
+            terms.update(self._reverse(plan, attack, outer, train, points))
             return terms
         if cfg.order == "second_unrolled":
             space = self.attacks.space(plan.attack)
             terms.update(second_order_ascent(
-                self.backbone, attack, space.params, self.params, plan.inner, train, ascent, self.autocast, self.shard,
-                points=points, bound=cfg.bounded,
+                self.backbone, attack, space.params, self.params, plan.inner, train, outer, self.autocast, self.shard,
+                points=points,
             ))
             return terms
         sums: dict[str, float] = {}
@@ -218,14 +243,14 @@ class MetaObjective:
             if k not in points:
                 return
             set_requires_grad(self.params, True)
-            for role, weight, draw, data in ascent:
+            for term in outer:
                 value = 0.0
-                for part, share in draw.shares(self.shard):  # this process's share of the batch
+                for part, share in term.draw.shares(self.shard):  # this process's share of the batch
                     with self.autocast():
-                        loss = part.loss(self.backbone, data)
-                    (-weight / len(points) * cfg.bounded(share * loss)).backward()
+                        loss = part.loss(self.backbone, term.data)
+                    (term.score(share * loss) / len(points)).backward()
                     value += share * float(loss.detach())
-                sums[role] = sums.get(role, 0.0) + value
+                sums[term.name] = sums.get(term.name, 0.0) + value
 
         try:
             hook = ascend if len(points) > 1 else None
@@ -236,7 +261,7 @@ class MetaObjective:
         finally:
             self.attacks.undo()
             set_requires_grad(self.params, True)
-        terms.update({f"ascent_{role}": value / len(points) for role, value in sums.items()})
+        terms.update({name: value / len(points) for name, value in sums.items()})
         return terms
 
     def _trajectory(self, attack) -> Trajectory:
@@ -245,26 +270,25 @@ class MetaObjective:
             self.trajectories[key] = Trajectory("cpu" if self.config.offload else None)
         return self.trajectories[key]
 
-    def _reverse(self, plan: StepPlan, attack, ascent, train, points: list[int]) -> dict[str, float]:
-        """Exact second order by reverse mode: the (bounded) ascent terms are the outer loss at every iterate in
-        ``points`` (the end point only, or along the trajectory), injected at those inner steps."""
+    def _reverse(self, plan: StepPlan, attack, outer: list[OuterTerm], train, points: list[int]) -> dict[str, float]:
+        """Exact second order by reverse mode: the outer terms are the outer loss at every iterate in ``points``
+        (the end point only, or along the trajectory), injected at those inner steps."""
         terms: dict[str, float] = {}
         sums: dict[str, float] = {}
-        bound = self.config.bounded
 
         def loss_at(k: int) -> torch.Tensor | None:
             if k not in points:
                 return None
             total = None
-            for role, weight, draw, data in ascent:
+            for term in outer:
                 value = 0.0
-                for part, share in draw.shares(self.shard):  # this process's share of the batch
+                for part, share in term.draw.shares(self.shard):  # this process's share of the batch
                     with self.autocast():
-                        loss = part.loss(self.backbone, data)
+                        loss = part.loss(self.backbone, term.data)
                     value += share * float(loss.detach())
-                    term = -weight / len(points) * bound(share * loss)
-                    total = term if total is None else total + term
-                sums[role] = sums.get(role, 0.0) + value
+                    contribution = term.score(share * loss) / len(points)
+                    total = contribution if total is None else total + contribution
+                sums[term.name] = sums.get(term.name, 0.0) + value
             return total
 
         terms.update(reverse_meta_gradient(
@@ -272,7 +296,7 @@ class MetaObjective:
             hvp="finite_difference" if self.config.order == "second_fd" else "double_backward",
             fd_eps=self.config.fd_eps, autocast=self.autocast, shard=self.shard, config=attack,
         ))
-        terms.update({f"ascent_{role}": value / len(points) for role, value in sums.items()})
+        terms.update({name: value / len(points) for name, value in sums.items()})
         return terms
 
     def step(self, step: int, generator: torch.Generator, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -9,6 +9,8 @@ gradient by hand from exactly the same numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +19,7 @@ from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
 from metaunlearn.meta.config import AttackConfig, MetaConfig
-from metaunlearn.training.denoise import denoising_loss
+from metaunlearn.training.denoise import add_noise, denoising_loss
 from metaunlearn.training.parallel import Shard
 
 ROLES = ("forget_train", "forget_test", "related", "irrelevant")
@@ -45,34 +47,77 @@ class MetaData:
 
 @dataclass
 class Draw:
-    """One batch: row ``index`` of a data set, its ``noise`` and ``timesteps``."""
+    """One batch: row ``index`` of a data set, its ``noise`` and ``timesteps``; ``target``, when set, is what the
+    prediction is regressed onto instead of the noise (see :meth:`anchored`)."""
 
     index: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
+    target: torch.Tensor | None = None
 
     def rows(self, rows: slice) -> Draw:
         """The same draw restricted to some of its rows (a process's share of a data-parallel batch)."""
-        return Draw(self.index[rows], self.noise[rows], self.timesteps[rows])
+        target = self.target[rows] if self.target is not None else None
+        return Draw(self.index[rows], self.noise[rows], self.timesteps[rows], target)
+
+    def row_slices(self, shard: Shard) -> list[tuple[slice, float]]:
+        """This process's row slices of the draw with their shares of the batch (:meth:`Shard.pieces`)."""
+        if shard.world == 1 and shard.micro == 1:
+            return [(slice(None), 1.0)]
+        return shard.pieces(len(self.index))
 
     def shares(self, shard: Shard) -> list[tuple[Draw, float]]:
         """This process's parts of the draw with their shares of the batch (:meth:`Shard.pieces`); on one process
         with no micro-batches ``[(self, 1.0)]``."""
         if shard.world == 1 and shard.micro == 1:
             return [(self, 1.0)]
-        return [(self.rows(rows), share) for rows, share in shard.pieces(len(self.index))]
+        return [(self.rows(rows), share) for rows, share in self.row_slices(shard)]
 
-    def loss(self, backbone: Backbone, data: CachedSet, unet=None) -> torch.Tensor:
-        """``denoising_loss`` on this batch (optionally with another noise predictor ``unet``)."""
+    def _inputs(self, backbone: Backbone, data: CachedSet):
         x0, cond = data.batch(self.index)
         device, dtype = backbone.device, backbone.dtype
         # contiguous: a freshly VAE-encoded set can be channels-last, a loaded one is not, and the UNet's kernels
         # round differently for the two layouts (results must not depend on where the cache came from)
         x0 = x0.to(device, dtype).contiguous()
         cond = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()}
+        return x0, cond
+
+    def loss(self, backbone: Backbone, data: CachedSet, unet=None) -> torch.Tensor:
+        """``denoising_loss`` on this batch (optionally with another noise predictor ``unet``); regressed onto
+        ``target`` when the draw has one."""
+        x0, cond = self._inputs(backbone, data)
         return denoising_loss(
-            backbone, x0, cond, unet=unet, t=self.timesteps.to(device), noise=self.noise.to(device, dtype)
+            backbone, x0, cond, unet=unet, t=self.timesteps.to(backbone.device),
+            noise=self.noise.to(backbone.device, backbone.dtype), target=self.target,
         )
+
+    @torch.no_grad()
+    def anchored(self, backbone: Backbone, data: CachedSet, shard: Shard, autocast=nullcontext) -> Draw:
+        """This draw with ``target`` = the backbone's current prediction ε_θ(x_t, t, c) on it (no gradient): the
+        same batch, noise and timesteps later scored against what the model predicts now. Only this process's rows
+        are predicted (the others stay zero and are never read here)."""
+        dtype = torch.promote_types(backbone.dtype, torch.float32)  # as the loss compares: half precision upcast
+        target = torch.zeros(self.noise.shape, device=backbone.device, dtype=dtype)
+        for rows, _ in self.row_slices(shard):
+            part = self.rows(rows)
+            x0, cond = part._inputs(backbone, data)
+            t = part.timesteps.to(backbone.device)
+            x_t = add_noise(backbone, x0, part.noise.to(backbone.device, backbone.dtype), t)
+            with autocast():
+                target[rows] = backbone.predict_noise(x_t, t, cond).to(dtype)
+        return Draw(self.index, self.noise, self.timesteps, target)
+
+
+@dataclass
+class OuterTerm:
+    """A term of the meta objective scored at attacked weights θ_k: its log ``name``, batch ``draw`` of ``data``,
+    and ``score``, which maps the batch loss to its signed contribution to the minimised objective (an ascent term:
+    ``−β·B(L)``; the anchored forget term: ``+β·L``)."""
+
+    name: str
+    draw: Draw
+    data: CachedSet
+    score: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass

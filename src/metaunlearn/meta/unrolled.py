@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.meta.config import AttackConfig
-from metaunlearn.meta.plan import Draw
+from metaunlearn.meta.plan import Draw, OuterTerm
 from metaunlearn.methods.base import SwappedUNet
 from metaunlearn.training.parallel import SINGLE, Shard
 
@@ -121,16 +121,16 @@ def second_order_ascent(
     outer_params: Sequence[torch.nn.Parameter],
     draws: Sequence[Draw],
     train: CachedSet,
-    ascent: Sequence[tuple[str, float, Draw, CachedSet]],
+    ascent: Sequence[OuterTerm],
     autocast=nullcontext,
     shard: Shard = SINGLE,
     *,
     points: Sequence[int] | None = None,
-    bound: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
 ) -> dict[str, float]:
-    """Accumulate ``−Σ β ∇_θ mean_k bound(L(θ_k; D))`` (exact) into the outer parameters' ``.grad`` (this process's
-    share) over the inner steps k in ``points`` (default: the end only, θ' = θ_M); return logged values (this
-    process's shares; with several processes ``bound`` applies to each process's share of a loss)."""
+    """Accumulate ``∇_θ mean_k Σ score(L(θ_k; D))`` of the outer terms (exact; an ascent term scores ``−β·B(L)``)
+    into the outer parameters' ``.grad`` (this process's share) over the inner steps k in ``points`` (default: the
+    end only, θ' = θ_M); return logged values (this process's shares; with several processes a term's score applies
+    to each process's share of its loss)."""
     outer_ids = {id(p) for p in outer_params}
     points = list(points) if points is not None else [len(draws)]
     total: list = [0.0]
@@ -142,11 +142,11 @@ def second_order_ascent(
         if k not in points:
             return
         net = SwappedUNet(backbone.unet, dict(zip(attack_params, current)))
-        for role, weight, draw, data in ascent:
-            loss, value = _local_loss(backbone, draw, data, net, shard, autocast)
+        for term in ascent:
+            loss, value = _local_loss(backbone, term.draw, term.data, net, shard, autocast)
             if loss is not None:
-                total[0] = total[0] - weight / len(points) * bound(loss)
-            sums[role] = sums.get(role, 0.0) + value
+                total[0] = total[0] + term.score(loss) / len(points)
+            sums[term.name] = sums.get(term.name, 0.0) + value
 
     for p in attack_params:
         p.requires_grad_(True)
@@ -154,7 +154,7 @@ def second_order_ascent(
         with sdpa_kernel([SDPBackend.MATH]):
             _, losses = unrolled_attack(backbone, config, attack_params, draws, train, autocast, shard, visit=ascend)
             terms: dict[str, float] = {"attack_first": losses[0], "attack_last": losses[-1]} if losses else {}
-            terms.update({f"ascent_{role}": value / len(points) for role, value in sums.items()})
+            terms.update({name: value / len(points) for name, value in sums.items()})
             if shard.distributed and ascent and draws and not torch.is_tensor(total[0]):
                 # no ascent rows here: still run the backward, whose inner all-reduces the other processes wait on
                 total[0] = 0.0 * sum(c.sum() for c in last[0])

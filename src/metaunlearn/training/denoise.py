@@ -28,8 +28,12 @@ def denoising_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean ‖ε − ε_θ(x_t, t, c)‖² over a batch; random ``t``/``noise`` unless given (common random numbers)."""
+    """Mean ‖ε − ε_θ(x_t, t, c)‖² over a batch; random ``t``/``noise`` unless given (common random numbers).
+
+    ``target`` replaces ε as what the prediction is regressed onto (e.g. another model's prediction at the same
+    x_t, t: the meta objective's anchored forget term)."""
     if t is None:
         t = sample_timesteps(backbone, x0.shape[0], generator)
     if noise is None:
@@ -37,4 +41,5 @@ def denoising_loss(
     x_t = add_noise(backbone, x0, noise, t)
     pred = backbone.predict_noise(x_t, t, cond, unet=unet)
     dtype = torch.promote_types(pred.dtype, torch.float32)  # half precision upcast; float64 stays float64
-    return F.mse_loss(pred.to(dtype), noise.to(dtype))
+    goal = noise if target is None else target.to(pred.device)
+    return F.mse_loss(pred.to(dtype), goal.to(dtype))
