@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from metaunlearn.atomic import atomic_directory
 from metaunlearn.errors import UserError
-from metaunlearn.runs import PlannedStage, RunDir, atomic_directory, create_run_dir, latest_run_dir, print_plan
+from metaunlearn.runs import PlannedStage, RunDir, create_run_dir, latest_run_dir, print_plan
 from metaunlearn.training.checkpoint import decode_state, encode_state
 from metaunlearn.training.loop import TrainingDiverged, TrainingSettings, TrainLoop, read_log
 

@@ -281,12 +281,12 @@ def test_os_errors_are_one_line_and_keep_the_previous_report(run_cli, tmp_path, 
     blocker.write_text("x")
     assert_user_error(run_cli("report", run, "-o", blocker / "sub"), str(blocker))
 
-    import metaunlearn.runs
+    import metaunlearn.atomic
 
     def denied(src, dst):
         raise PermissionError(13, "Permission denied", str(dst))
 
-    monkeypatch.setattr(metaunlearn.runs.os, "replace", denied)
+    monkeypatch.setattr(metaunlearn.atomic.os, "replace", denied)
     assert_user_error(run_cli("report", run), "Permission denied", "earlier outputs are unchanged")
     monkeypatch.undo()
     assert snapshot(run) == good

@@ -62,7 +62,7 @@ def _section(config: Any, key: str, model_cls, required: bool = True):
 def _backbone(model, device: str | None = None, dtype: torch.dtype = torch.float32):
     """A backbone for a model folder or an in-memory diffusers pipeline."""
     from metaunlearn.backbones.loading import backbone_from_pipeline, load_backbone
-    from metaunlearn.runs import quiet_libraries
+    from metaunlearn.progress import quiet_libraries
 
     quiet_libraries()  # diffusers' own loading bars; the stages show theirs
 
@@ -159,7 +159,7 @@ def unlearn(
         cfg = validate(UnlearnConfig, data, "unlearn settings")
     if cfg.out is None:
         raise UserError("give an output folder (out=...)")
-    from metaunlearn.runs import quiet_libraries
+    from metaunlearn.progress import quiet_libraries
 
     quiet_libraries()
     backbone = _backbone(pipeline) if pipeline is not None else None
@@ -213,8 +213,8 @@ def attack(
     model folder's own record). Finished runs with the same settings are reused; results there from another model
     or other settings are refused unless ``overwrite``.
     """
-    from metaunlearn.attacks.suite_config import AttackSuiteConfig
     from metaunlearn.attacks.stage import attack_model
+    from metaunlearn.attacks.suite_config import AttackSuiteConfig
     from metaunlearn.metrics.config import EvalConfig
 
     suite, base = _section(config, "attack", AttackSuiteConfig)
@@ -224,7 +224,7 @@ def attack(
         eval_config, eval_base = _section(eval, "eval", EvalConfig, required=False)
         base = base or eval_base
     base = Path(base_dir) if base_dir is not None else base
-    from metaunlearn.runs import quiet_libraries
+    from metaunlearn.progress import quiet_libraries
 
     quiet_libraries()
     backbone = None if isinstance(model, (str, Path)) else _backbone(model)

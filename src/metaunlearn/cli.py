@@ -14,6 +14,7 @@ import functools
 import importlib
 import os
 import sys
+
 import typer
 
 from metaunlearn import __version__
@@ -74,7 +75,7 @@ def _quiet_first(callback):
 
     @functools.wraps(callback)
     def run(*args, **kwargs):
-        from metaunlearn.runs import quiet_libraries
+        from metaunlearn.progress import quiet_libraries
 
         quiet_libraries()
         return callback(*args, **kwargs)

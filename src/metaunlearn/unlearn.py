@@ -38,12 +38,12 @@ from pydantic import Field, model_validator
 from metaunlearn.backbones.base import TRAINABLE_SUBSETS, Backbone
 from metaunlearn.config import StrictModel, read_yaml, validate
 from metaunlearn.data.cache import CachedSet
+from metaunlearn.data.caching import load_set
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.formatting import format_lr
 from metaunlearn.meta.config import MetaConfig
 from metaunlearn.meta.objective import MetaObjective, PlainObjective, autocast_factory
 from metaunlearn.meta.plan import MetaData
-from metaunlearn.data.caching import load_set
 from metaunlearn.methods import Method, UnlearnInputs
 from metaunlearn.methods.config import MethodSpec
 from metaunlearn.runs import settings_key
@@ -434,9 +434,10 @@ def run_unlearn(
     its checkpoint; earlier outputs made with other settings are refused unless ``overwrite``. Inputs are checked
     before anything is written.
     """
+    from metaunlearn.atomic import atomic_write_text
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.identity import PROVENANCE_FILE
-    from metaunlearn.runs import RunDir, atomic_write_text, remove_outputs
+    from metaunlearn.runs import RunDir, remove_outputs
     from metaunlearn.training.accel import make_accelerator, stage_device
     from metaunlearn.training.loop import CHECKPOINT_DIR, LOG_FILE, TrainLoop, checkpoint_step
 

@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from metaunlearn.attacks.run_spec import AttackSpec
 from metaunlearn.attacks.dreambooth import class_images, prior_preservation_loss
 from metaunlearn.attacks.optim import build_optimizer, build_schedule
+from metaunlearn.attacks.run_spec import AttackSpec
 from metaunlearn.backbones.base import Backbone, Cond
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
-from metaunlearn.runs import progress_bar
+from metaunlearn.progress import progress_bar
 from metaunlearn.training.denoise import denoising_loss, sample_timesteps
 from metaunlearn.training.parallel import SINGLE, Shard
 

@@ -26,7 +26,7 @@ from metaunlearn.attacks.prompt_spec import PromptAttackSpec
 from metaunlearn.backbones.base import Backbone, Cond
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
-from metaunlearn.runs import progress_bar
+from metaunlearn.progress import progress_bar
 from metaunlearn.training.denoise import denoising_loss
 
 PROMPT_ATTACKS_DIR = "prompt_attacks"

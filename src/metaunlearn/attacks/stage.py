@@ -158,10 +158,11 @@ def attack_model(
     same name and set but made with other settings — another model, batch size, prompts, data — are refused
     with one line unless ``overwrite``, which deletes them first.
     """
+    from metaunlearn.atomic import atomic_write_text, ensure_dir
     from metaunlearn.attacks.sweep import ModelInfo, check_name, read_run_rows, run_file, run_sweep
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.devices import resolve_dtype
-    from metaunlearn.runs import RunDir, atomic_write_text, ensure_dir, remove_outputs
+    from metaunlearn.runs import RunDir, remove_outputs
     from metaunlearn.training.accel import make_accelerator, stage_device
     from metaunlearn.training.parallel import Shard
 

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
+from metaunlearn.atomic import atomic_write_text
+from metaunlearn.attacks.finetune import run_attack
 from metaunlearn.attacks.run_spec import AttackSpec
 from metaunlearn.attacks.suite_config import AttackSuiteConfig
-from metaunlearn.attacks.finetune import run_attack
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
-from metaunlearn.runs import atomic_write_text
 
 ATTACKS_DIR = "attacks"
 GRIDS_DIR = "grids"

@@ -260,7 +260,7 @@ class Backbone(abc.ABC):
 
         ``records`` are extra JSON files written at the folder's root first (e.g. ``unlearn``'s provenance), so the
         weights and their description appear together."""
-        from metaunlearn.runs import ensure_dir, make_temp_dir, replace_directory
+        from metaunlearn.atomic import ensure_dir, make_temp_dir, replace_directory
 
         out_dir = Path(out_dir)
         ensure_dir(out_dir.parent)

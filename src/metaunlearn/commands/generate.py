@@ -15,6 +15,7 @@ from metaunlearn.data.config import DataConfig, SamplerSettings
 from metaunlearn.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (used by other commands)
 from metaunlearn.errors import UserError
 
+
 class GenerateFile(StrictModel):
     """The parts of a config file ``generate --config`` reads: ``model`` and ``data`` (other sections belong to
     other commands and are validated by them)."""
@@ -113,8 +114,8 @@ def register(app: typer.Typer) -> None:
         sampler = SamplerSettings(
             steps=steps, guidance=guidance, negative_prompt=negative_prompt, batch_size=batch_size, resolution=resolution
         )
+        from metaunlearn.atomic import ensure_dir
         from metaunlearn.data.generate import generate_folder
-        from metaunlearn.runs import ensure_dir
 
         ensure_dir(out.parent)
         backbone = _load(model_dir, device, dtype)

@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from metaunlearn.atomic import usual_mode
 from metaunlearn.backbones.base import Cond, cond_index
 from metaunlearn.errors import UserError
-from metaunlearn.runs import usual_mode
 
 
 @dataclass

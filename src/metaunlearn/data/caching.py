@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+from metaunlearn.atomic import ensure_dir
 from metaunlearn.backbones.base import MARKER_FILE, Backbone, cond_cat
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.data.imagefolder import METADATA_FILE, load_images, read_metadata
 from metaunlearn.errors import UserError
-from metaunlearn.runs import ensure_dir, progress_bar
+from metaunlearn.progress import progress_bar
 
 SMALL_FILE = 1 << 20
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from metaunlearn.atomic import ensure_dir, make_temp_dir, replace_directory
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.config import SPLITS, DataConfig, SamplerSettings
 from metaunlearn.data.imagefolder import ImageRecord, check_imagefolder, read_metadata, to_pil, write_records
 from metaunlearn.data.prompts import resolve_prompts
 from metaunlearn.errors import UserError
-from metaunlearn.runs import RunDir, ensure_dir, make_temp_dir, progress_bar, replace_directory
+from metaunlearn.progress import progress_bar
+from metaunlearn.runs import RunDir
 
 STAGE = "generate"
 """The folder's stage marker (``stages/generate.json``, see :class:`metaunlearn.runs.RunDir`) holds the settings."""

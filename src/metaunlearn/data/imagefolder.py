@@ -6,7 +6,7 @@ A data set is a folder of PNG files plus ``metadata.jsonl``, one JSON object per
 
 Reading validates everything a training stage would otherwise trip over later — a missing or empty folder, a
 missing metadata file, a line without a caption, an image that is missing or cannot be decoded — and reports it as
-one :class:`~metaunlearn.errors.UserError` naming the file. Writing is atomic (:func:`metaunlearn.runs.atomic_directory`).
+one :class:`~metaunlearn.errors.UserError` naming the file. Writing is atomic (:func:`metaunlearn.atomic.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from metaunlearn.atomic import atomic_directory
 from metaunlearn.errors import UserError
-from metaunlearn.runs import atomic_directory
 
 METADATA_FILE = "metadata.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from metaunlearn.runs import atomic_write_bytes
+from metaunlearn.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     import numpy as np

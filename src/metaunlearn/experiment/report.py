@@ -36,12 +36,12 @@ from pathlib import Path
 
 from pydantic import Field
 
+from metaunlearn.atomic import AtomicFiles
 from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
 from metaunlearn.experiment.signals_table import signals_table
-from metaunlearn.runs import AtomicFiles
 
 VARIANT_ORDER = {"base": 0, "plain": 1, "meta": 2}
 METRIC_LABELS = {
@@ -291,11 +291,11 @@ def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[lis
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None) -> ReportFiles:
     """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report."""
     from metaunlearn.attacks.curves import run_curves
-    from metaunlearn.attacks.sweep import KEY_FIELDS, aggregate, read_rows, worst_case
-    from metaunlearn.experiment.figures import report_figures
     from metaunlearn.attacks.prompts import read_prompt_rows
+    from metaunlearn.attacks.sweep import KEY_FIELDS, aggregate, read_rows, worst_case
     from metaunlearn.experiment.curve_tables import auc_table, prompt_attack_table
     from metaunlearn.experiment.curve_tables import worst_table as worst_runs_table_of
+    from metaunlearn.experiment.figures import report_figures
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -84,7 +84,7 @@ def run_task_in_worker(config, base: Path, run_dir: Path, task: Task, threads: i
     import torch
 
     from metaunlearn.experiment.runner import Experiment
-    from metaunlearn.runs import quiet_libraries
+    from metaunlearn.progress import quiet_libraries
 
     torch.set_num_threads(threads)
     quiet_libraries()
@@ -245,7 +245,7 @@ def run_graph(
 ) -> None:
     """Run ``tasks`` in dependency order on the backend ``make_backend()`` builds (only when a task is left to
     run; see the module docstring)."""
-    from metaunlearn.runs import progress_bar
+    from metaunlearn.progress import progress_bar
 
     console = experiment.console
     done = {t.stage for t in tasks if experiment.is_done(t)}

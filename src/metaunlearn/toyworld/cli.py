@@ -13,8 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from metaunlearn.atomic import ensure_dir, replace_directory, usual_mode
 from metaunlearn.errors import UserError
-from metaunlearn.runs import ensure_dir, progress_bar, replace_directory, usual_mode
+from metaunlearn.progress import progress_bar
 
 from .assets import ASSET_DIR, DETECTOR_FILE, EVAL_FILE, MODEL_SUBDIR, detector_path, model_dir
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, PRETRAIN_STEPS
@@ -91,8 +92,16 @@ def pretrain(
     from PIL import Image
 
     from .detector import detector_accuracy, train_detector
-    from .pretrain import ToyModelConfig, config_dict, evaluate_model, evaluation_prompts, load_model, sample_grid
-    from .pretrain import save_model, train_model
+    from .pretrain import (
+        ToyModelConfig,
+        config_dict,
+        evaluate_model,
+        evaluation_prompts,
+        load_model,
+        sample_grid,
+        save_model,
+        train_model,
+    )
 
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(seed)

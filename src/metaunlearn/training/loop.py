@@ -52,11 +52,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from pydantic import Field
 
+from metaunlearn.atomic import ensure_dir, recover_directory, replace_directory
 from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
-from metaunlearn.runs import ensure_dir, progress_bar, recover_directory, replace_directory
+from metaunlearn.progress import progress_bar
 from metaunlearn.training.accel import make_accelerator
-from metaunlearn.training.parallel import Shard
 from metaunlearn.training.checkpoint import (
     FORMAT_VERSION,
     STATE_FILE,
@@ -68,6 +68,7 @@ from metaunlearn.training.checkpoint import (
     save_state,
     set_rng_state,
 )
+from metaunlearn.training.parallel import Shard
 
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "train_log.jsonl"
