@@ -17,9 +17,8 @@ sizes; the main process alone writes the outputs, and a checkpoint resumes under
 Outputs in ``out``: ``model/`` (diffusers), ``config.json`` (resolved config), ``train_log.jsonl`` (loss terms per
 step), ``checkpoint/`` (resume state), ``edit.json`` (closed-form edit statistics, UCE/RECE).
 
-A config file is either this stage's config (:class:`UnlearnConfig`) at the top level, or a whole experiment file
-with an ``unlearn:`` section; then ``model`` and ``data`` (a :class:`~metaunlearn.data.config.DataConfig`) may come
-from the file's top level, and ``forget_prompts`` default to the forget data set's prompts.
+The config (:class:`UnlearnConfig`, config files) lives in :mod:`metaunlearn.unlearn_config`, the data the stage
+reads in :mod:`metaunlearn.unlearn_data`; their names are also importable from here.
 """
 
 from __future__ import annotations
@@ -30,246 +29,34 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
-from metaunlearn.backbones.base import TRAINABLE_SUBSETS, Backbone
-from metaunlearn.config import StrictModel, read_yaml, validate
-from metaunlearn.data.cache import CachedSet
-from metaunlearn.data.caching import load_set
+from metaunlearn.backbones.base import Backbone
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.formatting import format_lr
-from metaunlearn.meta.config import MetaConfig
 from metaunlearn.meta.objective import MetaObjective, PlainObjective, autocast_factory
-from metaunlearn.meta.plan import MetaData
 from metaunlearn.methods import Method, UnlearnInputs
-from metaunlearn.methods.config import MethodSpec
 from metaunlearn.runs import settings_key
-from metaunlearn.training.durability import SIGNALS_FILE, DurabilityProbe, SignalsConfig, reference_weights
+from metaunlearn.training.durability import SIGNALS_FILE
+from metaunlearn.unlearn_config import (  # noqa: F401  (also importable from here)
+    SplitPaths,
+    UnlearnConfig,
+    UnlearnData,
+    load_unlearn_config,
+    unlearn_section,
+)
+from metaunlearn.unlearn_data import (  # noqa: F401  (also importable from here)
+    durability_probe,
+    load_meta_data,
+    meta_data_paths,
+    meta_roles,
+)
 
 MODEL_DIR = "model"
 CONFIG_FILE = "config.json"
 EDIT_FILE = "edit.json"
-
-
-class SplitPaths(StrictModel):
-    """One role's splits: an image folder (encoded once and cached) or a cached ``.safetensors`` set each."""
-
-    train: Path | None = None
-    test: Path | None = None
-
-
-class UnlearnData(StrictModel):
-    """Data sets of the meta objective (plain ESD/SDD/UCE/RECE need none)."""
-
-    forget: SplitPaths | None = Field(None, description="attack on train, β_f term on test")
-    related: SplitPaths | None = None
-    irrelevant: SplitPaths | None = None
-    attack_sets: dict[str, Path] = Field(
-        default_factory=dict,
-        description="further forget sets a simulated attack may finetune on (meta.attacks[].data names one): "
-                    "name -> image folder or cached set",
-    )
-    benign_split: Literal["train", "test"] = Field(
-        "test", description="split of related/irrelevant used by the meta terms (the official code: test)"
-    )
-    cache_dir: Path | None = Field(None, description="latent cache folder (default: <out>/cache)")
-
-
-class UnlearnConfig(StrictModel):
-    """The ``unlearn`` stage."""
-
-    model: Path = Field(..., description="diffusers model folder to unlearn from")
-    out: Path | None = Field(None, description="output folder (default: runs/<config name>/<method>[-meta])")
-    method: MethodSpec = Field(default_factory=MethodSpec)
-    meta: MetaConfig | None = Field(None, description="the meta objective; null = plain unlearning")
-    data: UnlearnData = Field(default_factory=UnlearnData)
-    forget_prompts: list[str] = Field(..., min_length=1, description="the unlearning prompts")
-    preserve_prompts: list[str] = Field(default_factory=list, description="prompts whose behaviour to keep")
-    trainable: Literal[TRAINABLE_SUBSETS] | None = Field(  # type: ignore[valid-type]
-        None, description="override of the method's trained UNet subset"
-    )
-    steps: int = Field(200, ge=1, description="outer optimizer steps (ESD/SDD, or the meta stage after UCE/RECE)")
-    lr: float | None = Field(None, gt=0, description="outer AdamW learning rate (default: the method's, 1e-5)")
-    weight_decay: float = Field(0.0, ge=0, description="outer AdamW weight decay")
-    optimizer: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="outer optimizer; adamw8bit: bitsandbytes' 8-bit AdamW (pip install 'metaunlearn[bnb]'), "
-                             "a quarter of AdamW's state memory"
-    )
-    clip_grad_norm: float | None = Field(None, gt=0, description="clip of plain-method gradients (meta: meta.clip)")
-    seed: int = 0
-    checkpoint_every: int = Field(50, ge=0)
-    signals: SignalsConfig | None = Field(
-        default_factory=SignalsConfig,
-        description="durability signals in the training log and signals.json (needs data.forget; null: none)",
-    )
-    mixed_precision: Literal["no", "bf16"] | None = Field(
-        None, description="bf16 autocast or no; null: the launcher's (accelerate launch --mixed_precision), else no"
-    )
-    gradient_accumulation_steps: int | None = Field(
-        None, ge=1, description="micro-batches per batch (same update, less memory); null: ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1"
-    )
-    gradient_checkpointing: bool = False
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> UnlearnConfig:
-        if self.meta is not None and self.meta.order == "second_unrolled" and self.gradient_checkpointing:
-            raise ValueError("meta.order 'second_unrolled' cannot be combined with gradient_checkpointing")
-        return self
-
-    @property
-    def variant(self) -> str:
-        return f"{self.method.name}-meta" if self.meta is not None else f"{self.method.name}-plain"
-
-
-# ---- config files ---------------------------------------------------------------------------------------------------
-def _resolve_path(path: Path | None, base: Path) -> Path | None:
-    if path is None:
-        return None
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else base / path
-
-
-def unlearn_section(raw: dict, base: Path, source: str, data_root: Path | None = None) -> dict:
-    """The ``unlearn`` section completed from the experiment file's top-level ``model`` and ``data`` (an unset
-    ``data.root`` is ``data_root``, the run folder's ``data/``)."""
-    section = raw["unlearn"]
-    if not isinstance(section, dict):
-        raise UserError(f"{source}: 'unlearn' must be a mapping")
-    section = dict(section)
-    if "model" not in section and raw.get("model") is not None:
-        section["model"] = raw["model"]
-    top_data = raw.get("data")
-    if isinstance(top_data, dict) and ("data" not in section or "forget_prompts" not in section):
-        from metaunlearn.data.config import DataConfig
-        from metaunlearn.data.prompts import resolve_prompts
-
-        data_cfg = validate(DataConfig, top_data, f"{source} (data)").resolve_paths(base, data_root)
-        if "data" not in section:
-            section["data"] = {
-                **{
-                    role: {"train": str(data_cfg.split_folder(role, "train")), "test": str(data_cfg.split_folder(role, "test"))}
-                    for role in data_cfg.roles()
-                },
-                "cache_dir": str(data_cfg.cache_path),
-            }
-        if "forget_prompts" not in section and data_cfg.forget is not None and data_cfg.forget.generated:
-            section["forget_prompts"] = resolve_prompts(
-                data_cfg.forget.prompts, data_cfg.forget.prompt_file, "data.forget prompts"
-            )
-    return section
-
-
-def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
-    """Read an unlearn config (standalone, or an experiment file's ``unlearn`` section); paths relative to the file."""
-    path = Path(path)
-    from metaunlearn.config import default_run_dir
-
-    raw = read_yaml(path)
-    base = path.resolve().parent
-    run_dir = default_run_dir(path, raw.get("run_dir") if isinstance(raw.get("run_dir"), str) else None)
-    data = unlearn_section(raw, base, str(path), run_dir / "data") if "unlearn" in raw else dict(raw)
-    overrides = dict(overrides or {})
-    cli_out = overrides.pop("out", None)
-    for key, value in overrides.items():
-        if key == "method_name":
-            spec = data.get("method") or {}
-            if isinstance(spec, dict) and spec.get("name", "esd") != value:
-                data["method"] = {"name": value}  # another method: its own defaults, not the old params
-            elif isinstance(spec, dict):
-                data["method"] = {**spec, "name": value}
-        elif key == "meta":
-            if value and not data.get("meta"):
-                data["meta"] = {}
-            elif not value:
-                data["meta"] = None
-        else:
-            data[key] = value
-    config = validate(UnlearnConfig, data, str(path))
-    update: dict[str, Any] = {"model": _resolve_path(config.model, base)}
-    # --out is relative to the working directory, the config's out to the config file, the default is runs/...
-    if cli_out is not None:
-        update["out"] = Path(cli_out)
-    elif config.out is not None:
-        update["out"] = _resolve_path(config.out, base)
-    else:
-        update["out"] = run_dir / config.variant
-    splits = {}
-    for role in ("forget", "related", "irrelevant"):
-        s = getattr(config.data, role)
-        if s is not None:
-            splits[role] = SplitPaths(train=_resolve_path(s.train, base), test=_resolve_path(s.test, base))
-    if config.signals is not None and config.signals.reference is not None:
-        update["signals"] = config.signals.model_copy(update={"reference": _resolve_path(config.signals.reference, base)})
-    cache = _resolve_path(config.data.cache_dir, base)
-    attack_sets = {name: _resolve_path(p, base) for name, p in config.data.attack_sets.items()}
-    update["data"] = config.data.model_copy(update={**splits, "cache_dir": cache, "attack_sets": attack_sets})
-    return config.model_copy(update=update)
-
-
-# ---- data --------------------------------------------------------------------------------------------------------------
-def meta_roles(meta: MetaConfig) -> dict[str, tuple[str, str]]:
-    """Meta data role -> (config role, split) for every set the weights need."""
-    needed: dict[str, tuple[str, str]] = {}
-    if meta.needs_attack:
-        needed["forget_train"] = ("forget", "train")
-    if meta.beta_forget > 0:
-        needed["forget_test"] = ("forget", "test")
-    if meta.gamma_related > 0 or meta.beta_related > 0:
-        needed["related"] = ("related", "")
-    if meta.gamma_irrelevant > 0 or meta.beta_irrelevant > 0:
-        needed["irrelevant"] = ("irrelevant", "")
-    return needed
-
-
-def load_meta_data(backbone: Backbone, config: UnlearnConfig, progress: bool = True) -> MetaData:
-    """Every data set the meta weights need, as cached sets on the backbone's device."""
-    assert config.meta is not None
-    cache_dir = config.data.cache_dir or (config.out / "cache")
-    roles, extra = meta_data_paths(config)
-    sets = {meta_role: load_set(backbone, path, cache_dir, label, progress) for meta_role, (label, path) in roles.items()}
-    attack_sets = {name: load_set(backbone, path, cache_dir, label, progress) for name, (label, path) in extra.items()}
-    return MetaData(**sets, attack_sets=attack_sets)
-
-
-def meta_data_paths(config: UnlearnConfig) -> tuple[dict[str, tuple[str, Path]], dict[str, tuple[str, Path]]]:
-    """(meta role -> (config key, path), extra attack set -> (config key, path)) of every set the meta weights
-    need; a missing entry is a :class:`UserError`."""
-    assert config.meta is not None
-    roles: dict[str, tuple[str, Path]] = {}
-    for meta_role, (role, split) in meta_roles(config.meta).items():
-        split = split or config.data.benign_split
-        paths = getattr(config.data, role)
-        path = getattr(paths, split) if paths is not None else None
-        if path is None:
-            raise UserError(f"the meta objective needs data.{role}.{split} (a folder or a cached set)")
-        roles[meta_role] = (f"data.{role}.{split}", Path(path))
-    extra: dict[str, tuple[str, Path]] = {}
-    for name in sorted({a.data for a in config.meta.attacks} - {"forget_train"}):
-        if name not in config.data.attack_sets:
-            raise UserError(f"meta.attacks names data '{name}', which is neither forget_train nor in data.attack_sets")
-        extra[name] = (f"data.attack_sets.{name}", Path(config.data.attack_sets[name]))
-    return roles, extra
-
-
-def durability_probe(backbone: Backbone, config: UnlearnConfig, progress: bool = True) -> DurabilityProbe | None:
-    """The signals probe of this stage (``None`` without ``signals`` or without forget data)."""
-    signals, data = config.signals, config.data
-    if signals is None or data.forget is None or (data.forget.train or data.forget.test) is None:
-        return None
-    cache_dir = data.cache_dir or (config.out / "cache")
-    split = "train" if data.forget.train is not None else "test"
-    forget = load_set(backbone, getattr(data.forget, split), cache_dir, f"data.forget.{split}", progress)
-    related = None
-    if data.related is not None and getattr(data.related, data.benign_split) is not None:
-        path = getattr(data.related, data.benign_split)
-        related = load_set(backbone, path, cache_dir, f"data.related.{data.benign_split}", progress)
-    reference = reference_weights(signals.reference) if signals.reference is not None else None
-    return DurabilityProbe(backbone, signals, forget.to(backbone.device), related and related.to(backbone.device),
-                           reference)
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------------------
