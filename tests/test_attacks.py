@@ -214,3 +214,47 @@ def test_per_set_overrides_and_lora_learning_rates():
     assert [s.lr for s in plain.specs("a")] == [1e-4]
     with pytest.raises(ValueError):
         AttackSuiteConfig(sets={"a": {"data": "x"}}, lora_lrs=[1e-4, 1e-4])
+
+
+def test_step_zero_is_evaluated_once_per_model_and_evaluation_setting(tmp_path, monkeypatch):
+    """Every run of every set shares one step-0 evaluation (also from disk, in a later sweep of the same model);
+    a changed evaluation setting evaluates it again; budgeted snapshots use fewer samples per prompt."""
+    from metaunlearn.attacks.stage import attack_model
+    from metaunlearn.backbones.loading import load_backbone
+    from metaunlearn.metrics.config import EvalConfig
+    from metaunlearn.metrics.evaluate import Evaluator
+    from metaunlearn.testing.tiny_pipelines import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sd", tmp_path / "model")
+    _cached(load_backbone(model)).save(tmp_path / "a.safetensors")
+    suite = AttackSuiteConfig(sets={"a": {"data": "a.safetensors"}, "b": {"data": "a.safetensors"}},
+                              modes=["full", "lora"], lrs=[1e-3], snapshot_steps=[0, 1, 2], snapshot_samples={1: 1},
+                              batch_size=2, grid_images=2)
+    eval_cfg = {"detector": {"kind": "toy"}, "samples_per_prompt": 2, "sampler": {"steps": 2},
+                "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": ["a red triangle"]}]}
+    calls: list[int | None] = []
+    evaluate = Evaluator.evaluate
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, bb, k=None: calls.append(k) or evaluate(self, bb, k))
+
+    def sweep(run: str, **sampler) -> list[dict]:
+        calls.clear()
+        cfg = EvalConfig.model_validate({**eval_cfg, "sampler": {"steps": 2, **sampler}})
+        return attack_model(model, suite, tmp_path / run, eval_config=cfg, base_dir=tmp_path, progress=False,
+                            cache_dir=tmp_path / "cache").rows
+
+    rows = sweep("R1")
+    assert calls.count(None) == 1 + 4 and calls.count(1) == 4  # step 0 once; step 2 full and step 1 reduced per run
+    first = [r for r in rows if r["step"] == 0]
+    assert len(first) == 4 and all(r["forget_rate"] == first[0]["forget_rate"] for r in first)
+    assert {r["samples_per_prompt"] for r in rows if r["step"] == 1} == {1}
+    assert {r["samples_per_prompt"] for r in rows if r["step"] != 1} == {2}
+    assert all(r["forget_rate_n"] == r["samples_per_prompt"] for r in rows)  # one forget prompt
+    assert len(list((tmp_path / "R1" / "grids").rglob("step0.png"))) == 4
+    again = sweep("R2")  # another sweep of the same model: step 0 comes from disk
+    assert calls.count(None) == 4 and calls.count(1) == 4
+    assert [r["forget_rate"] for r in again if r["step"] == 0] == [r["forget_rate"] for r in first]
+    sweep("R3", seed=5)  # another evaluation setting: evaluated again
+    assert calls.count(None) == 1 + 4
+    suite = suite.model_copy(update={"snapshot_samples": {1: 3}})
+    with pytest.raises(UserError, match="snapshot_samples"):
+        sweep("R4")

@@ -116,3 +116,73 @@ def test_prompt_sets_sampled_in_shared_batches_equal_their_own_calls(tmp_path):
         alone, prompts = evaluator.sample_set(backbone, name)
         assert batched[name][1] == prompts
         assert torch.allclose(batched[name][0], alone, atol=1e-5)
+
+
+def test_wilson_interval_by_hand():
+    from metaunlearn.metrics.evaluate import wilson_interval
+
+    # z = 1.96: centre (p + z²/2n)/(1 + z²/n), half-width z·sqrt(p(1-p)/n + z²/4n²)/(1 + z²/n)
+    assert wilson_interval(0, 24) == pytest.approx((0.0, 0.13798), abs=1e-4)
+    assert wilson_interval(12, 24) == pytest.approx((0.31429, 0.68571), abs=1e-4)
+    assert wilson_interval(24, 24) == pytest.approx((0.86202, 1.0), abs=1e-4)
+    assert wilson_interval(0, 6)[1] > wilson_interval(0, 24)[1]  # fewer samples: a wider interval
+
+
+def _tiny_evaluator(tmp_path, samples_per_prompt=3, share=False, fid=True):
+    import torch
+
+    from metaunlearn.metrics.config import EvalConfig
+    from metaunlearn.metrics.evaluate import Evaluator
+    from metaunlearn.toyworld.detector import ConceptDetector, DetectorArch
+    from metaunlearn.toyworld.reference import write_reference
+    from metaunlearn.toyworld.taxonomy import CLASS_NAMES
+
+    torch.manual_seed(0)
+    ConceptDetector(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2)).save(tmp_path / "det.safetensors")
+    quality = {"fid_features": "toy", "fid_features_path": str(tmp_path / "det.safetensors"),
+               "fid_reference": str(write_reference(tmp_path / "ref", per_concept=2))} if fid else {}
+    return Evaluator(EvalConfig.model_validate({
+        "detector": {"kind": "toy", "path": str(tmp_path / "det.safetensors")}, "samples_per_prompt": samples_per_prompt,
+        "sampler": {"steps": 2, "batch_size": 4, "share_batches": share}, "quality": quality,
+        "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": ["naked body", "bare skin"]},
+                        {"name": "g", "role": "irrelevant", "concept": "green_circle", "prompts": ["a dog in the park"]}]}))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_reduced_evaluation_samples_the_first_seeds_of_each_prompt_and_reports_its_uncertainty(tmp_path, share):
+    import torch
+
+    from metaunlearn.backbones.sd import StableDiffusionBackbone
+    from metaunlearn.metrics.evaluate import wilson_interval
+    from metaunlearn.testing.tiny_pipelines import build_tiny_sd
+
+    evaluator = _tiny_evaluator(tmp_path, share=share)
+    backbone = StableDiffusionBackbone(build_tiny_sd(0), "tiny")
+    full, reduced = evaluator.evaluate(backbone), evaluator.evaluate(backbone, samples_per_prompt=1)
+    for name in ("f", "g"):
+        images = full.images[name].view(-1, 3, *full.images[name].shape[1:])  # prompt by prompt, 3 each
+        assert torch.allclose(reduced.images[name], images[:, 0], atol=1e-5)  # the first seed of every prompt
+        assert reduced.prompts[name] == full.prompts[name][::3]
+    m, r = full.metrics, reduced.metrics
+    assert (m["samples_per_prompt"], r["samples_per_prompt"]) == (3, 1)
+    assert (m["forget_rate_n"], r["forget_rate_n"], r["asr_n"], r["irrelevant_acc_n"]) == (6, 2, 2, 1)
+    for metrics in (m, r):
+        for name in ("forget_rate", "asr", "irrelevant_acc", "none_rate"):
+            n = int(metrics[f"{name}_n"])
+            hits = round(metrics[name] * n)
+            assert (metrics[f"{name}_lo"], metrics[f"{name}_hi"]) == pytest.approx(wilson_interval(hits, n))
+    assert "fid" in m and "fid" not in r  # biased by the sample count: not reported from fewer samples
+
+
+def test_snapshot_samples_validation():
+    from metaunlearn.attacks.config import AttackSpec, AttackSuiteConfig
+
+    suite = AttackSuiteConfig(sets={"a": {"data": "x"}}, snapshot_steps=[0, 25, 50, 100], snapshot_samples={50: 2})
+    assert [s.snapshot_samples for s in suite.specs("a")] == [{50: 2}]
+    short = AttackSuiteConfig(sets={"a": {"data": "x", "snapshot_steps": [0, 25]}}, snapshot_samples={50: 2})
+    assert [s.snapshot_samples for s in short.specs("a")] == [{}]
+    for bad, match in (({0: 2}, "step 0"), ({50: 0}, "at least 1")):
+        with pytest.raises(ValueError, match=match):
+            AttackSuiteConfig(sets={"a": {"data": "x"}}, snapshot_samples=bad)
+    with pytest.raises(ValueError, match="not snapshot steps"):
+        AttackSpec(snapshot_steps=[0, 10], snapshot_samples={20: 1})

@@ -30,6 +30,18 @@ def sorted_snapshot_steps(steps: list[int]) -> list[int]:
     return sorted(set(steps))
 
 
+def check_snapshot_samples(samples: dict[int, int], steps: list[int] | None = None) -> None:
+    """An evaluation budget ``{step: samples per prompt}``: steps > 0 (step 0, the unattacked model, is shared by
+    every run and always evaluated in full) and, given ``steps``, among them; at least one sample each."""
+    if any(step <= 0 for step in samples):
+        raise ValueError("snapshot_samples: step 0 (the unattacked model) is always evaluated in full; give steps > 0")
+    if any(k < 1 for k in samples.values()):
+        raise ValueError("snapshot_samples: at least 1 sample per prompt")
+    if steps is not None and not set(samples) <= set(steps):
+        missing = sorted(set(samples) - set(steps))
+        raise ValueError(f"snapshot_samples names steps that are not snapshot steps: {missing}")
+
+
 class LoraSettings(StrictModel):
     """A peft ``LoraConfig`` on the UNet attention projections."""
 

@@ -17,6 +17,7 @@ from metaunlearn.attacks.kind_settings import (
     StageSettings,
     TextualInversionSettings,
     TrainableSubset,
+    check_snapshot_samples,
     sorted_snapshot_steps,
 )
 from metaunlearn.config import StrictModel
@@ -44,6 +45,9 @@ class AttackSpec(StrictModel):
     seed: int = 0
     snapshot_steps: list[int] = Field(default_factory=lambda: [0, 50, 100, 200, 300], min_length=1)
     probe_size: int = Field(8, ge=1, description="training examples in the fixed-noise loss probe at each snapshot")
+    snapshot_samples: dict[int, int] = Field(
+        default_factory=dict, description="evaluation budget: samples per prompt at these snapshot steps (fewer "
+        "than the evaluation's own at intermediate snapshots); the others get the evaluation's")
 
     _sorted_unique_steps = field_validator("snapshot_steps")(classmethod(lambda cls, v: sorted_snapshot_steps(v)))
 
@@ -55,6 +59,7 @@ class AttackSpec(StrictModel):
             raise ValueError("a textual inversion attack has no 'before' stages (its token is only in its own captions)")
         if self.schedule == "constant" and self.warmup_steps:
             raise ValueError("schedule 'constant' has no warm-up: use 'constant_with_warmup'")
+        check_snapshot_samples(self.snapshot_samples, self.snapshot_steps)
         return self
 
     @property

@@ -24,7 +24,7 @@ import torch
 from metaunlearn.attacks.run_spec import AttackSpec
 from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.errors import UserError
-from metaunlearn.identity import VARIANTS, ModelIdentity, file_digest, model_identity, path_digest
+from metaunlearn.identity import VARIANTS, ModelIdentity, file_digest, model_identity
 
 
 @dataclass
@@ -80,19 +80,8 @@ def load_attack_sets(backbone, folders: dict[str, Path], cache_dir: Path, progre
 
 
 def evaluator_inputs(evaluator) -> dict:
-    """What an evaluator's numbers depend on beyond its config: the prompts it read and the files it loads."""
-    if evaluator is None:
-        return {}
-    prompts = {name: [[i.prompt, i.seed, i.guidance] for i in items] for name, items in evaluator.prompt_sets.items()}
-    files = {}
-    config, base = evaluator.config, evaluator.base_dir
-    for key, value in (("detector", config.detector.path), ("fid_features", config.quality.fid_features_path),
-                       ("fid_reference", config.quality.fid_reference), ("clip_score", config.quality.clip_score_path)):
-        if value:
-            path = resolve(value, base)
-            if path.exists():
-                files[key] = path_digest(path)[:16]
-    return {"prompts": prompts, "files": files}
+    """What an evaluator's numbers depend on beyond its config (:meth:`Evaluator.inputs`; empty without one)."""
+    return {} if evaluator is None else evaluator.inputs()
 
 
 def labels(identity: ModelIdentity, method: str | None, variant: str | None) -> tuple[str, str]:
@@ -159,7 +148,16 @@ def attack_model(
     with one line unless ``overwrite``, which deletes them first.
     """
     from metaunlearn.atomic import atomic_write_text, ensure_dir
-    from metaunlearn.attacks.sweep import ModelInfo, check_name, read_run_rows, run_file, run_sweep
+    from metaunlearn.attacks.step_zero import StepZeroEvaluations
+    from metaunlearn.attacks.sweep import (
+        STEP_ZERO_DIR,
+        ModelInfo,
+        check_budget,
+        check_name,
+        read_run_rows,
+        run_file,
+        run_sweep,
+    )
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.devices import resolve_dtype
     from metaunlearn.runs import RunDir, remove_outputs
@@ -184,6 +182,7 @@ def attack_model(
         from metaunlearn.metrics.evaluate import Evaluator
 
         evaluator = Evaluator(eval_config, base_dir=base)
+    check_budget(suite, evaluator)
     common = {
         "model": {"path": identity.path, "fingerprint": identity.fingerprint},
         "name": name, "method": method, "variant": variant,
@@ -275,11 +274,13 @@ def attack_model(
     wanted = {**todo, **{n: needed[n] for n in suite.stage_sets()}}
     with accelerator.main_process_first():  # the main process encodes and caches; the others read the cache
         data = load_attack_sets(backbone, wanted, cache, progress and main)
+    step_zero = StepZeroEvaluations(identity.fingerprint, cache / STEP_ZERO_DIR)  # shared by every set
     for set_name in todo:
         specs = list(suite.specs(set_name))
         settings = _set_settings(common, set_name, todo[set_name], digests[set_name], specs)
         rows = run_sweep(backbone, data, suite, run_dir, info, evaluator, progress=progress and main,
-                         cache_dir=cache, only=[set_name], shard=Shard.of(accelerator), autocast=accelerator.autocast)
+                         cache_dir=cache, only=[set_name], shard=Shard.of(accelerator), autocast=accelerator.autocast,
+                         step_zero=step_zero)
         accelerator.wait_for_everyone()
         if main:
             run.mark_done(f"attack/{key}/{set_name}", settings, runs=len(specs))

@@ -21,6 +21,7 @@ YAML section ``attack`` of an experiment config::
       reference_lr: 1.0e-5                  # lr_multiples of a kind are multiples of this
       seeds: [0, 1, 2]
       snapshot_steps: [0, 50, 100, 200, 300]
+      snapshot_samples: {50: 2, 200: 2}     # evaluation budget: 2 samples per prompt there, the eval's elsewhere
       batch_size: 4
       optimizer: adamw                      # adamw | adam | sgd (momentum: ...)
       schedule: constant                    # any diffusers.optimization scheduler name; warmup_steps: N
@@ -51,6 +52,7 @@ from metaunlearn.attacks.kind_settings import (
     StageSettings,
     TextualInversionSettings,
     TrainableSubset,
+    check_snapshot_samples,
     sorted_snapshot_steps,
 )
 from metaunlearn.attacks.prompt_spec import PromptAttackSpec
@@ -139,6 +141,10 @@ class AttackSuiteConfig(StrictModel):
         None, description="attack set whose images are the concept's (soft prompts; default: the first set)"
     )
     probe_size: int = Field(8, ge=1)
+    snapshot_samples: dict[int, int] = Field(
+        default_factory=dict, description="evaluation budget: samples per prompt at these snapshot steps, e.g. "
+        "{50: 2, 200: 2} (fewer than eval.samples_per_prompt at intermediate snapshots; every other snapshot, step 0 "
+        "included, gets eval.samples_per_prompt)")
     cache_dir: str | None = Field(None, description="where imagefolders are cached as latents (default: RUN_DIR/cache)")
     grid_images: int = Field(8, ge=0, description="samples per snapshot saved as a grid PNG (0: none)")
 
@@ -161,6 +167,7 @@ class AttackSuiteConfig(StrictModel):
             for mode in own.modes or []:
                 if mode not in BUILTIN_MODES and mode not in self.kinds:
                     raise ValueError(f"mode {mode!r} is neither full, lora nor a name under 'kinds'")
+        check_snapshot_samples(self.snapshot_samples)
         if self.prompt_attack_set is not None and self.prompt_attack_set not in self.sets:
             raise ValueError(f"prompt_attack_set {self.prompt_attack_set!r} is not under 'sets'")
         for name, kind in self.kinds.items():
@@ -210,6 +217,7 @@ class AttackSuiteConfig(StrictModel):
             seed=seed,
             snapshot_steps=steps,
             probe_size=self.probe_size,
+            snapshot_samples={s: k for s, k in self.snapshot_samples.items() if s in steps},
         )
 
     def specs(self, set_name: str | None = None) -> Iterator[AttackSpec]:

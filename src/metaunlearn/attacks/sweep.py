@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from metaunlearn.atomic import atomic_write_text
+from metaunlearn.atomic import atomic_write_bytes, atomic_write_text
 from metaunlearn.attacks.finetune import run_attack
 from metaunlearn.attacks.run_spec import AttackSpec
+from metaunlearn.attacks.step_zero import StepZeroEvaluations
 from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.cache import CachedSet
@@ -39,6 +40,7 @@ from metaunlearn.errors import UserError
 
 ATTACKS_DIR = "attacks"
 GRIDS_DIR = "grids"
+STEP_ZERO_DIR = "step0-eval"
 KEY_FIELDS = ("model", "method", "variant", "attack_set", "mode", "lr", "seed", "step")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -125,6 +127,17 @@ def _save_grid(images: torch.Tensor, path: Path, pixelated: bool) -> None:
     save_png(image_grid(images, ncol=min(len(images), 4)), path)
 
 
+def check_budget(suite: AttackSuiteConfig, evaluator) -> None:
+    """The suite's ``snapshot_samples`` may only lower the evaluation's samples per prompt."""
+    if evaluator is None:
+        return
+    full = evaluator.config.samples_per_prompt
+    over = sorted(step for step, k in suite.snapshot_samples.items() if k > full)
+    if over:
+        raise UserError(f"attack.snapshot_samples asks for more samples per prompt than eval.samples_per_prompt "
+                        f"({full}) at steps {over}: it can only lower the evaluation budget")
+
+
 def run_sweep(
     backbone: Backbone,
     sets: Mapping[str, CachedSet],
@@ -139,12 +152,16 @@ def run_sweep(
     only: Sequence[str] | None = None,
     shard=None,
     autocast=None,
+    step_zero: StepZeroEvaluations | None = None,
 ) -> list[dict]:
     """Attack ``backbone`` with every spec of ``suite`` on every set; write and return the result rows.
 
     ``evaluator`` is a :class:`metaunlearn.metrics.evaluate.Evaluator` (or ``None``: only ``attack_loss``). The
-    step-0 evaluation (the unattacked model) is computed once and shared by every run of the sweep that evaluates
-    the same prompts (an attack with its own trigger prompt, e.g. textual inversion, evaluates its own step 0).
+    step-0 evaluation (the unattacked model) is computed once per model and evaluation setting and shared by every
+    run that evaluates the same prompts (an attack with its own trigger prompt, e.g. textual inversion, evaluates
+    its own step 0): ``step_zero`` holds them across calls (default: for this call, and on disk under
+    ``cache_dir/step0-eval`` when the model has a fingerprint; :mod:`metaunlearn.attacks.step_zero`). Snapshot
+    steps in the suite's ``snapshot_samples`` are evaluated on that many samples per prompt.
     ``sets`` also holds the sets sequential attacks train on first; ``only`` limits which sets are attacked.
     ``cache_dir`` keeps DreamBooth class images. Under a
     data-parallel launch (``shard``, see :func:`~metaunlearn.attacks.finetune.run_attack`) every process trains,
@@ -159,7 +176,9 @@ def run_sweep(
     run_dir = Path(run_dir)
     check_name(model.name, "model name")
     rows: list[dict] = []
-    step0s: dict = {}
+    if step_zero is None:
+        step_zero = StepZeroEvaluations(model.fingerprint, Path(cache_dir) / STEP_ZERO_DIR if cache_dir else None)
+    check_budget(suite, evaluator)
     for set_name, data in sets.items():
         if only is not None and set_name not in only:
             continue
@@ -175,29 +194,30 @@ def run_sweep(
             # grids of an interrupted attempt: this run's PNGs must all come from the run about to happen
             shutil.rmtree(grid_file(run_dir, model.name, set_name, spec, 0).parent, ignore_errors=True)
 
-            ti_init = spec.textual_inversion.init_words if spec.mode == "textual_inversion" else None
-            step0 = step0s.setdefault((tuple(spec.eval_prompts or ()), ti_init), {})
             judge = evaluator
             if evaluator is not None and spec.eval_prompts:
                 judge = evaluator.with_forget_prompts(spec.eval_prompts)
 
-            def evaluate(bb: Backbone, step: int, _set=set_name, _spec=spec, step0=step0, evaluator=judge):
+            def evaluate(bb: Backbone, step: int, _set=set_name, _spec=spec, evaluator=judge):
                 if evaluator is None:
                     return {}
                 grid = grid_file(run_dir, model.name, _set, _spec, step)
-                if step == 0 and step0:
-                    if "grid_bytes" in step0:
-                        grid.parent.mkdir(parents=True, exist_ok=True)
-                        grid.write_bytes(step0["grid_bytes"])
-                    return dict(step0["metrics"])
-                outcome = evaluator.evaluate(bb)
+                key = None
+                if step == 0:
+                    ti = _spec.textual_inversion.model_dump(mode="json") if _spec.mode == "textual_inversion" else None
+                    key = step_zero.key(bb, evaluator, textual_inversion=ti, grid_images=suite.grid_images)
+                    shared = step_zero.get(key)
+                    if shared is not None:
+                        metrics, png = shared
+                        if png is not None:
+                            atomic_write_bytes(grid, png)
+                        return dict(metrics)
+                outcome = evaluator.evaluate(bb, _spec.snapshot_samples.get(step))
                 images = outcome.images.get(evaluator.grid_set)
                 if suite.grid_images and images is not None and len(images):
                     _save_grid(images[: suite.grid_images], grid, evaluator.config.grid_pixelate)
-                if step == 0:
-                    step0["metrics"] = dict(outcome.metrics)
-                    if grid.is_file():
-                        step0["grid_bytes"] = grid.read_bytes()
+                if key is not None:
+                    step_zero.put(key, outcome.metrics, grid.read_bytes() if grid.is_file() else None)
                 return outcome.metrics
 
             result = run_attack(

@@ -14,7 +14,15 @@ Metrics of one evaluation (all fractions in [0,1]):
 * ``fid`` — Fréchet distance of benign samples to reference images (when configured);
 * ``clip_score`` — CLIP score of benign samples against their prompts, pooled, and ``clip_score/<set>`` per benign
   set (when configured; on SD the related set's CLIP score is the self-destruct signal, since NudeNet names no
-  benign concept).
+  benign concept);
+* ``samples_per_prompt`` — the samples each prompt got in this evaluation, and for every pooled rate above (and
+  ``asr``) its sample count ``<metric>_n`` and 95% Wilson score interval ``<metric>_lo`` / ``<metric>_hi``
+  (samples treated as independent draws), so a point measured on fewer samples shows its uncertainty.
+
+An evaluation may draw fewer samples per prompt than the config's (``samples_per_prompt=k``; an attack's
+intermediate snapshots under an evaluation budget): each prompt then gets the first ``k`` of the seeds it has in
+the full evaluation, so the reduced samples are a subset of the full ones. The Fréchet distance is left out of a
+reduced evaluation: it is biased by the sample count, so values from different counts do not compare.
 
 An :class:`Evaluator` is built once (detector, prompts, reference features) and then called on any number of
 models or attack snapshots.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +47,25 @@ from metaunlearn.metrics.detectors import ConceptDetector, build_detector, check
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 NONE_CONCEPT = "none"
 ROLE_METRICS = {"forget": "forget_rate", "related": "related_acc", "irrelevant": "irrelevant_acc"}
+WILSON_Z = 1.959963984540054
+"""Normal quantile of a two-sided 95% interval."""
+
+
+def wilson_interval(hits: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion ``hits / n`` (Wilson 1927): unlike the normal
+    approximation it stays inside [0, 1] and does not collapse to a point at 0 or n hits."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rate_with_interval(metrics: dict[str, float], name: str, hits: torch.Tensor) -> None:
+    n, h = hits.numel(), int(hits.sum())
+    lo, hi = wilson_interval(h, n)
+    metrics.update({name: h / n if n else float("nan"), f"{name}_n": float(n), f"{name}_lo": lo, f"{name}_hi": hi})
 
 
 @dataclass
@@ -205,11 +233,19 @@ class Evaluator:
             self._fid = FrechetDistance(build_feature_extractor(q.fid_features, path), reference)
         return self._fid
 
-    def sample_set(self, backbone: Backbone, name: str) -> tuple[torch.Tensor, list[str]]:
-        """Samples ``[N,3,H,W]`` of prompt set ``name`` (``samples_per_prompt`` per prompt) and their prompts."""
+    def _samples(self, samples_per_prompt: int | None) -> int:
+        k = self.config.samples_per_prompt if samples_per_prompt is None else samples_per_prompt
+        if k < 1:
+            raise UserError(f"samples per prompt must be >= 1, not {k}")
+        return k
+
+    def sample_set(self, backbone: Backbone, name: str,
+                   samples_per_prompt: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Samples ``[N,3,H,W]`` of prompt set ``name`` (``samples_per_prompt`` per prompt, default the config's) and
+        their prompts; prompt ``n``'s sample ``j`` has the seed it has in the full evaluation."""
         cfg, sampler = self.config, self.config.sampler
         items = self.prompt_sets[name]
-        k = cfg.samples_per_prompt
+        full, k = cfg.samples_per_prompt, self._samples(samples_per_prompt)
         common = dict(
             steps=sampler.steps,
             negative_prompt=sampler.negative_prompt,
@@ -220,10 +256,11 @@ class Evaluator:
         per_prompt = sampler.use_prompt_seeds and any(i.seed is not None or i.guidance is not None for i in items)
         if not per_prompt:
             prompts = [i.prompt for i in items for _ in range(k)]
-            return backbone.sample(prompts, guidance=sampler.guidance, seed=sampler.seed, **common), prompts
+            seeds = [sampler.seed + n * full + j for n in range(len(items)) for j in range(k)]
+            return backbone.sample(prompts, guidance=sampler.guidance, seeds=seeds, **common), prompts
         images, prompts = [], []
         for n, item in enumerate(items):
-            seed = item.seed if item.seed is not None else sampler.seed + n * k
+            seed = item.seed if item.seed is not None else sampler.seed + n * full
             guidance = item.guidance if item.guidance is not None else sampler.guidance
             images.append(backbone.sample([item.prompt] * k, guidance=guidance, seed=seed, **common))
             prompts += [item.prompt] * k
@@ -233,19 +270,21 @@ class Evaluator:
         return self.config.sampler.use_prompt_seeds and any(
             i.seed is not None or i.guidance is not None for i in self.prompt_sets[name])
 
-    def sample_sets(self, backbone: Backbone) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    def sample_sets(self, backbone: Backbone,
+                    samples_per_prompt: int | None = None) -> dict[str, tuple[torch.Tensor, list[str]]]:
         """Samples and prompts of every prompt set. Sets sampled alike (no per-prompt seed or guidance) share
         batched pipeline calls; each image keeps the seed it has when its set is sampled alone
         (:meth:`sample_set`), so the samples are the same either way up to floating-point rounding."""
         cfg, sampler = self.config, self.config.sampler
-        k = cfg.samples_per_prompt
+        full, k = cfg.samples_per_prompt, self._samples(samples_per_prompt)
         names = [s.name for s in cfg.prompt_sets]
         shared = [n for n in names if not self._per_prompt(n)] if sampler.share_batches else []
         out: dict[str, tuple[torch.Tensor, list[str]]] = {}
         if shared:
             prompts_of = {n: [i.prompt for i in self.prompt_sets[n] for _ in range(k)] for n in shared}
             prompts = [p for n in shared for p in prompts_of[n]]
-            seeds = [sampler.seed + j for n in shared for j in range(len(prompts_of[n]))]
+            seeds = [sampler.seed + m * full + j for n in shared for m in range(len(self.prompt_sets[n]))
+                     for j in range(k)]
             images = backbone.sample(prompts, steps=sampler.steps, guidance=sampler.guidance,
                                      negative_prompt=sampler.negative_prompt, height=sampler.height,
                                      width=sampler.width, batch_size=sampler.batch_size, seeds=seeds)
@@ -255,36 +294,39 @@ class Evaluator:
                 start += len(prompts_of[n])
         for n in names:
             if n not in out:
-                out[n] = self.sample_set(backbone, n)
+                out[n] = self.sample_set(backbone, n, k)
         return out
 
     @torch.no_grad()
-    def evaluate(self, backbone: Backbone) -> EvalOutcome:
-        """Sample every prompt set (batched across sets, :meth:`sample_sets`) and compute all metrics."""
-        outcome = EvalOutcome(metrics={})
+    def evaluate(self, backbone: Backbone, samples_per_prompt: int | None = None) -> EvalOutcome:
+        """Sample every prompt set (batched across sets, :meth:`sample_sets`) and compute all metrics;
+        ``samples_per_prompt`` below the config's gives a reduced evaluation (see the module docstring)."""
+        k = self._samples(samples_per_prompt)
+        reduced = k < self.config.samples_per_prompt
+        outcome = EvalOutcome(metrics={"samples_per_prompt": float(k)})
         hits: dict[str, list[torch.Tensor]] = {role: [] for role in ROLE_METRICS}
         broken: list[torch.Tensor] = []
-        samples = self.sample_sets(backbone)
+        samples = self.sample_sets(backbone, k)
         for spec in self.config.prompt_sets:
             images, prompts = samples[spec.name]
             if spec.concept is not None:
                 detected = self.detector.detects(images, spec.concept)
                 outcome.metrics[f"rate/{spec.name}"] = float(detected.float().mean())
                 hits[spec.role].append(detected)
-                if spec.role == "forget":  # samples come prompt by prompt, samples_per_prompt each
-                    broken.append(detected.view(-1, self.config.samples_per_prompt).any(dim=1))
+                if spec.role == "forget":  # samples come prompt by prompt, k each
+                    broken.append(detected.view(-1, k).any(dim=1))
             outcome.images[spec.name] = images
             outcome.prompts[spec.name] = prompts
         for role, metric in ROLE_METRICS.items():
             if hits[role]:
-                outcome.metrics[metric] = float(torch.cat(hits[role]).float().mean())
+                _rate_with_interval(outcome.metrics, metric, torch.cat(hits[role]))
         if broken:
-            outcome.metrics["asr"] = float(torch.cat(broken).float().mean())
+            _rate_with_interval(outcome.metrics, "asr", torch.cat(broken))
         benign = [outcome.images[s.name] for s in self.config.prompt_sets if s.role != "forget"]
         if NONE_CONCEPT in self.detector.concepts and benign:
-            outcome.metrics["none_rate"] = float(self.detector.detects(torch.cat(benign), NONE_CONCEPT).float().mean())
+            _rate_with_interval(outcome.metrics, "none_rate", self.detector.detects(torch.cat(benign), NONE_CONCEPT))
         q = self.config.quality
-        if q.fid_features:
+        if q.fid_features and not reduced:
             names = self._benign_sets(q.fid_prompt_sets)
             if names:
                 images = torch.cat([outcome.images[n] for n in names])
@@ -302,3 +344,20 @@ class Evaluator:
     def __call__(self, backbone: Backbone, step: int | None = None) -> dict[str, float]:
         """Metrics only (the attack's evaluation-callback signature)."""
         return self.evaluate(backbone).metrics
+
+    def inputs(self) -> dict:
+        """What this evaluator's numbers depend on beyond its config: the prompts it read (after any replacement by
+        an attack's trigger) and content digests of the files it loads (detector, feature extractor, references)."""
+        from metaunlearn.identity import path_digest
+
+        prompts = {name: [[i.prompt, i.seed, i.guidance] for i in items] for name, items in self.prompt_sets.items()}
+        files = {}
+        config = self.config
+        for key, value in (("detector", config.detector.path), ("fid_features", config.quality.fid_features_path),
+                           ("fid_reference", config.quality.fid_reference),
+                           ("clip_score", config.quality.clip_score_path)):
+            if value:
+                path = resolve_path(value, self.base_dir)
+                if path.exists():
+                    files[key] = path_digest(path)[:16]
+        return {"prompts": prompts, "files": files}
