@@ -4,6 +4,7 @@ with 6, on the shipped toy model with the demo's evaluation (88 samples × 10 DD
     python benchmarks/attack_curve.py                 # the four curves below, once
     python benchmarks/attack_curve.py --repeat 2
     python benchmarks/attack_curve.py --batches       # also: UNet forward CPU ms per sample at batch 2 … 256
+    python benchmarks/attack_curve.py --curves 4      # curve 1 (the reference) and curve 4 only
 
 Curves (full finetuning, AdamW lr 1e-4, batch 8, on the demo's HRM-m images; the same model, data and seed):
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--reduced", type=int, default=2, help="samples per prompt at the intermediate snapshots")
     parser.add_argument("--batches", action="store_true", help="also time UNet forwards per sample by batch size")
+    parser.add_argument("--curves", default="1,2,3,4", help="which curves to run (curve 1 always: the reference)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -111,6 +113,8 @@ def main() -> None:
         "3 300 steps, 0/25/50/100/200/300, full evals": (LONG, {}, False),
         f"4 300 steps, 6 snapshots, {args.reduced}/prompt at 50, 200": (LONG, budget, False),
     }
+    wanted = {"1", *args.curves.split(",")}
+    curves = {name: curve for name, curve in curves.items() if name.split()[0] in wanted}
     fused = finetune.build_optimizer
     for _ in range(args.repeat):
         reference = None

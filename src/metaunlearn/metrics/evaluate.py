@@ -21,7 +21,8 @@ Metrics of one evaluation (all fractions in [0,1]):
 
 An evaluation may draw fewer samples per prompt than the config's (``samples_per_prompt=k``; an attack's
 intermediate snapshots under an evaluation budget): each prompt then gets the first ``k`` of the seeds it has in
-the full evaluation, so the reduced samples are a subset of the full ones. The Fréchet distance is left out of a
+the full evaluation, so the reduced samples are a subset of the full ones (up to floating-point rounding: a reduced
+evaluation samples every prompt set in shared batches, :meth:`sample_sets`). The Fréchet distance is left out of a
 reduced evaluation: it is biased by the sample count, so values from different counts do not compare.
 
 An :class:`Evaluator` is built once (detector, prompts, reference features) and then called on any number of
@@ -278,7 +279,10 @@ class Evaluator:
         cfg, sampler = self.config, self.config.sampler
         full, k = cfg.samples_per_prompt, self._samples(samples_per_prompt)
         names = [s.name for s in cfg.prompt_sets]
-        shared = [n for n in names if not self._per_prompt(n)] if sampler.share_batches else []
+        # a reduced evaluation shares batches whatever the config says: its per-set calls would be a few samples
+        # each, and a UNet forward at batch 2 cost 2.5x as much CPU per sample as at 16 on the toy model
+        share = sampler.share_batches or k < full
+        shared = [n for n in names if not self._per_prompt(n)] if share else []
         out: dict[str, tuple[torch.Tensor, list[str]]] = {}
         if shared:
             prompts_of = {n: [i.prompt for i in self.prompt_sets[n] for _ in range(k)] for n in shared}
