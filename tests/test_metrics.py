@@ -22,7 +22,6 @@ from metaunlearn.metrics.nudenet import DEFAULT_NUDE_CLASSES, NudeNetDetector, _
 from metaunlearn.metrics.quality import ClipScorer, FeatureExtractor, frechet_distance, toy_features
 from metaunlearn.metrics.toy import ToyConceptDetector
 from metaunlearn.testing.tiny_pipelines import build_tiny_sd
-from metaunlearn.tokenizer import train_clip_tokenizer
 from metaunlearn.toyworld.detector import ConceptDetector as ToyCNN
 from metaunlearn.toyworld.detector import DetectorArch
 

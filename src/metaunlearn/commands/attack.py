@@ -8,7 +8,6 @@ attack run) and sample grids to ``RUN_DIR/grids/<name>/…``; see :mod:`metaunle
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 

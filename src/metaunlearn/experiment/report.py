@@ -290,9 +290,8 @@ def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[lis
 # ---- the report -------------------------------------------------------------------------------------------------
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None) -> ReportFiles:
     """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report."""
-    from metaunlearn.attacks.curves import run_curves
     from metaunlearn.attacks.prompts import read_prompt_rows
-    from metaunlearn.attacks.sweep import KEY_FIELDS, aggregate, read_rows, worst_case
+    from metaunlearn.attacks.sweep import aggregate, read_rows, worst_case
     from metaunlearn.experiment.curve_tables import auc_table, prompt_attack_table
     from metaunlearn.experiment.curve_tables import worst_table as worst_runs_table_of
     from metaunlearn.experiment.figures import report_figures

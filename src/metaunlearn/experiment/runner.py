@@ -16,10 +16,8 @@ Layout of ``RUN_DIR``::
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,48 +25,12 @@ from rich.console import Console
 
 from metaunlearn.config import read_yaml, validate
 from metaunlearn.errors import UserError
-from metaunlearn.experiment.config import ExperimentConfig, GridMethod
+from metaunlearn.experiment.config import ExperimentConfig
+from metaunlearn.experiment.grid import GridModel, Task
 from metaunlearn.experiment.schedule import StageResources
 from metaunlearn.runs import PlannedStage, RunDir, print_plan
 
 STAGES = ("data", "unlearn", "attack", "report")
-
-
-@dataclass
-class GridModel:
-    """One model of the comparison."""
-
-    name: str
-    method: str
-    variant: str  # base | plain | meta
-    entry: GridMethod | None = None
-    seed: int = 0  # the grid seed (replicate) this model belongs to
-
-    @property
-    def key(self) -> str:
-        """Folder and stage name: the model's name, with ``.s<seed>`` for replicates other than seed 0."""
-        return self.name if self.seed == 0 else f"{self.name}.s{self.seed}"
-
-    @property
-    def from_plain(self) -> bool:
-        """A meta variant whose grid entry says ``meta_from_plain``: it starts from (and waits for) its plain twin."""
-        return self.variant == "meta" and self.entry is not None and self.entry.meta_from_plain
-
-    def plain_twin(self) -> GridModel:
-        """The plain model of the same grid entry and seed (a ``meta_from_plain`` meta variant starts from it)."""
-        assert self.entry is not None
-        return GridModel(f"{self.entry.model_label}-plain", self.method, "plain", self.entry, self.seed)
-
-
-@dataclass(frozen=True)
-class Task:
-    """An unlearn or attack stage of one grid model and the stages it must wait for."""
-
-    stage: str  # unlearn-<key> | attack-<key>
-    kind: str  # unlearn | attack
-    model: GridModel
-    after: tuple[str, ...] = ()
-    overwrite: bool = False  # redo it if it ran with other settings (travels with the task to worker processes)
 
 
 def _resolve(path: str | Path, base: Path) -> Path:
