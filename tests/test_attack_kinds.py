@@ -205,6 +205,53 @@ def test_optimizers_and_lora_rank_and_targets(tiny, optimizer):
 
 
 
+@pytest.mark.parametrize("bits, block", [(8, None), (4, 64), (4, None), (2, 16)])
+def test_fake_quantize_levels_and_error(bits, block):
+    from metaunlearn.attacks.quantize import fake_quantize
+
+    w = torch.randn(24, 8, 3, 3, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 2, 24)[:, None, None, None]
+    q = fake_quantize(w, bits, block)
+    assert q.shape == w.shape and q.dtype == w.dtype
+    groups_w = w.reshape(w.shape[0], -1) if block is None else torch.cat([w.reshape(-1), w.new_zeros((-w.numel()) % block)]).reshape(-1, block)
+    groups_q = q.reshape(q.shape[0], -1) if block is None else torch.cat([q.reshape(-1), q.new_zeros((-q.numel()) % block)]).reshape(-1, block)
+    qmax = 2 ** (bits - 1) - 1
+    scale = groups_w.abs().amax(dim=1, keepdim=True) / qmax
+    levels = groups_q / scale
+    assert torch.allclose(levels, levels.round(), atol=1e-3)  # integer multiples of each group's scale
+    assert levels.round().abs().max() <= qmax
+    assert ((groups_q - groups_w).abs() <= scale / 2 + 1e-6).all()  # round to nearest
+    assert all(len(torch.unique(row)) <= 2 * qmax + 1 for row in groups_q)
+    assert not torch.equal(q, w)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_quantized_attack_starts_from_the_rounded_model_and_restores_it(tiny, mode):
+    """Step 0 sees every Linear/Conv2d weight of the UNet rounded (QLoRA-style for LoRA: the base stays rounded and
+    frozen while the adapters train); afterwards every weight is the original again."""
+    from metaunlearn.attacks.quantize import fake_quantize
+
+    backbone, data = tiny
+    before = _everything(backbone)
+    layers = [(n, m) for n, m in backbone.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    seen = {}
+
+    def evaluate(bb, step):
+        modules = dict(bb.unet.named_modules())
+        seen[step] = {n: modules[n].base_layer.weight.detach().clone() if hasattr(modules[n], "base_layer")
+                      else modules[n].weight.detach().clone() for n, _ in layers}
+        return {}
+
+    spec = AttackSpec(mode=mode, lr=1e-2, batch_size=2, snapshot_steps=[0, 2], quantize={"bits": 4, "block_size": 64})
+    run_attack(backbone, data, spec, evaluate, progress=False)
+    for name, _ in layers:
+        original = before[f"unet.{name}.weight"]
+        assert torch.equal(seen[0][name], fake_quantize(original, 4, 64))
+        assert not torch.equal(seen[0][name], original)
+        if mode == "lora":  # the rounded base is frozen: still the rounded weights after training
+            assert torch.equal(seen[2][name], seen[0][name])
+    assert all(torch.equal(v, before[k]) for k, v in _everything(backbone).items())
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 def test_fused_optimizer_takes_the_same_steps_as_the_per_tensor_loop(optimizer):
     """The attack's optimizer runs torch's fused kernel on CPU; its updates equal the reference loop's."""
@@ -298,6 +345,7 @@ def test_every_kind_from_one_config_through_the_cli(tmp_path, run_cli, tiny_sdxl
         "ti": {"mode": "textual_inversion", "lrs": [1e-2],
                "textual_inversion": {"token": "<x>", "init_words": "person", "template": "a photo of {token}"}},
         "clean-first": {"mode": "full", "before": [{"set": "clean", "steps": 1}]},
+        "qlora": {"mode": "lora", "quantize": {"bits": 4, "block_size": 64}, "lr_multiples": [10]},
     }
     config = {"attack": {"sets": {"hrm": {"data": "hrm.safetensors"}, "clean": {"data": "clean.safetensors",
                                                                              "modes": ["full"]}},
@@ -311,11 +359,13 @@ def test_every_kind_from_one_config_through_the_cli(tmp_path, run_cli, tiny_sdxl
     files = sorted(p.name for p in (run_dir / "attacks" / "x-meta" / "hrm").glob("*.jsonl"))
     assert files == sorted(["full_lr0.001_s0.jsonl", "xattn_lr0.001_s0.jsonl", "lora8_lr0.01_s0.jsonl",
                             "sgd-cosine_lr0.001_s0.jsonl", "dreambooth_lr0.001_s0.jsonl", "ti_lr0.01_s0.jsonl",
-                            "clean-first_lr0.001_s0.jsonl"])
+                            "clean-first_lr0.001_s0.jsonl", "qlora_lr0.01_s0.jsonl"])
     rows = [json.loads(line) for f in (run_dir / "attacks" / "x-meta" / "hrm").glob("*.jsonl")
             for line in f.read_text().splitlines()]
     assert all(math.isfinite(r["attack_loss"]) for r in rows)
     assert {r["lr_multiple"] for r in rows if r["mode"] == "lora8"} == {10}
+    step0 = {r["mode"]: r["attack_loss"] for r in rows if r["step"] == 0}
+    assert step0["qlora"] != step0["full"] and step0["lora8"] == step0["full"]  # the 4-bit model is what step 0 saw
     assert list((run_dir / "cache").glob("dreambooth-class-*.safetensors"))
     # the model folder is untouched
     again = load_backbone(tiny_sdxl_dir)

@@ -228,8 +228,9 @@ def test_step_zero_is_evaluated_once_per_model_and_evaluation_setting(tmp_path, 
     model = save_tiny_pipeline("sd", tmp_path / "model")
     _cached(load_backbone(model)).save(tmp_path / "a.safetensors")
     suite = AttackSuiteConfig(sets={"a": {"data": "a.safetensors"}, "b": {"data": "a.safetensors"}},
-                              modes=["full", "lora"], lrs=[1e-3], snapshot_steps=[0, 1, 2], snapshot_samples={1: 1},
-                              batch_size=2, grid_images=2)
+                              modes=["full", "lora", "int8"], kinds={"int8": {"mode": "full", "quantize": {"bits": 8}}},
+                              lrs=[1e-3], snapshot_steps=[0, 1, 2], snapshot_samples={1: 1}, batch_size=2,
+                              grid_images=2)
     eval_cfg = {"detector": {"kind": "toy"}, "samples_per_prompt": 2, "sampler": {"steps": 2},
                 "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": ["a red triangle"]}]}
     calls: list[int | None] = []
@@ -243,18 +244,21 @@ def test_step_zero_is_evaluated_once_per_model_and_evaluation_setting(tmp_path, 
                             cache_dir=tmp_path / "cache").rows
 
     rows = sweep("R1")
-    assert calls.count(None) == 1 + 4 and calls.count(1) == 4  # step 0 once; step 2 full and step 1 reduced per run
-    first = [r for r in rows if r["step"] == 0]
+    # step 0 once, and once more for the quantized model (its own step 0); step 2 full and step 1 reduced per run
+    assert calls.count(None) == 2 + 6 and calls.count(1) == 6
+    first = [r for r in rows if r["step"] == 0 and r["mode"] != "int8"]
     assert len(first) == 4 and all(r["forget_rate"] == first[0]["forget_rate"] for r in first)
+    rounded = [r for r in rows if r["step"] == 0 and r["mode"] == "int8"]
+    assert len(rounded) == 2 and rounded[0]["attack_loss"] != first[0]["attack_loss"]
     assert {r["samples_per_prompt"] for r in rows if r["step"] == 1} == {1}
     assert {r["samples_per_prompt"] for r in rows if r["step"] != 1} == {2}
     assert all(r["forget_rate_n"] == r["samples_per_prompt"] for r in rows)  # one forget prompt
-    assert len(list((tmp_path / "R1" / "grids").rglob("step0.png"))) == 4
+    assert len(list((tmp_path / "R1" / "grids").rglob("step0.png"))) == 6
     again = sweep("R2")  # another sweep of the same model: step 0 comes from disk
-    assert calls.count(None) == 4 and calls.count(1) == 4
-    assert [r["forget_rate"] for r in again if r["step"] == 0] == [r["forget_rate"] for r in first]
+    assert calls.count(None) == 6 and calls.count(1) == 6
+    assert [r["forget_rate"] for r in again if r["step"] == 0 and r["mode"] != "int8"] == [r["forget_rate"] for r in first]
     sweep("R3", seed=5)  # another evaluation setting: evaluated again
-    assert calls.count(None) == 1 + 4
+    assert calls.count(None) == 2 + 6
     suite = suite.model_copy(update={"snapshot_samples": {1: 3}})
     with pytest.raises(UserError, match="snapshot_samples"):
         sweep("R4")

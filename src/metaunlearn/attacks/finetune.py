@@ -6,14 +6,16 @@ Modes, as an attacker would choose them:
 * ``lora`` — a peft ``LoraConfig`` injected into the UNet (diffusers' ``add_adapter``; rank and target modules);
 * ``textual_inversion`` — a new token whose embedding alone trains (:class:`metaunlearn.attacks.tokens.NewTokens`);
 
-and, on top of ``full`` or ``lora``, DreamBooth (instance prompt + prior preservation on class images the model
+and, on top of any of them, weights loaded at reduced precision first (``quantize``,
+:mod:`metaunlearn.attacks.quantize`: step 0 is the rounded model; LoRA on it is QLoRA's setting); on top of
+``full`` or ``lora``, DreamBooth (instance prompt + prior preservation on class images the model
 generates itself, :mod:`metaunlearn.attacks.dreambooth`). A sequential attack first trains on other attack sets
 (``before`` stages) and then on its own set; step numbers count every stage. The optimizer (AdamW, Adam, SGD with
 momentum) and its schedule (diffusers' schedulers, warm-up) run across all stages.
 
 Snapshots are evaluated through a callback ``evaluate(backbone, step) -> {metric: value}`` while the attacked
 weights are live; nothing is written to disk. Afterwards the model is restored exactly: full finetuning copies the
-saved original weights back, LoRA is unloaded (``unet.unload_lora()`` removes every peft layer), textual inversion
+saved original weights back (quantized weights too), LoRA is unloaded (``unet.unload_lora()`` removes every peft layer), textual inversion
 removes its token, embedding rows and hook. Each snapshot also records ``attack_loss``: the denoising loss on a
 fixed probe of the attack data (under the attack's own captions) with fixed timesteps and noise, so the falling
 training objective is measured on the same draws at every step.
@@ -38,6 +40,7 @@ import torch
 
 from metaunlearn.attacks.dreambooth import class_images, prior_preservation_loss
 from metaunlearn.attacks.optim import build_optimizer, build_schedule
+from metaunlearn.attacks.quantize import quantize_unet_
 from metaunlearn.attacks.run_spec import AttackSpec
 from metaunlearn.backbones.base import Backbone, Cond
 from metaunlearn.data.cache import CachedSet
@@ -239,7 +242,13 @@ def run_attack(
         prior = class_images(backbone, spec.dreambooth, cache_dir)  # from the model before any finetuning
         prior_sampler = _BatchSampler(len(prior), spec.batch_size, torch.Generator().manual_seed(spec.seed + 1))
 
-    params, restore = _attach(backbone, spec)
+    unquantize = quantize_unet_(backbone.unet, spec.quantize) if spec.quantize is not None else None
+    try:
+        params, restore = _attach(backbone, spec)
+    except BaseException:
+        if unquantize is not None:
+            unquantize()
+        raise
     try:
         shard.broadcast_(params)  # e.g. a LoRA adapter initialised from each process's own RNG
         captions = _captions(backbone, spec)
@@ -284,6 +293,8 @@ def run_attack(
         for p in params:
             p.grad = None
         restore()
+        if unquantize is not None:
+            unquantize()
         backbone.unet.train(was_training)
     result.seconds = time.perf_counter() - start
     return result

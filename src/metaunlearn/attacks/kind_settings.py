@@ -51,6 +51,15 @@ class LoraSettings(StrictModel):
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1)
 
 
+class QuantizeSettings(StrictModel):
+    """The UNet's Linear and Conv2d weights rounded before the attack (:mod:`metaunlearn.attacks.quantize`)."""
+
+    bits: int = Field(8, ge=2, le=8, description="bits per weight (symmetric absmax levels)")
+    block_size: int | None = Field(
+        None, ge=2, description="absmax per block of this many weights (bitsandbytes' 4-bit: 64); null: per output channel"
+    )
+
+
 class DreamBoothSettings(StrictModel):
     """DreamBooth (Ruiz 2023): the attack images under one instance prompt with a rare token, plus a prior-
     preservation loss on class images that the attacked model itself generates from the class prompt.

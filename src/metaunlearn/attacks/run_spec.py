@@ -13,6 +13,7 @@ from metaunlearn.attacks.kind_settings import (
     DreamBoothSettings,
     LoraSettings,
     OptimizerName,
+    QuantizeSettings,
     ScheduleName,
     StageSettings,
     TextualInversionSettings,
@@ -33,6 +34,8 @@ class AttackSpec(StrictModel):
     dreambooth: DreamBoothSettings | None = Field(None, description="DreamBooth captions + prior preservation")
     textual_inversion: TextualInversionSettings = Field(default_factory=TextualInversionSettings)
     before: list[StageSettings] = Field(default_factory=list, description="sequential: stages on other sets first")
+    quantize: QuantizeSettings | None = Field(
+        None, description="the released UNet loaded at reduced precision first (step 0: the quantized model)")
     optimizer: OptimizerName = "adamw"
     schedule: ScheduleName = "constant"
     warmup_steps: int = Field(0, ge=0)

@@ -3,12 +3,12 @@ setting and shared by every run of a sweep, across its attack sets.
 
 Every finetuning run starts from the same released weights, so its step-0 evaluation is the same for every run
 that evaluates the same prompts (an attack judged on its own trigger, e.g. DreamBooth's instance prompt or a
-textual-inversion token, has its own). An entry is keyed by a SHA-256 of the model's content fingerprint, the
-device and dtype it runs in, and every evaluation setting: the evaluator's full config, the prompts it samples (a
-trigger included), content digests of the files it loads, the textual-inversion settings of the run and the grid
-settings — so it is never reused after any of them changed. With a folder, entries also live on disk
-(``<key>.json`` with the metrics, ``<key>.png`` with the step-0 grid, each written atomically), so a resumed or
-later sweep of the same model does not evaluate it again.
+textual-inversion token, has its own; so has one that loads the weights quantized). An entry is keyed by a SHA-256
+of the model's content fingerprint, the device and dtype it runs in, and every evaluation setting: the evaluator's
+full config, the prompts it samples (a trigger included), content digests of the files it loads, the run's
+textual-inversion and quantization settings and the grid settings — so it is never reused after any of them
+changed. With a folder, entries also live on disk (``<key>.json`` with the metrics, ``<key>.png`` with the step-0
+grid, each written atomically), so a resumed or later sweep of the same model does not evaluate it again.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ whole sweep (durability claims that hold for one hyperparameter setting often fa
 
 A *mode* is ``full``, ``lora`` or the name of an entry of ``kinds``: one named attack with its own training
 settings (:class:`AttackKind`) — a UNet subset, LoRA rank and targets, DreamBooth with prior preservation,
-textual inversion, a sequential attack (stages on other sets first), an optimizer and learning-rate schedule, and
+textual inversion, a sequential attack (stages on other sets first), weights loaded at reduced precision, an optimizer and learning-rate schedule, and
 learning rates given outright or as multiples of the suite's ``reference_lr``.
 
 YAML section ``attack`` of an experiment config::
@@ -33,6 +33,8 @@ YAML section ``attack`` of an experiment config::
         dreambooth: {mode: full, dreambooth: {instance_prompt: "a sks triangle", class_prompt: "a triangle"}}
         ti: {mode: textual_inversion, textual_inversion: {init_words: "triangle"}, lrs: [5.0e-3]}
         benign-first: {mode: full, before: [{set: clean, steps: 50}]}   # 50 steps on clean, then this set
+        int4: {mode: full, quantize: {bits: 4, block_size: 64}, lrs: [1.0e-5]}  # step 0: the model loaded in 4 bits
+        qlora: {mode: lora, quantize: {bits: 4, block_size: 64}, lr_multiples: [10]}  # adapters on a 4-bit base
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from metaunlearn.attacks.kind_settings import (
     DreamBoothSettings,
     LoraSettings,
     OptimizerName,
+    QuantizeSettings,
     ScheduleName,
     StageSettings,
     TextualInversionSettings,
@@ -88,6 +91,7 @@ class AttackKind(StrictModel):
     dreambooth: DreamBoothSettings | None = None
     textual_inversion: TextualInversionSettings | None = None
     before: list[StageSettings] = Field(default_factory=list)
+    quantize: QuantizeSettings | None = Field(None, description="round the UNet's weights first (8-bit, QLoRA-style 4-bit)")
     optimizer: OptimizerName | None = None
     schedule: ScheduleName | None = None
     warmup_steps: int | None = Field(None, ge=0)
@@ -205,6 +209,7 @@ class AttackSuiteConfig(StrictModel):
             dreambooth=kind.dreambooth,
             textual_inversion=kind.textual_inversion or TextualInversionSettings(),
             before=kind.before,
+            quantize=kind.quantize,
             optimizer=own("optimizer"),
             schedule=own("schedule"),
             warmup_steps=own("warmup_steps"),

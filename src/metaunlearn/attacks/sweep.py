@@ -205,7 +205,9 @@ def run_sweep(
                 key = None
                 if step == 0:
                     ti = _spec.textual_inversion.model_dump(mode="json") if _spec.mode == "textual_inversion" else None
-                    key = step_zero.key(bb, evaluator, textual_inversion=ti, grid_images=suite.grid_images)
+                    quantize = _spec.quantize.model_dump(mode="json") if _spec.quantize is not None else None
+                    key = step_zero.key(bb, evaluator, textual_inversion=ti, quantize=quantize,
+                                        grid_images=suite.grid_images)
                     shared = step_zero.get(key)
                     if shared is not None:
                         metrics, png = shared
