@@ -17,7 +17,8 @@ trajectory* (:data:`TrajectoryLoss`; e.g. ascent accumulated over the inner step
    optimizer from the saved θ with ĝ_1 … ĝ_{k-1} (elementwise work only, O(M²) parameter passes in total, no UNet
    evaluation), the optimizer adjoint (:mod:`metaunlearn.meta.adjoints`) gives u = adjoint of ĝ_k, the clip
    adjoint turns it into w, and one Hessian-vector product of the inner loss
-   L_k — one double backward on PyTorch's math attention kernel, or a central finite difference of two gradients
+   L_k — one double backward with the UNet's attention on the chunked, twice-differentiable kernel of
+   :mod:`metaunlearn.meta.attention`, or a central finite difference of two gradients
    (``second_fd``) — adds H_xx w to ā_x and H_zx w to ``z.grad``. ℓ_{k-1} (if injected) adds its gradients.
 4. ā_x is the gradient with respect to x_0; where x_0 is part of θ it becomes those parameters' ``.grad``.
 
@@ -36,11 +37,11 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.meta.adjoints import clip_adjoint_, optimizer_adjoint
+from metaunlearn.meta.attention import twice_differentiable_attention
 from metaunlearn.meta.config import AttackConfig
 from metaunlearn.meta.plan import Draw
 from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad
@@ -108,10 +109,10 @@ def _accumulate(loss: torch.Tensor, xs: list[torch.Tensor], zs: list[torch.Tenso
             x.grad = None
 
 
-def _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast, accumulate) -> None:
+def _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast, accumulate, attention=nullcontext) -> None:
     """One double backward: g = ∇_x L (with graph), w = weight_fn(g), then ``accumulate(g · w)`` (H_xx w into ā_x,
-    H_zx w into ``z.grad``)."""
-    with sdpa_kernel([SDPBackend.MATH]):
+    H_zx w into ``z.grad``); ``attention()``: the context that makes the model's attention twice differentiable."""
+    with attention():
         with autocast():
             loss = inner_loss()
         grads = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True, materialize_grads=True)
@@ -239,7 +240,8 @@ def reverse_meta_gradient(
                 _hvp_finite_difference(inner_loss, xs, zs, weight_fn, autocast, accumulate, fd_eps,
                                        need_gradient=config.clip_grad_norm is not None)
             else:
-                _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast, accumulate)
+                _hvp_double_backward(inner_loss, xs, zs, weight_fn, autocast, accumulate,
+                                     attention=lambda: twice_differentiable_attention(backbone.unet))
             del u, weight_fn
             loss = loss_at(k - 1)
             if loss is not None:
