@@ -5,7 +5,8 @@ one forward + backward (or one double backward) of the UNet on PyTorch's ``meta`
 latent size — no weights are loaded and nothing is computed — summing the bytes autograd saves, times a factor for
 the backward pass's own temporaries (:data:`BACKWARD_FACTOR`, calibrated against measured peaks with
 ``benchmarks/meta_order.py --parts``). Fused attention is traced as what it saves (q, k, v, output, log-sum-exp);
-the double backward of second order runs on the math kernel and is traced as such.
+the double backward of second order runs on the chunked, twice-differentiable attention of
+:mod:`metaunlearn.meta.attention` (q, k, v and the output gradient per layer) and is traced as such.
 
 Phases (S_x: the attack's parameters x, P: the outer parameters θ, Z: outer parameters the attack does not move):
 
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from metaunlearn.meta.attention import twice_differentiable_attention as hvp_attention
 from metaunlearn.meta.config import MetaConfig
 
 BACKWARD_FACTOR = {"fwd_bwd": 1.0, "double_backward": 1.0}
@@ -139,7 +142,8 @@ def activation_bytes(
     if not double_backward:
         F.scaled_dot_product_attention = _fused_sdpa
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with hvp_attention(net) if double_backward else nullcontext(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = net(x, t, cond["encoder_hidden_states"], **kwargs).sample
             loss = out.float().pow(2).mean()
             if double_backward:
@@ -198,9 +202,11 @@ def plan_meta_memory(
     inner_batch = inner_batch or (attack.batch_size if attack else 1)
     batch = batch or config.batch_size
     weights = _bytes(unet.parameters())
-    if other_modules_bytes is None:
-        other_modules_bytes = sum(_bytes(m.parameters()) for m in (getattr(backbone, n, None) for n in
-                                  ("vae", "text_encoder", "text_encoder_2")) if m is not None)
+    if other_modules_bytes is None:  # the pipeline's other modules (a backbone holds them in its ``pipe``)
+        holder = getattr(backbone, "pipe", backbone)
+        other_modules_bytes = sum(_bytes(m.parameters()) + _bytes(m.buffers()) for m in
+                                  (getattr(holder, n, None) for n in ("vae", "text_encoder", "text_encoder_2"))
+                                  if m is not None)
     outer = list(dict((id(p), p) for _, p in backbone.named_trainable(defence_subset)).values())
     P = _bytes(outer)
     plan.parts = {"runtime": runtime_bytes} if runtime_bytes else {}
