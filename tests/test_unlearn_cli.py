@@ -121,6 +121,9 @@ def test_cli_dry_run_overrides_and_errors(world, tmp_path, run_cli):
     res = run_cli("unlearn", path, "--method", "rece", "--meta", "--dry-run")
     assert res.exit_code == 0, res.stderr
     assert "method: rece" in res.stdout and "meta (first order)" in res.stdout
+    # the memory plan: its peak, split into the tensors (a GPU allocator's figure) and this CPU process's runtime
+    out = " ".join(res.stdout.split())
+    assert "meta step memory plan: peak" in out and "= tensors" in out and "+ runtime" in out
     assert not (tmp_path / "out").exists()
     res = run_cli("unlearn", path, "--method", "foo")
     assert res.exit_code == 2 and res.stderr.strip() == "error: unknown method 'foo' (choose esd, sdd, uce, rece)"

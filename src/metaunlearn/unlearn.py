@@ -101,7 +101,7 @@ def memory_plan(config: UnlearnConfig, model: Path | None = None):
     on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     return plan_for_model_folder(folder, config.meta, subset, mixed_precision=config.mixed_precision,
                                  gradient_checkpointing=config.gradient_checkpointing, outer_optimizer=config.optimizer,
-                                 runtime_bytes=process_rss() if on_cpu else 0)
+                                 runtime_bytes=process_rss() if on_cpu else 0, base_loss=method.kind == "loss")
 
 
 def describe(config: UnlearnConfig, device_memory: float | None = None) -> list[str]:

@@ -11,7 +11,9 @@ the double backward of second order runs on the chunked, twice-differentiable at
 Phases (S_x: the attack's parameters x, P: the outer parameters θ, Z: outer parameters the attack does not move):
 
 * first order — attack: weights + outer optimizer state + saved x + inner state + inner gradients + activations;
-  ascent/retain: … + outer gradients + activations of a term batch.
+  ascent/retain: … + outer gradients + activations of a term batch (the terms run one after the other, from the
+  second on with the outer gradients held).
+* second order — the ascent terms at θ' are one loss, so their graphs are alive together (n terms × activations).
 * second order (reverse mode) — the same attack, then per inner step a replay (inner state, ā_x and the adjoints
   of the inner state, one scratch copy) and one Hessian-vector product (ā_x, adjoint state, w, the graph gradient g,
   Z's gradients, double-backward activations). The inner-step gradients live in host memory with ``offload``
@@ -44,6 +46,12 @@ def _backward_peak(activations: int, gradients: int) -> int:
     return max(activations, gradients + int(OVERLAP * activations))
 
 
+def _accumulated_peak(activations: int, gradients: int, terms: int) -> int:
+    """``terms`` forward + backward passes one after the other, each adding into the same ``.grad``: from the second
+    on, the gradients are held through the whole forward pass."""
+    return _backward_peak(activations, gradients) if terms <= 1 else gradients + activations
+
+
 @dataclass
 class MemoryPlan:
     """Predicted peak memory of one meta step (bytes) and what it is made of."""
@@ -64,10 +72,25 @@ class MemoryPlan:
     def fits(self, device_gib: float) -> bool:
         return self.peak <= device_gib * 2**30
 
+    @property
+    def runtime(self) -> int:
+        return self.parts.get("runtime", 0)
+
+    @property
+    def tensors(self) -> int:
+        """The predicted peak of live tensors: what ``torch.cuda.max_memory_allocated`` would report."""
+        return self.peak - self.runtime
+
     def lines(self, device_gib: float | None = None) -> list[str]:
         out = [f"meta step memory plan: peak {_size(self.peak)} ({self.phase})"
                + (f", host {_size(self.host)}" if self.host else "")]
-        out.append("  " + ", ".join(f"{k} {_size(v)}" for k, v in self.parts.items()))
+        if self.runtime:
+            out.append(f"  = tensors {_size(self.tensors)} (live tensors at the peak: a GPU allocator's max allocated) "
+                       f"+ runtime {_size(self.runtime)} (this process's resident memory before the step)")
+        else:
+            out.append("  tensors only (live tensors at the peak: torch.cuda.max_memory_allocated); the CUDA context "
+                       "and the allocator's cached blocks come on top")
+        out.append("  " + ", ".join(f"{k} {_size(v)}" for k, v in self.parts.items() if k != "runtime"))
         out.append("  phases: " + ", ".join(f"{k} {_size(v)}" for k, v in self.phases.items()))
         out += [f"  note: {n}" for n in self.notes]
         if device_gib is not None:
@@ -77,7 +100,9 @@ class MemoryPlan:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 # ---- activations by tracing on the meta device ------------------------------------------------------------------------
@@ -110,8 +135,10 @@ def activation_bytes(
     double_backward: bool = False,
     checkpointing: bool = False,
     dtype: torch.dtype = torch.float32,
+    math_attention: bool = False,
 ) -> int:
-    """Predicted peak activation memory of one UNet pass at ``batch`` (see the module docstring)."""
+    """Predicted peak activation memory of one UNet pass at ``batch`` (see the module docstring); a double backward
+    runs the chunked attention of reverse mode, or PyTorch's math kernel (``math_attention``: the full unroll)."""
     from diffusers import UNet2DConditionModel
     import torch.nn.functional as F
 
@@ -142,7 +169,7 @@ def activation_bytes(
     if not double_backward:
         F.scaled_dot_product_attention = _fused_sdpa
     try:
-        with hvp_attention(net) if double_backward else nullcontext(), \
+        with hvp_attention(net) if double_backward and not math_attention else nullcontext(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = net(x, t, cond["encoder_hidden_states"], **kwargs).sample
             loss = out.float().pow(2).mean()
@@ -189,12 +216,14 @@ def plan_meta_memory(
     other_modules_bytes: int | None = None,
     data_bytes: int = 0,
     runtime_bytes: int = 0,
+    base_loss: bool = True,
 ) -> MemoryPlan:
     """The plan for one meta step of ``config`` on ``backbone`` (its UNet may live on the meta device).
 
     ``defence_subset``: the outer parameters θ (a :data:`~metaunlearn.backbones.base.TRAINABLE_SUBSETS` name).
     ``other_modules_bytes``: text encoder(s) and VAE on the device (default: the backbone's own modules).
     ``runtime_bytes``: a constant for the framework itself (the CUDA context, or the process on CPU).
+    ``base_loss``: whether the method adds a loss to the step (a closed-form edit does not).
     """
     plan = MemoryPlan()
     unet = backbone.unet
@@ -220,8 +249,10 @@ def plan_meta_memory(
     if mixed_precision == "bf16":
         base += weights // 2  # autocast's bf16 copies of the weights, cached for a forward with grad
         plan.notes.append("bf16 autocast: activations traced in bf16, plus the autocast cache of bf16 weights")
+    n_ascent = sum(w > 0 for w in (config.beta_forget, config.beta_related, config.beta_irrelevant))
+    n_retain = sum(w > 0 for w in (config.gamma_irrelevant, config.gamma_related)) + (base_loss and config.base_weight > 0)
     if not config.needs_attack:
-        plan.phases["retain"] = base + _backward_peak(a_term, P)
+        plan.phases["retain"] = base + _accumulated_peak(a_term, P, n_retain)
         return plan
     if attack.trainable == "lora":
         X = _lora_bytes(unet, attack.lora_rank, attack.lora_targets)
@@ -243,12 +274,14 @@ def plan_meta_memory(
     steps = attack.steps or 1
     persistent = base + saved + inner_state
     plan.phases["attack"] = persistent + _backward_peak(a_inner, X)
-    plan.phases["ascent/retain"] = persistent + _backward_peak(a_term, P)
+    # first order: every ascent and retain term adds into .grad; second order: the retain terms add to the meta gradient
+    terms = n_ascent + n_retain if config.order == "first" else 1 + n_retain
+    plan.phases["ascent/retain"] = persistent + _accumulated_peak(a_term, P, terms)
     plan.parts["activations (inner batch)"] = a_inner
     if config.order == "first":
         return plan
     if config.order == "second_unrolled":
-        a2 = activation_bytes(unet, batch=inner_batch, double_backward=True, **act)
+        a2 = activation_bytes(unet, batch=inner_batch, double_backward=True, math_attention=True, **act)
         plan.phases["unrolled"] = persistent + steps * (a2 + 4 * X) + a_term
         plan.notes.append("second_unrolled: every inner step's graph stays alive (grows with M)")
         return plan
@@ -260,7 +293,7 @@ def plan_meta_memory(
         plan.phases["attack"] += trajectory
         plan.phases["ascent/retain"] += trajectory
     adj_state = 2 * X if attack.optimizer == "adamw" else (X if attack.momentum > 0 else 0)
-    plan.phases["ascent at θ'"] = persistent + _backward_peak(a_term, X + Z)
+    plan.phases["ascent at θ'"] = persistent + _backward_peak(max(n_ascent, 1) * a_term, X + Z)
     plan.phases["reverse: replay"] = persistent + X + adj_state + X + Z
     reverse = persistent - inner_state + X + adj_state + X + Z  # ā_x, adjoint state, w; inner state released
     if config.order == "second_fd":
@@ -320,6 +353,7 @@ def plan_for_model_folder(
     gradient_checkpointing: bool = False,
     outer_optimizer: str = "adamw",
     runtime_bytes: int = 0,
+    base_loss: bool = True,
 ) -> MemoryPlan:
     """The plan for a diffusers model folder: the UNet from its ``config.json`` (on the meta device), the text
     encoder(s) and VAE from their safetensors headers, latent and conditioning shapes from the configs."""
@@ -339,7 +373,7 @@ def plan_for_model_folder(
     return plan_from_unet_config(
         unet_config, config, defence_subset, latent_shape=latent, cond_shapes=cond, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, other_modules_bytes=_folder_module_bytes(folder),
-        outer_optimizer=outer_optimizer, runtime_bytes=runtime_bytes,
+        outer_optimizer=outer_optimizer, runtime_bytes=runtime_bytes, base_loss=base_loss,
     )
 
 
