@@ -3,6 +3,9 @@
     python benchmarks/meta_order.py                          # tiny SD pipeline and the shipped toy model
     python benchmarks/meta_order.py --sd14 --latent 32       # SD-1.4-architecture UNet (random init; minutes)
     python benchmarks/meta_order.py --parts --latent 32 64   # per-copy sizes + activations, SD-1.4 and SDXL shape
+    python benchmarks/meta_order.py --parts --part-models sd14 --sd14-narrow 4 --latent 64 --math
+                                   # SD-1.4's shape (same heads and tokens), channels ÷ 4; --math adds the double
+                                   # backward on PyTorch's math attention kernel beside the chunked one
 
 Every row runs in a fresh subprocess (its peak RSS is its own) with glibc's mmap threshold fixed, so freed tensors
 go back to the OS and RSS follows live memory. Peak RSS is the CPU proxy for device memory: the table prints it
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,6 +74,12 @@ def narrow(config: dict, factor: int) -> dict:
     return out
 
 
+def sd14_config(factor: int) -> dict:
+    """SD-1.4's UNet, or its shape with channels ÷ ``factor`` (its ``attention_head_dim`` = 8 is the head count, so
+    heads and token counts — what attention memory depends on — stay)."""
+    return SD14_UNET if factor == 1 else narrow(SD14_UNET, factor)
+
+
 # ---- one row ---------------------------------------------------------------------------------------------------------
 def build(args):
     import torch
@@ -93,14 +103,14 @@ def build(args):
         pipe = build_tiny_sd()
         if args.model == "sd14":
             torch.manual_seed(0)
-            pipe.unet = UNet2DConditionModel(**SD14_UNET)
+            pipe.unet = UNet2DConditionModel(**sd14_config(args.sd14_narrow))
         backbone = StableDiffusionBackbone(pipe, source=f"random-{args.model}")
     data = {}
     for role, n in sizes.items():
         if args.model == "sd14":
             side = args.latent
             latents = torch.randn(n, 4, side, side, generator=g)
-            cond = {"encoder_hidden_states": torch.randn(n, 77, 768, generator=g)}
+            cond = {"encoder_hidden_states": torch.randn(n, 77, SD14_UNET["cross_attention_dim"], generator=g)}
         else:
             side = backbone.resolution
             images = torch.rand(n, 3, side, side, generator=g)
@@ -148,25 +158,36 @@ def run_row(args) -> dict:
                             latent_shape=tuple(data.forget_train.latents.shape[1:]),
                             cond_shapes={k: tuple(v.shape[1:]) for k, v in data.forget_train.cond.items()},
                             mixed_precision="bf16" if args.bf16 else "no", gradient_checkpointing=args.checkpointing,
-                            outer_optimizer="adamw8bit" if args.adam8bit else "adamw", runtime_bytes=0)
+                            outer_optimizer="adamw8bit" if args.adam8bit else "adamw", runtime_bytes=0, base_loss=False)
     g = torch.Generator().manual_seed(0)
     import gc
+
+    from metaunlearn.meta.tensor_peak import TensorPeak
 
     for _ in range(args.warmup):
         objective.step(0, g, outer)
     gc.collect()
     reset_peak()
+    # SD-scale rows (one timed step of minutes) count tensors during the timed step; elsewhere one more, untimed step
+    # does, so that the counting's per-operator cost stays out of the times
+    tracker = TensorPeak("cpu") if args.model == "sd14" else nullcontext()
     start = time.perf_counter()
-    for _ in range(args.timed):
-        objective.step(0, g, outer)
+    with tracker:
+        for _ in range(args.timed):
+            objective.step(0, g, outer)
     seconds = (time.perf_counter() - start) / args.timed
     peak = rss_bytes("VmHWM")
+    if args.model != "sd14":
+        gc.collect()
+        with TensorPeak("cpu") as tracker:
+            objective.step(0, g, outer)
     host = 0
     if args.offload and objective.attacks is not None:
         host += sum(t.numel() * t.element_size() for s in objective.attacks.spaces.values() if s.adapter is None
                     for t in s.saved)
         if config.second_order:
-            host += sum(t.numel() * t.element_size() for b in objective.trajectory.buffers for t in b)
+            host += sum(t.numel() * t.element_size() for trajectory in objective.trajectories.values()
+                        for b in trajectory.buffers for t in b)
     return {
         "unet_params": sum(p.numel() for p in unet.parameters()),
         "step_s": seconds,
@@ -174,6 +195,7 @@ def run_row(args) -> dict:
         "host": host,
         "device": peak - runtime - host,
         "runtime": runtime,
+        "tensors": tracker.peak,
         "plan": plan.peak,
         "plan_phase": plan.phase,
     }
@@ -181,15 +203,18 @@ def run_row(args) -> dict:
 
 # ---- parts: per-copy sizes and activation memory at SD scale ---------------------------------------------------------
 def run_part(args) -> dict:
-    """fwd+bwd (fused attention) or one double backward (math attention) of a UNet alone at batch 1."""
+    """fwd+bwd (fused attention) or one double backward (the chunked twice-differentiable attention of reverse mode,
+    or PyTorch's math kernel) of a UNet alone at batch 1."""
     import torch
     from diffusers import UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from metaunlearn.meta.attention import twice_differentiable_attention
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.ones(2, requires_grad=True).sum().backward()
     runtime = rss_bytes()
-    config = SD14_UNET if args.part_model == "sd14" else narrow(SDXL_UNET, args.narrow)
+    config = sd14_config(args.sd14_narrow) if args.part_model == "sd14" else narrow(SDXL_UNET, args.narrow)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config)
     if args.checkpointing:
@@ -214,7 +239,9 @@ def run_part(args) -> dict:
         grads = torch.autograd.grad(loss, params)
         held = sum(g.numel() * g.element_size() for g in grads)
     else:
-        with sdpa_kernel([SDPBackend.MATH]):
+        attention = sdpa_kernel([SDPBackend.MATH]) if args.part == "double_backward_math" else \
+            twice_differentiable_attention(unet)
+        with attention:
             loss = unet(x, t, c, **kwargs).sample.pow(2).mean()
             grads = torch.autograd.grad(loss, params, create_graph=True)
             dot = sum(torch.vdot(g.reshape(-1), g.detach().reshape(-1)) for g in grads)
@@ -228,6 +255,8 @@ def run_part(args) -> dict:
     predicted = activation_bytes(unet, (4, side, side), {"encoder_hidden_states": tuple(c.shape[1:]),
                                                           **{k: tuple(v.shape[1:]) for k, v in kwargs.get("added_cond_kwargs", {}).items()}},
                                  batch=1, double_backward=args.part != "fwd_bwd", checkpointing=args.checkpointing)
+    if args.part == "double_backward_math":
+        predicted = 0  # the plan traces the double backward of reverse mode (chunked attention) only
     return {"params": sum(p.numel() for p in params), "weights": weights, "model_rss": loaded - runtime,
             "activations": peak - loaded - held, "predicted": predicted, "seconds": seconds}
 
@@ -264,7 +293,7 @@ def child(argv: list[str], max_rss: float) -> dict | str:
 
 
 ROW_KEYS = ("model", "order", "defence", "attack", "steps", "inner_batch", "batch", "latent", "bf16", "checkpointing",
-            "offload", "adam8bit", "light")
+            "offload", "adam8bit", "light", "sd14_narrow")
 
 
 def row_argv(row: dict) -> list[str]:
@@ -281,7 +310,8 @@ def row_argv(row: dict) -> list[str]:
 
 def default_rows(args) -> list[dict]:
     base = dict(defence="full", attack="full", steps=args.steps, inner_batch=2, batch=2, latent=args.latent[0],
-                bf16=False, checkpointing=False, offload=True, adam8bit=False, light=False, warmup=1, timed=3)
+                bf16=False, checkpointing=False, offload=True, adam8bit=False, light=False, warmup=1, timed=3,
+                sd14_narrow=args.sd14_narrow)
     rows = []
     if args.sd14:
         big = dict(base, model="sd14", inner_batch=1, batch=1, warmup=0, timed=1, light=True)
@@ -297,16 +327,22 @@ def default_rows(args) -> list[dict]:
 
 
 def format_rows(rows: list[tuple[dict, dict | str]]) -> str:
-    lines = [f"{'model':<6}{'order':<17}{'defence/attack':<16}{'M':>4}{'lat':>5}{'step s':>9}{'peak MiB':>10}"
-             f"{'host MiB':>10}{'device MiB':>12}{'plan MiB':>10}{'plan/dev':>9}"]
+    """RSS columns: peak resident memory above the runtime, what of it is host (offload), the rest ("device");
+    tensor columns: the peak of live tensors (:class:`~metaunlearn.meta.tensor_peak.TensorPeak`, what a GPU
+    allocator reports as max allocated) minus the host part; the plan's prediction against both."""
+    lines = [f"{'model':<9}{'order':<17}{'defence/attack':<16}{'M':>4}{'lat':>5}{'step s':>9}{'RSS MiB':>9}"
+             f"{'host MiB':>10}{'RSS dev':>9}{'tensors dev':>13}{'plan MiB':>10}{'plan/tens':>10}{'plan/RSS':>9}"]
     for row, r in rows:
-        head = (f"{row['model']:<6}{row['order']:<17}{row['defence'] + '/' + row['attack']:<16}{row['steps']:>4}"
+        model = row["model"] + (f"/{row['sd14_narrow']}" if row["model"] == "sd14" and row["sd14_narrow"] > 1 else "")
+        head = (f"{model:<9}{row['order']:<17}{row['defence'] + '/' + row['attack']:<16}{row['steps']:>4}"
                 f"{row['latent'] if row['model'] == 'sd14' else '-':>5}")
         if isinstance(r, str):
             lines.append(f"{head}  {r}")
             continue
-        lines.append(f"{head}{r['step_s']:>9.2f}{r['peak'] / MIB:>10.0f}{r['host'] / MIB:>10.0f}"
-                     f"{r['device'] / MIB:>12.0f}{r['plan'] / MIB:>10.0f}{r['plan'] / max(r['device'], 1):>9.2f}")
+        tensors = r["tensors"] - r["host"]
+        lines.append(f"{head}{r['step_s']:>9.2f}{r['peak'] / MIB:>9.0f}{r['host'] / MIB:>10.0f}"
+                     f"{r['device'] / MIB:>9.0f}{tensors / MIB:>13.1f}{r['plan'] / MIB:>10.1f}"
+                     f"{r['plan'] / max(tensors, 1):>10.2f}{r['plan'] / max(r['device'], 1):>9.2f}")
     return "\n".join(lines)
 
 
@@ -333,7 +369,10 @@ def main() -> None:
     for flag in ("bf16", "checkpointing", "offload", "adam8bit", "light"):
         parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=flag == "offload",
                             help=argparse.SUPPRESS)
-    parser.add_argument("--part", choices=["fwd_bwd", "double_backward"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["fwd_bwd", "double_backward", "double_backward_math"], help=argparse.SUPPRESS)
+    parser.add_argument("--sd14-narrow", type=int, default=1,
+                        help="SD-1.4 rows and parts: channel divisor (same heads and tokens); 1: the real width")
+    parser.add_argument("--math", action="store_true", help="--parts: also the double backward on the math kernel")
     parser.add_argument("--part-model", choices=["sd14", "sdxl"], default="sd14", help=argparse.SUPPRESS)
     parser.add_argument("--narrow", type=int, default=4, help="--parts: SDXL channel divisor")
     parser.add_argument("--part-models", nargs="+", default=["sd14", "sdxl"], choices=["sd14", "sdxl"],
@@ -348,20 +387,21 @@ def main() -> None:
         print(json.dumps(run_part(args)))
         return
     if args.parts:
-        print(f"{'UNet':<14}{'latent':>7}{'pass':>17}{'params':>14}{'weights MiB':>13}{'activations MiB':>17}"
+        print(f"{'UNet':<14}{'latent':>7}{'pass':>22}{'params':>14}{'weights MiB':>13}{'activations MiB':>17}"
               f"{'predicted MiB':>15}{'seconds':>9}")
         results = []
         for model in args.part_models:
             for latent in args.latent:
-                for part in ("fwd_bwd", "double_backward"):
+                for part in ("fwd_bwd", "double_backward") + (("double_backward_math",) if args.math else ()):
                     r = child(["--part", part, "--part-model", model, "--latent", str(latent), "--narrow",
-                               str(args.narrow)], args.max_rss)
-                    name = model if model == "sd14" else f"sdxl/{args.narrow}"
+                               str(args.narrow), "--sd14-narrow", str(args.sd14_narrow)], args.max_rss)
+                    name = (model if args.sd14_narrow == 1 else f"sd14/{args.sd14_narrow}") if model == "sd14" \
+                        else f"sdxl/{args.narrow}"
                     results.append({"model": name, "latent": latent, "part": part, "result": r})
                     if isinstance(r, str):
-                        print(f"{name:<14}{latent:>7}{part:>17}  {r}", flush=True)
+                        print(f"{name:<14}{latent:>7}{part:>22}  {r}", flush=True)
                         continue
-                    print(f"{name:<14}{latent:>7}{part:>17}{r['params']:>14,}{r['weights'] / MIB:>13.0f}"
+                    print(f"{name:<14}{latent:>7}{part:>22}{r['params']:>14,}{r['weights'] / MIB:>13.0f}"
                           f"{r['activations'] / MIB:>17.0f}{r['predicted'] / MIB:>15.0f}{r['seconds']:>9.1f}", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
