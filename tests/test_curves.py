@@ -59,6 +59,17 @@ def test_report_has_curve_tables_with_quality_at_the_worst_run(tmp_path):
     assert results["worst_runs"][0]["worst_auc"]["label"].startswith("hrm-m full")
 
 
+
+def test_snapshots_on_fewer_samples_are_named_in_the_curve_table(tmp_path):
+    rows = _rows("uce-plain", "hrm-m", "full", 1e-4, 0, [0, 0.5, 0.75, 1.0], steps=(0, 25, 50, 100))
+    for r in rows:
+        r["samples_per_prompt"] = 2 if r["step"] == 50 else 8
+    write_jsonl(rows, tmp_path / "attacks" / "uce-plain" / "hrm-m" / "full_lr0.0001_s0.jsonl")
+    assert run_curves(rows)[0]["reduced"] == [50]
+    md = build_report(tmp_path).markdown.read_text()
+    assert "0–100 (4; 50 on fewer samples)" in md and "95% Wilson interval" in md
+
+
 def test_none_rate_counts_blank_benign_samples():
     import torch
 

@@ -33,20 +33,25 @@ def _finite(value) -> float | None:
 
 
 def run_curves(rows: Iterable[Mapping], metric: str = "forget_rate") -> list[dict]:
-    """One record per attack run: its fields, ``steps``, ``values``, ``auc``, ``final`` (value at the last step)
-    and ``last_step``. Runs with a missing value at any snapshot (a diverged attack) are left out."""
-    grouped: dict[tuple, list[tuple[int, float | None]]] = {}
+    """One record per attack run: its fields, ``steps``, ``values``, ``auc``, ``final`` (value at the last step),
+    ``last_step`` and ``reduced`` (the steps evaluated on fewer samples per prompt than the run's most, under an
+    evaluation budget). Runs with a missing value at any snapshot (a diverged attack) are left out."""
+    grouped: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
     for row in rows:
         key = tuple(row.get(k) for k in RUN_FIELDS)
-        grouped.setdefault(key, []).append((row["step"], _finite(row.get(metric))))
+        grouped.setdefault(key, []).append((row["step"], _finite(row.get(metric)),
+                                            _finite(row.get("samples_per_prompt"))))
     out = []
     for key, points in grouped.items():
         points.sort()
-        if any(v is None for _, v in points):
+        if any(v is None for _, v, _ in points):
             continue
-        steps, values = [s for s, _ in points], [v for _, v in points]
+        steps, values = [s for s, _, _ in points], [v for _, v, _ in points]
+        most = max((k for _, _, k in points if k is not None), default=None)
+        reduced = [s for s, _, k in points if k is not None and k < most]
         out.append({**dict(zip(RUN_FIELDS, key)), "metric": metric, "steps": steps, "values": values,
-                    "auc": curve_auc(steps, values), "final": values[-1], "last_step": steps[-1]})
+                    "auc": curve_auc(steps, values), "final": values[-1], "last_step": steps[-1],
+                    "reduced": reduced})
     return sorted(out, key=lambda r: tuple(str(r[k]) for k in RUN_FIELDS))
 
 

@@ -49,8 +49,10 @@ def auc_table(rows: Sequence[Mapping], metric: str, sets: Sequence[str],
                 runs = groups[key]
                 steps = runs[0]["steps"]
                 counts.append(len(runs))
+                reduced = sorted({step for r in runs for step in r.get("reduced", [])})
+                fewer = f"; {', '.join(map(str, reduced))} on fewer samples" if reduced else ""
                 out.append([method, variant, model, s, attack_label(key[2], key[3]),
-                            f"0–{steps[-1]} ({len(steps)})", _mean_std([r["auc"] for r in runs]),
+                            f"0–{steps[-1]} ({len(steps)}{fewer})", _mean_std([r["auc"] for r in runs]),
                             _mean_std([r["final"] for r in runs]), str(len(runs))])
     return Table(
         title=f"Relearning curves: area under the {metric} curve",
@@ -58,7 +60,10 @@ def auc_table(rows: Sequence[Mapping], metric: str, sets: Sequence[str],
                  "at last step (%)", "seeds"],
         rows=out,
         note="AUC = trapezoidal area under the curve over attack steps ÷ steps spanned (the mean rate along the "
-             f"attack; 0 = never relearned, 100 = relearned from the first step); {seeds_phrase(counts)}.",
+             f"attack; 0 = never relearned, 100 = relearned from the first step); {seeds_phrase(counts)}."
+             + (" Steps 'on fewer samples' were evaluated under an evaluation budget (attack.snapshot_samples); "
+                "every row of results.csv gives its samples per prompt and the 95% Wilson interval of each rate."
+                if any(c.get("reduced") for c in curves) else ""),
         label_columns=5,
     )
 
