@@ -119,10 +119,11 @@ def main() -> None:
     for _ in range(args.repeat):
         reference = None
         for name, (snapshots, reduced, old_optimizer) in curves.items():
-            total, evals, step0 = _Clock(), _Clock(), _Clock()
+            total, evals = _Clock(), _Clock()
+            by_step: dict[int, _Clock] = {}
 
-            def evaluate(bb, step, evals=evals, step0=step0, reduced=reduced):
-                with evals, (step0 if step == 0 else _Clock()):
+            def evaluate(bb, step, evals=evals, by_step=by_step, reduced=reduced):
+                with evals, by_step.setdefault(step, _Clock()):
                     return evaluator.evaluate(bb, reduced.get(step)).metrics
 
             spec = AttackSpec(lr=1e-4, batch_size=8, snapshot_steps=snapshots, seed=0, snapshot_samples=reduced)
@@ -133,14 +134,17 @@ def main() -> None:
             finally:
                 finetune.build_optimizer = fused
             train = total.cpu - evals.cpu
-            with_0, without_0 = total.cpu, total.cpu - step0.cpu
+            with_0, without_0 = total.cpu, total.cpu - by_step[0].cpu
             reference = reference or (with_0, without_0)
             last = result.snapshots[-1].metrics
             print(f"{name:52s} CPU s: total {with_0:6.1f} (wall {total.wall:6.1f}) | training {train:5.1f} "
                   f"({1000 * train / spec.steps:5.1f} ms/step) | {len(snapshots)} evaluations {evals.cpu:5.1f}, "
-                  f"step 0 {step0.cpu:4.1f} | without step 0 {without_0:6.1f} | × curve 1: {with_0 / reference[0]:.2f} "
-                  f"with step 0, {without_0 / reference[1]:.2f} without | forget rate at {spec.steps}: "
-                  f"{last['forget_rate']:.3f}", flush=True)
+                  f"step 0 {by_step[0].cpu:4.1f} | without step 0 {without_0:6.1f} | × curve 1: "
+                  f"{with_0 / reference[0]:.2f} with step 0, {without_0 / reference[1]:.2f} without | forget rate at "
+                  f"{spec.steps}: {last['forget_rate']:.3f}", flush=True)
+            print("    evaluation CPU s by step: " + ", ".join(
+                f"{step}: {clock.cpu:.1f}" + (f" ({reduced[step]}/prompt)" if step in reduced else "")
+                for step, clock in by_step.items()), flush=True)
     print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
