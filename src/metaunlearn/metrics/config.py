@@ -95,7 +95,8 @@ class SamplerConfig(StrictModel):
     )
     share_batches: bool = Field(
         True, description="sample every prompt set in shared batches of batch_size (same images, fuller batches "
-                          "on a GPU); false: one call per set (on the toy model on CPU this was 10% cheaper)"
+                          "on a GPU); false: one call per set (on the toy model on CPU this was 10% cheaper). An "
+                          "evaluation on fewer samples per prompt (attack.snapshot_samples) always shares batches"
     )
 
 
