@@ -231,9 +231,12 @@ def run_part(args) -> dict:
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
     params = [p for p in unet.parameters()]
     weights = sum(p.numel() * p.element_size() for p in params)
+    from metaunlearn.meta.tensor_peak import TensorPeak
+
     loaded = rss_bytes()
     reset_peak()
     start = time.perf_counter()
+    tracker = TensorPeak("cpu").__enter__()
     if args.part == "fwd_bwd":
         loss = unet(x, t, c, **kwargs).sample.pow(2).mean()
         grads = torch.autograd.grad(loss, params)
@@ -247,7 +250,10 @@ def run_part(args) -> dict:
             dot = sum(torch.vdot(g.reshape(-1), g.detach().reshape(-1)) for g in grads)
             del grads
             hv = torch.autograd.grad(dot, params)
-        held = 2 * sum(g.numel() * g.element_size() for g in hv)  # the graph gradient g and the output H·w
+        # one gradient-sized set: the graph gradient g at the end of the first backward, or the output H·w at the end
+        # of the second (g goes when the dot product's node runs, first thing in the double backward)
+        held = sum(g.numel() * g.element_size() for g in hv)
+    tracker.__exit__(None, None, None)
     seconds = time.perf_counter() - start
     peak = rss_bytes("VmHWM")
     from metaunlearn.meta.memory import activation_bytes
@@ -258,7 +264,8 @@ def run_part(args) -> dict:
     if args.part == "double_backward_math":
         predicted = 0  # the plan traces the double backward of reverse mode (chunked attention) only
     return {"params": sum(p.numel() for p in params), "weights": weights, "model_rss": loaded - runtime,
-            "activations": peak - loaded - held, "predicted": predicted, "seconds": seconds}
+            "activations": peak - loaded - held, "tensors": tracker.peak - tracker.start - held, "predicted": predicted,
+            "seconds": seconds}
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------------

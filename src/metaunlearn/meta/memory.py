@@ -4,9 +4,10 @@ Parameter-sized buffers are counted exactly from the model's parameter shapes; a
 one forward + backward (or one double backward) of the UNet on PyTorch's ``meta`` device at the configured batch and
 latent size — no weights are loaded and nothing is computed — summing the bytes autograd saves, times a factor for
 the backward pass's own temporaries (:data:`BACKWARD_FACTOR`, calibrated against measured peaks with
-``benchmarks/meta_order.py --parts``). Fused attention is traced as what it saves (q, k, v, output, log-sum-exp);
-the double backward of second order runs on the chunked, twice-differentiable attention of
-:mod:`metaunlearn.meta.attention` (q, k, v and the output gradient per layer) and is traced as such.
+``benchmarks/meta_order.py --parts``). Fused attention is traced as what it saves (q, k, v, output, log-sum-exp).
+The double backward of reverse mode (chunked, twice-differentiable attention of :mod:`metaunlearn.meta.attention`)
+is traced whole on the meta device as the peak of live tensors (:class:`~metaunlearn.meta.tensor_peak.TensorPeak`),
+which includes its transients (the attention chunks); the full unroll's (math kernel) by the bytes it saves.
 
 Phases (S_x: the attack's parameters x, P: the outer parameters θ, Z: outer parameters the attack does not move):
 
@@ -32,6 +33,7 @@ import torch
 
 from metaunlearn.meta.attention import twice_differentiable_attention as hvp_attention
 from metaunlearn.meta.config import MetaConfig
+from metaunlearn.meta.tensor_peak import TensorPeak
 
 BACKWARD_FACTOR = {"fwd_bwd": 1.0, "double_backward": 1.0}
 """Peak activation memory of a pass / bytes autograd saves for it (calibrated; see the module docstring)."""
@@ -165,12 +167,13 @@ def activation_bytes(
     kwargs = {}
     if "text_embeds" in cond:
         kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+    if double_backward and not math_attention:
+        return _live_double_backward(net, params, x, t, cond["encoder_hidden_states"], kwargs)
     original = F.scaled_dot_product_attention
     if not double_backward:
         F.scaled_dot_product_attention = _fused_sdpa
     try:
-        with hvp_attention(net) if double_backward and not math_attention else nullcontext(), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = net(x, t, cond["encoder_hidden_states"], **kwargs).sample
             loss = out.float().pow(2).mean()
             if double_backward:
@@ -184,6 +187,21 @@ def activation_bytes(
     finally:
         F.scaled_dot_product_attention = original
     return int(total * BACKWARD_FACTOR["double_backward" if double_backward else "fwd_bwd"])
+
+
+def _live_double_backward(net, params, x, t, encoder_hidden_states, kwargs) -> int:
+    """Reverse mode's double backward (chunked attention), traced on the meta device as the peak of live tensors
+    (:class:`~metaunlearn.meta.tensor_peak.TensorPeak`: the saved graph and the transients, e.g. the attention chunks
+    of the double backward) minus one gradient-sized set, which the plan counts itself (the graph gradient g)."""
+    with hvp_attention(net), TensorPeak("meta") as tracker:
+        loss = net(x, t, encoder_hidden_states, **kwargs).sample.float().pow(2).mean()
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
+        del loss
+        dot = sum(torch.vdot(g.reshape(-1), g.detach().reshape(-1)) for g in grads)
+        del grads
+        hv = torch.autograd.grad(dot, params, allow_unused=True, materialize_grads=True)
+        del dot, hv
+    return int((tracker.peak - tracker.start - _bytes(params)) * BACKWARD_FACTOR["double_backward"])
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------------------

@@ -20,9 +20,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def _live_objects():
+    gc.collect()
+    return gc.get_objects()
+
+
 class TensorPeak(TorchDispatchMode):
     """Within ``with TensorPeak(device) as tracker:``, ``tracker.peak`` is the largest total of live tensor storages
-    on ``device`` (bytes; counting the ones alive on entry, ``tracker.start``) and ``tracker.current`` the total now."""
+    on ``device`` (bytes; counting the ones alive on entry, ``tracker.start``) and ``tracker.current`` the total now.
+    (The tensors alive on entry must be known: an operator may return a view of one.)"""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         super().__init__()
@@ -51,8 +57,7 @@ class TensorPeak(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
 
     def __enter__(self):
-        gc.collect()
-        for obj in gc.get_objects():
+        for obj in _live_objects():
             try:
                 if issubclass(type(obj), torch.Tensor):  # type(): no attribute lookups on arbitrary objects
                     self._track(obj)
