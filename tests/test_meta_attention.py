@@ -39,7 +39,8 @@ def test_gradcheck_and_gradgradcheck(mask):
     inputs = [t.detach()[:1, :2, :n, :3].requires_grad_() for t, n in zip(qkv(), (5, 4, 4))]
 
     def fn(q, k, v):
-        return attention(q, k, v, attn_mask=m, scale=0.4 if mask == "additive" else None, chunk_bytes=1 * 2 * 4 * 4 * 2)
+        return attention(q, k, v, attn_mask=m, scale=0.4 if mask == "additive" else None, chunk_bytes=1 * 2 * 4 * 4 * 2,
+                         small_bytes=0)
 
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
@@ -59,7 +60,7 @@ def test_equals_the_math_kernel_to_second_order(mask):
     inputs = qkv()
     with sdpa_kernel([SDPBackend.MATH]):
         ref = _hvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m), inputs)
-    ours = _hvp(lambda q, k, v: attention(q, k, v, attn_mask=m, chunk_bytes=SMALL_CHUNK), inputs)
+    ours = _hvp(lambda q, k, v: attention(q, k, v, attn_mask=m, chunk_bytes=SMALL_CHUNK, small_bytes=0), inputs)
     for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -81,7 +82,7 @@ def test_the_double_backward_graph_holds_no_attention_matrix():
     inputs = qkv(queries=48, keys=40, dim=8)
     with sdpa_kernel([SDPBackend.MATH]):  # control: the math kernel keeps queries × keys matrices
         assert any(s[-2:] == (48, 40) for s in _saved_shapes(F.scaled_dot_product_attention, inputs))
-    shapes = _saved_shapes(lambda q, k, v: attention(q, k, v, chunk_bytes=SMALL_CHUNK), inputs)
+    shapes = _saved_shapes(lambda q, k, v: attention(q, k, v, chunk_bytes=SMALL_CHUNK, small_bytes=0), inputs)
     assert shapes and not any(s[-2:] in {(48, 40), (40, 48)} for s in shapes)
 
 
@@ -109,7 +110,7 @@ def test_unet_hessian_vector_product_equals_the_math_kernel():
     with sdpa_kernel([SDPBackend.MATH]):
         ref = hvp()
     calls = []
-    with twice_differentiable_attention(unet, chunk_bytes=4096):
+    with twice_differentiable_attention(unet, chunk_bytes=4096, small_bytes=0):
         assert all(isinstance(p, attention_module.TwiceDifferentiableAttnProcessor)
                    for p in unet.attn_processors.values())
         with _counting(calls):
@@ -155,3 +156,22 @@ def test_reverse_mode_takes_its_hessian_vector_products_on_it():
     assert calls
     assert {name: type(p) for name, p in backbone.unet.attn_processors.items()} == before
     assert all(torch.isfinite(p.grad).all() for p in params)
+
+
+def test_small_attention_runs_the_math_kernel(monkeypatch):
+    """A call whose attention matrix is at most ``small_bytes`` is PyTorch's math kernel (the same derivatives); a
+    larger one the chunked kernel."""
+    chunked = []
+    apply = attention_module._Attention.apply
+    monkeypatch.setattr(attention_module._Attention, "apply", lambda *a: chunked.append(1) or apply(*a))
+    inputs = qkv(queries=48, keys=40, dim=8)
+    matrix = 2 * 3 * 48 * 40 * 4
+    assert matrix <= attention_module.SMALL_BYTES
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = _hvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), inputs)
+    ours = _hvp(lambda q, k, v: attention(q, k, v), inputs)
+    assert not chunked
+    for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _hvp(lambda q, k, v: attention(q, k, v, chunk_bytes=SMALL_CHUNK, small_bytes=matrix - 1), inputs)
+    assert chunked

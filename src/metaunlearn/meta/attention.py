@@ -10,7 +10,8 @@ latents (4096 tokens, 8 heads) 512 MiB each, several per layer. Here
   S = s·q_c kᵀ (+ mask), P = softmax(S), dV += Pᵀ dO_c, dP = dO_c vᵀ, dS = P∘(dP − rowsum(dP∘P)), dq_c = s·dS k,
   dK += s·dSᵀ q_c, and saves only q, k, v, dO;
 * its own backward (the double backward) recomputes one chunk at a time in plain differentiable torch ops and
-  back-propagates through it, so no attention matrix outlives its chunk.
+  back-propagates through it, so no attention matrix outlives its chunk;
+* a call whose whole attention matrix is small (:data:`SMALL_BYTES`) runs the math kernel instead, which costs less.
 
 So a first backward with ``create_graph=True`` keeps q, k, v and dO per layer (4 activation-sized tensors) and the
 double backward needs about eight chunk-sized matrices at a time (:data:`CHUNK_BYTES` each). Low-precision inputs
@@ -33,6 +34,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CHUNK_BYTES = 32 * 2**20
 """Bytes of one batch × heads × rows × keys matrix of a query chunk (float32 inside the chunk)."""
+
+SMALL_BYTES = 4 * 2**20
+"""A call whose whole batch × heads × queries × keys matrix (float32) is at most this many bytes runs PyTorch's math
+kernel instead: its double-backward graph is a few such matrices — negligible — and it costs less compute than the
+chunked recomputation (the toy model's attention: 1 MiB at batch 8; SD-1.4 at 64×64 latents: 512 MiB)."""
 
 _FUSED_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                 SDPBackend.MATH]
@@ -156,21 +162,27 @@ class _Attention(torch.autograd.Function):
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              scale: float | None = None, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` (no dropout, not causal) with a chunked, twice-differentiable backward.
+              scale: float | None = None, chunk_bytes: int = CHUNK_BYTES, small_bytes: int = SMALL_BYTES) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (no dropout, not causal) with a chunked, twice-differentiable backward
+    (calls whose attention matrix is at most ``small_bytes``: PyTorch's math kernel, twice differentiable as well).
 
     ``attn_mask``: boolean (True = attend) or additive, broadcastable to (…, queries, keys); it gets no gradient."""
     if attn_mask is not None and attn_mask.requires_grad:
         raise ValueError("twice-differentiable attention: the attention mask must not require grad")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+    if math.prod(lead) * query.shape[-2] * key.shape[-2] * 4 <= small_bytes:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
     return _Attention.apply(query, key, value, attn_mask, scale, chunk_bytes)
 
 
 class TwiceDifferentiableAttnProcessor:
     """diffusers' ``AttnProcessor2_0`` with :func:`attention` in place of PyTorch's SDPA."""
 
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES, small_bytes: int = SMALL_BYTES) -> None:
         self.chunk_bytes = chunk_bytes
+        self.small_bytes = small_bytes
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
@@ -205,7 +217,8 @@ class TwiceDifferentiableAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        hidden_states = attention(query, key, value, attn_mask=attention_mask, chunk_bytes=self.chunk_bytes)
+        hidden_states = attention(query, key, value, attn_mask=attention_mask, chunk_bytes=self.chunk_bytes,
+                                  small_bytes=self.small_bytes)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -224,7 +237,8 @@ def _replaceable(processor) -> bool:
 
 
 @contextmanager
-def twice_differentiable_attention(model: torch.nn.Module, chunk_bytes: int = CHUNK_BYTES):
+def twice_differentiable_attention(model: torch.nn.Module, chunk_bytes: int = CHUNK_BYTES,
+                                   small_bytes: int = SMALL_BYTES):
     """Within the context, ``model``'s standard attention runs :class:`TwiceDifferentiableAttnProcessor` (other
     processors keep theirs, on PyTorch's math kernel); the previous processors come back on exit."""
     with sdpa_kernel([SDPBackend.MATH]):
@@ -232,7 +246,7 @@ def twice_differentiable_attention(model: torch.nn.Module, chunk_bytes: int = CH
         if not original:
             yield
             return
-        processor = TwiceDifferentiableAttnProcessor(chunk_bytes)
+        processor = TwiceDifferentiableAttnProcessor(chunk_bytes, small_bytes)
         model.set_attn_processor({name: processor if _replaceable(p) else p for name, p in original.items()})
         try:
             yield
