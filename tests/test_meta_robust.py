@@ -122,16 +122,7 @@ def test_second_order_radius_attacker_matches_finite_differences(optimizer):
         runner.attacks.undo()
         return float(out)
 
-    direction = [torch.randn_like(t, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(theta)]
-    eps = 1e-5
-    plus = value([t + eps * d for t, d in zip(theta, direction)])
-    minus = value([t - eps * d for t, d in zip(theta, direction)])
-    with torch.no_grad():
-        for p, t in zip(params, theta):
-            p.copy_(t)
-    numeric = (plus - minus) / (2 * eps)
-    analytic = float(sum((g * d).sum() for g, d in zip(grad, direction)))
-    assert analytic == pytest.approx(numeric, rel=1e-4, abs=1e-9)
+    _check_directional_derivative(value, grad, theta, params)
 
 
 @pytest.mark.parametrize("order", ["first", "second", "second_unrolled"])
@@ -263,8 +254,13 @@ def test_anchored_forget_term_holds_the_attacked_prediction_at_the_released_one(
         for a, b in zip(grad, expected):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
         return
+    _check_directional_derivative(value, grad, theta, params)
+
+
+def _check_directional_derivative(value, grad, theta, params, eps: float = 1e-5) -> None:
+    """``grad`` · d equals the central difference of ``value`` along a fixed random direction d at ``theta``
+    (the parameters are put back to ``theta`` afterwards)."""
     direction = [torch.randn_like(t, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(theta)]
-    eps = 1e-5
     plus = value([t + eps * d for t, d in zip(theta, direction)])
     minus = value([t - eps * d for t, d in zip(theta, direction)])
     with torch.no_grad():
