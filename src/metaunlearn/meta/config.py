@@ -177,6 +177,16 @@ class MetaConfig(StrictModel):
             return self.ascent_cap * torch.tanh(loss / self.ascent_cap)
         return loss
 
+    def bound_slope(self, value: float) -> float:
+        """dB/dL of ``ascent_bound`` at the loss value ``value`` (1 for 'none')."""
+        import math
+
+        if self.ascent_bound == "cap":
+            return 1.0 if value <= self.ascent_cap else 0.0
+        if self.ascent_bound == "tanh":
+            return 1.0 - math.tanh(value / self.ascent_cap) ** 2
+        return 1.0
+
     def trajectory_points(self, steps: int) -> list[int]:
         """Inner steps k (1-based) whose iterate θ_k carries ascent terms: the end only, or along the trajectory."""
         if self.ascent_along == "end" or steps == 0:

@@ -215,7 +215,9 @@ class MetaObjective:
                 anchored = draw.anchored(self.backbone, data, self.shard, self.autocast)
                 terms.append(OuterTerm(f"anchor_{role}", anchored, data, partial(_descended, weight)))
             else:
-                terms.append(OuterTerm(f"ascent_{role}", draw, data, partial(_ascended, weight, cfg.bounded)))
+                slope = (lambda value, weight=weight: -weight * cfg.bound_slope(value)) \
+                    if cfg.ascent_bound != "none" else None
+                terms.append(OuterTerm(f"ascent_{role}", draw, data, partial(_ascended, weight, cfg.bounded), slope))
         return terms
 
     def _ascent(self, plan: StepPlan) -> dict[str, float]:
@@ -245,10 +247,12 @@ class MetaObjective:
             set_requires_grad(self.params, True)
             for term in outer:
                 value = 0.0
+                slope = term.split_slope(self.backbone, self.shard, self.autocast)
                 for part, share in term.draw.shares(self.shard):  # this process's share of the batch
                     with self.autocast():
                         loss = part.loss(self.backbone, term.data)
-                    (term.score(share * loss) / len(points)).backward()
+                    scored = term.score(share * loss) if slope is None else slope * share * loss
+                    (scored / len(points)).backward()
                     value += share * float(loss.detach())
                 sums[term.name] = sums.get(term.name, 0.0) + value
 
@@ -282,11 +286,13 @@ class MetaObjective:
             total = None
             for term in outer:
                 value = 0.0
+                slope = term.split_slope(self.backbone, self.shard, self.autocast)
                 for part, share in term.draw.shares(self.shard):  # this process's share of the batch
                     with self.autocast():
                         loss = part.loss(self.backbone, term.data)
                     value += share * float(loss.detach())
-                    contribution = term.score(share * loss) / len(points)
+                    scored = term.score(share * loss) if slope is None else slope * share * loss
+                    contribution = scored / len(points)
                     total = contribution if total is None else total + contribution
                 sums[term.name] = sums.get(term.name, 0.0) + value
             return total

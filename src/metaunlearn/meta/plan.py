@@ -118,6 +118,23 @@ class OuterTerm:
     draw: Draw
     data: CachedSet
     score: Callable[[torch.Tensor], torch.Tensor]
+    slope: Callable[[float], float] | None = None
+    """d score / dL as a function of the loss value, for a score that is not linear in L (a bounded ascent term):
+    a batch split into parts (micro-batches, processes) is then scored ``slope(L)·part`` with L the whole batch's
+    loss, whose gradient summed over the parts is the whole batch's ∇score(L) (the bound acts on the batch's loss,
+    not on each part's)."""
+
+    def split_slope(self, backbone: Backbone, shard: Shard, autocast, unet=None) -> float | None:
+        """``slope(L)`` at the whole batch's loss L when this term is nonlinear and its batch is split (a no-grad
+        pass over this process's parts, summed across processes — every process calls it alike), else ``None``."""
+        if self.slope is None or not (shard.distributed or shard.micro > 1):
+            return None
+        value = 0.0
+        with torch.no_grad():
+            for part, share in self.draw.shares(shard):
+                with autocast():
+                    value += share * float(part.loss(backbone, self.data, unet=unet))
+        return self.slope(shard.sum_values({"loss": value})["loss"])
 
 
 @dataclass

@@ -129,8 +129,8 @@ def second_order_ascent(
 ) -> dict[str, float]:
     """Accumulate ``∇_θ mean_k Σ score(L(θ_k; D))`` of the outer terms (exact; an ascent term scores ``−β·B(L)``)
     into the outer parameters' ``.grad`` (this process's share) over the inner steps k in ``points`` (default: the
-    end only, θ' = θ_M); return logged values (this process's shares; with several processes a term's score applies
-    to each process's share of its loss)."""
+    end only, θ' = θ_M); return logged values (this process's shares; a bounded term split across processes is
+    scored at the whole batch's loss, :meth:`~metaunlearn.meta.plan.OuterTerm.split_slope`)."""
     outer_ids = {id(p) for p in outer_params}
     points = list(points) if points is not None else [len(draws)]
     total: list = [0.0]
@@ -143,9 +143,10 @@ def second_order_ascent(
             return
         net = SwappedUNet(backbone.unet, dict(zip(attack_params, current)))
         for term in ascent:
+            slope = term.split_slope(backbone, shard, autocast, unet=net)
             loss, value = _local_loss(backbone, term.draw, term.data, net, shard, autocast)
             if loss is not None:
-                total[0] = total[0] + term.score(loss) / len(points)
+                total[0] = total[0] + (term.score(loss) if slope is None else slope * loss) / len(points)
             sums[term.name] = sums.get(term.name, 0.0) + value
 
     for p in attack_params:
