@@ -247,13 +247,9 @@ class MetaObjective:
             set_requires_grad(self.params, True)
             for term in outer:
                 value = 0.0
-                slope = term.split_slope(self.backbone, self.shard, self.autocast)
-                for part, share in term.draw.shares(self.shard):  # this process's share of the batch
-                    with self.autocast():
-                        loss = part.loss(self.backbone, term.data)
-                    scored = term.score(share * loss) if slope is None else slope * share * loss
-                    (scored / len(points)).backward()
-                    value += share * float(loss.detach())
+                for contribution, part_value in self._scored_parts(term, len(points)):
+                    contribution.backward()
+                    value += part_value
                 sums[term.name] = sums.get(term.name, 0.0) + value
 
         try:
@@ -267,6 +263,16 @@ class MetaObjective:
             set_requires_grad(self.params, True)
         terms.update({name: value / len(points) for name, value in sums.items()})
         return terms
+
+    def _scored_parts(self, term: OuterTerm, points: int):
+        """``term`` on this process's parts of its batch at the weights the UNet holds now: per part, its
+        contribution to the minimised objective (÷ ``points``, the iterates scored) and its share of the loss value."""
+        slope = term.split_slope(self.backbone, self.shard, self.autocast)
+        for part, share in term.draw.shares(self.shard):
+            with self.autocast():
+                loss = part.loss(self.backbone, term.data)
+            scored = term.score(share * loss) if slope is None else slope * share * loss
+            yield scored / points, share * float(loss.detach())
 
     def _trajectory(self, attack) -> Trajectory:
         key = space_key(attack)
@@ -286,14 +292,9 @@ class MetaObjective:
             total = None
             for term in outer:
                 value = 0.0
-                slope = term.split_slope(self.backbone, self.shard, self.autocast)
-                for part, share in term.draw.shares(self.shard):  # this process's share of the batch
-                    with self.autocast():
-                        loss = part.loss(self.backbone, term.data)
-                    value += share * float(loss.detach())
-                    scored = term.score(share * loss) if slope is None else slope * share * loss
-                    contribution = scored / len(points)
+                for contribution, part_value in self._scored_parts(term, len(points)):
                     total = contribution if total is None else total + contribution
+                    value += part_value
                 sums[term.name] = sums.get(term.name, 0.0) + value
             return total
 
