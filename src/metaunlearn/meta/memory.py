@@ -2,12 +2,7 @@
 
 Parameter-sized buffers are counted exactly from the model's parameter shapes; activations are measured by tracing
 one forward + backward (or one double backward) of the UNet on PyTorch's ``meta`` device at the configured batch and
-latent size — no weights are loaded and nothing is computed — summing the bytes autograd saves, times a factor for
-the backward pass's own temporaries (:data:`BACKWARD_FACTOR`, calibrated against measured peaks with
-``benchmarks/meta_order.py --parts``). Fused attention is traced as what it saves (q, k, v, output, log-sum-exp).
-The double backward of reverse mode (chunked, twice-differentiable attention of :mod:`metaunlearn.meta.attention`)
-is traced whole on the meta device as the peak of live tensors (:class:`~metaunlearn.meta.tensor_peak.TensorPeak`),
-which includes its transients (the attention chunks); the full unroll's (math kernel) by the bytes it saves.
+latent size (:mod:`metaunlearn.meta.activations`) — no weights are loaded and nothing is computed.
 
 Phases (S_x: the attack's parameters x, P: the outer parameters θ, Z: outer parameters the attack does not move):
 
@@ -30,12 +25,8 @@ from pathlib import Path
 
 import torch
 
-from metaunlearn.meta.attention import twice_differentiable_attention as hvp_attention
+from metaunlearn.meta.activations import activation_bytes, parameter_bytes
 from metaunlearn.meta.config import MetaConfig
-from metaunlearn.meta.tensor_peak import TensorPeak
-
-BACKWARD_FACTOR = {"fwd_bwd": 1.0, "double_backward": 1.0}
-"""Peak activation memory of a pass / bytes autograd saves for it (calibrated; see the module docstring)."""
 
 OVERLAP = 0.25
 """During a backward pass the saved activations are freed as the gradients appear: measured on the SD-1.4 UNet
@@ -106,108 +97,7 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB"
 
 
-# ---- activations by tracing on the meta device ------------------------------------------------------------------------
-class _FusedAttention(torch.autograd.Function):
-    """What a fused (flash / memory-efficient) attention kernel saves for backward, on the meta device."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    return _FusedAttention.apply(query, key, value)
-
-
-def activation_bytes(
-    unet: torch.nn.Module,
-    latent_shape: tuple[int, ...],
-    cond_shapes: Mapping[str, tuple[int, ...]],
-    *,
-    batch: int,
-    double_backward: bool = False,
-    checkpointing: bool = False,
-    dtype: torch.dtype = torch.float32,
-    math_attention: bool = False,
-) -> int:
-    """Predicted peak activation memory of one UNet pass at ``batch`` (see the module docstring); a double backward
-    runs the chunked attention of reverse mode, or PyTorch's math kernel (``math_attention``: the full unroll)."""
-    from diffusers import UNet2DConditionModel
-    import torch.nn.functional as F
-
-    with torch.device("meta"):
-        net = UNet2DConditionModel.from_config(unet.config).to(dtype)
-    if checkpointing:
-        net.enable_gradient_checkpointing()
-    net.train()
-    params = [p for p in net.parameters()]
-    seen = {p.untyped_storage()._cdata for p in params}  # weights (and views of them) are not activations
-    saved = [0]
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in seen:  # each storage once, however many views of it are saved
-            seen.add(storage._cdata)
-            saved[0] += storage.nbytes()
-        return t
-
-    x = torch.empty(batch, *latent_shape, device="meta", dtype=dtype)
-    t = torch.zeros(batch, dtype=torch.long, device="meta")
-    cond = {k: torch.empty(batch, *shape, device="meta", dtype=dtype if k != "time_ids" else dtype)
-            for k, shape in cond_shapes.items()}
-    kwargs = {}
-    if "text_embeds" in cond:
-        kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-    if double_backward and not math_attention:
-        return _live_double_backward(net, params, x, t, cond["encoder_hidden_states"], kwargs)
-    original = F.scaled_dot_product_attention
-    if not double_backward:
-        F.scaled_dot_product_attention = _fused_sdpa
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = net(x, t, cond["encoder_hidden_states"], **kwargs).sample
-            loss = out.float().pow(2).mean()
-            if double_backward:
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
-                saved_first = saved[0]
-                dot = sum(torch.vdot(g.reshape(-1), g.detach().reshape(-1)) for g in grads)
-                del dot
-                total = saved_first
-            else:
-                total = saved[0]
-    finally:
-        F.scaled_dot_product_attention = original
-    return int(total * BACKWARD_FACTOR["double_backward" if double_backward else "fwd_bwd"])
-
-
-def _live_double_backward(net, params, x, t, encoder_hidden_states, kwargs) -> int:
-    """Reverse mode's double backward (chunked attention), traced on the meta device as the peak of live tensors
-    (:class:`~metaunlearn.meta.tensor_peak.TensorPeak`: the saved graph and the transients, e.g. the attention chunks
-    of the double backward) minus one gradient-sized set, which the plan counts itself (the graph gradient g)."""
-    with hvp_attention(net), TensorPeak("meta") as tracker:
-        loss = net(x, t, encoder_hidden_states, **kwargs).sample.float().pow(2).mean()
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
-        del loss
-        dot = sum(torch.vdot(g.reshape(-1), g.detach().reshape(-1)) for g in grads)
-        del grads
-        hv = torch.autograd.grad(dot, params, allow_unused=True, materialize_grads=True)
-        del dot, hv
-    return int((tracker.peak - tracker.start - _bytes(params)) * BACKWARD_FACTOR["double_backward"])
-
-
 # ---- the plan ---------------------------------------------------------------------------------------------------------
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _lora_bytes(unet: torch.nn.Module, rank: int, targets: list[str]) -> int:
     total = 0
     for name, module in unet.named_modules():
@@ -247,14 +137,14 @@ def plan_meta_memory(
     attack = max(config.attacks, key=lambda a: a.steps or 0) if config.attacks else None
     inner_batch = inner_batch or (attack.batch_size if attack else 1)
     batch = batch or config.batch_size
-    weights = _bytes(unet.parameters())
+    weights = parameter_bytes(unet.parameters())
     if other_modules_bytes is None:  # the pipeline's other modules (a backbone holds them in its ``pipe``)
         holder = getattr(backbone, "pipe", backbone)
-        other_modules_bytes = sum(_bytes(m.parameters()) + _bytes(m.buffers()) for m in
+        other_modules_bytes = sum(parameter_bytes(m.parameters()) + parameter_bytes(m.buffers()) for m in
                                   (getattr(holder, n, None) for n in ("vae", "text_encoder", "text_encoder_2"))
                                   if m is not None)
     outer = list(dict((id(p), p) for _, p in backbone.named_trainable(defence_subset)).values())
-    P = _bytes(outer)
+    P = parameter_bytes(outer)
     plan.parts = {"runtime": runtime_bytes} if runtime_bytes else {}
     plan.parts["weights"] = weights + other_modules_bytes + data_bytes
     optimizer_state = 2 * P if outer_optimizer == "adamw" else 2 * P // 4 + P // 64
@@ -278,8 +168,8 @@ def plan_meta_memory(
         base += X
     else:
         attacked = {id(p): p for _, p in backbone.named_trainable(attack.trainable)}
-        X = _bytes(attacked.values())
-        Z = _bytes(p for p in outer if id(p) not in attacked)
+        X = parameter_bytes(attacked.values())
+        Z = parameter_bytes(p for p in outer if id(p) not in attacked)
         saved = X
     inner_state = 2 * X if attack.optimizer == "adamw" else (X if attack.momentum > 0 else 0)
     plan.parts.update({"attack params": X, "inner state": inner_state})
