@@ -101,6 +101,24 @@ def test_pretraining_is_reproducible_across_processes() -> None:
     assert len(digests) == 1 and len(next(iter(digests))) == 40
 
 
+def test_an_excluded_concept_is_never_shown_to_the_retrain_reference() -> None:
+    """``exclude`` drops every image of the concept (and so every caption of it) from pretraining; the other
+    concepts keep all of theirs; an unknown name is a one-line error."""
+    from metaunlearn.errors import UserError
+    from metaunlearn.toyworld.pretrain import _without, render_training_set
+
+    data = render_training_set(per_concept=3, seed=0)
+    red_triangle = [c.name for c in CONCEPTS].index("red_triangle")
+    kept = _without(data, ("red_triangle",))
+    assert red_triangle not in kept.concept_index.tolist()
+    assert len(kept.images) == len(data.images) - 3 == len(kept.concept_index)
+    others = data.concept_index != red_triangle
+    assert torch.equal(kept.images, data.images[others])
+    assert _without(data, ()) is data  # the shipped model's training data (and random stream) are unchanged
+    with pytest.raises(UserError, match="unknown concept"):
+        _without(data, ("purple_blob",))
+
+
 def test_shipped_detector_is_accurate_on_fresh_renders(detector: ConceptDetector) -> None:
     accuracy = detector_accuracy(detector, per_class=50, seed=424242)
     for concept in CONCEPTS:

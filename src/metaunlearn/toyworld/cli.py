@@ -82,6 +82,9 @@ def pretrain(
     detector_steps: int = typer.Option(1500, help="Detector training steps."),
     eval_samples: int = typer.Option(32, help="Samples per prompt in the final evaluation."),
     threads: int = typer.Option(2, help="torch threads (1 is faster when other jobs share the 2 cores)."),
+    exclude: list[str] = typer.Option(
+        [], help="A concept (e.g. red_triangle) whose images the model never sees: the retrain-from-scratch "
+                 "reference an unlearned model is compared with. Repeatable."),
 ) -> None:
     """Train the detector and the toy text-to-image model, evaluate them, write the assets atomically.
 
@@ -94,6 +97,7 @@ def pretrain(
     from .detector import detector_accuracy, train_detector
     from .pretrain import (
         ToyModelConfig,
+        concept_indices,
         config_dict,
         evaluate_model,
         evaluation_prompts,
@@ -103,9 +107,10 @@ def pretrain(
         train_model,
     )
 
+    concept_indices(exclude)  # an unknown name fails here, before any training
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(seed)
-    config = ToyModelConfig(steps=steps)
+    config = ToyModelConfig(steps=steps, exclude=tuple(sorted(set(exclude))))
     out = out.resolve()
     ensure_dir(out.parent)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
@@ -129,7 +134,7 @@ def pretrain(
         Image.fromarray(sample_grid(reloaded, prompts, seed=seed + 3000)).save(build / SAMPLES_FILE)
         report = {
             "command": f"metaunlearn toy pretrain --seed {seed} --steps {steps} --detector-steps {detector_steps}"
-                       f" --threads {threads}",
+                       f" --threads {threads}" + "".join(f" --exclude {name}" for name in config.exclude),
             "seed": seed,
             "torch_threads": torch.get_num_threads(),
             "pretrain_seconds": {"detector": round(detector_seconds, 1), "model": round(model_seconds, 1)},

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..errors import UserError
 from ..tokenizer import train_clip_tokenizer
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, PRETRAIN_STEPS
 from .detector import ConceptDetector
@@ -63,6 +64,8 @@ class ToyModelConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
     images_per_concept: int = 2000
+    exclude: tuple[str, ...] = ()
+    """Concepts whose images (and so captions) are never shown: the retrain-from-scratch reference of unlearning."""
 
 
 def build_scheduler() -> DDIMScheduler:
@@ -156,6 +159,23 @@ def render_training_set(per_concept: int, seed: int) -> CaptionedImages:
     return CaptionedImages(torch.cat(images), torch.cat(index))
 
 
+def concept_indices(names: tuple[str, ...] | list[str]) -> list[int]:
+    """Indices in ``CONCEPTS`` of the named concepts (a one-line error for an unknown name)."""
+    known = [c.name for c in CONCEPTS]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise UserError(f"unknown concept(s): {', '.join(unknown)} (known: {', '.join(known)})")
+    return [known.index(n) for n in names]
+
+
+def _without(data: CaptionedImages, exclude: tuple[str, ...]) -> CaptionedImages:
+    """``data`` minus every image of the concepts named in ``exclude``."""
+    if not exclude:
+        return data
+    keep = ~torch.isin(data.concept_index, torch.tensor(concept_indices(exclude)))
+    return CaptionedImages(data.images[keep], data.concept_index[keep])
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -170,7 +190,7 @@ def train_model(
     tokenizer = build_tokenizer()
     pipe = build_pipeline(tokenizer, config, seed=seed)
     unet, text_encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
-    data = render_training_set(config.images_per_concept, seed=seed + 1)
+    data = _without(render_training_set(config.images_per_concept, seed=seed + 1), config.exclude)
 
     # Every caption of every concept, tokenized once; index -1 of the table is the empty caption.
     captions = [list(c.all_prompts) for c in CONCEPTS]
