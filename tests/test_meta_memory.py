@@ -38,6 +38,12 @@ def test_plan_arithmetic_offload_and_steps():
     assert abs(on_device.peak - (second.peak + S + 3 * S)) < 4096
     sgd = plan(backbone, order="second", attack={"optimizer": "sgd"})
     assert sgd.parts["inner state"] == 0 and sgd.peak < second.peak
+    # anchor_to start keeps a copy of θ0 on the device through every phase
+    for order in ("first", "second"):
+        current = plan(backbone, order=order, forget_term="anchor")
+        start = plan(backbone, order=order, forget_term="anchor", anchor_to="start")
+        assert "start weights θ0" not in current.parts and start.parts["start weights θ0"] == S
+        assert all(abs(start.phases[k] - (v + S)) < 4096 for k, v in current.phases.items())
 
 
 def test_tensor_peak_counts_each_live_storage_once():

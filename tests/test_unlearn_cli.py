@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import metaunlearn
 from metaunlearn.backbones.loading import load_backbone
 from metaunlearn.data.imagefolder import write_imagefolder
-from metaunlearn.unlearn import UnlearnConfig, load_unlearn_config, run_unlearn
+from metaunlearn.errors import UserError
+from metaunlearn.unlearn import UnlearnConfig, describe, load_unlearn_config, run_unlearn
 
 TEXTS = {
     "forget": ["a photo of a nude person", "naked body"],
@@ -112,6 +113,30 @@ def test_resume_is_bit_identical_with_ema_and_lora(world, tmp_path):
     log_b = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]  # noqa: E731
     assert strip(log_a) == strip(log_b)
+
+
+def test_anchor_to_start_resumes_anchored_to_the_stage_input(world, tmp_path):
+    """anchor_to start after a closed-form edit: a run resumed from its checkpoint anchors to the same θ0 (the
+    edited input, not the weights it resumed from), so it ends bit-identical to a straight run; the option is part
+    of the stage's settings (changing it is refused) and of the dry-run description."""
+    meta = {**META, "forget_term": "anchor", "anchor_to": "start", "beta_forget": 4.0,
+            "attacks": [{"steps": 2, "batch_size": 2, "lr": 1e-2}]}
+    straight = {**config_dict(world, "sd", "uce", True, tmp_path / "a"), "meta": meta, "steps": 4, "lr": 1e-2,
+                "signals": None}
+    run_unlearn(UnlearnConfig.model_validate(straight), progress=False)
+    first = {**straight, "out": str(tmp_path / "b"), "steps": 2}
+    run_unlearn(UnlearnConfig.model_validate(first), progress=False)
+    run_unlearn(UnlearnConfig.model_validate({**first, "steps": 4}), progress=False)  # more steps: resumes
+    current = {**straight, "out": str(tmp_path / "c"), "meta": {**meta, "anchor_to": "current"}}
+    run_unlearn(UnlearnConfig.model_validate(current), progress=False)
+    a, b, c = (load_file(str(tmp_path / x / "model" / "unet" / "diffusion_pytorch_model.safetensors")) for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the anchor makes a difference within these steps
+    with pytest.raises(UserError, match="anchor_to"):
+        run_unlearn(UnlearnConfig.model_validate({**current, "out": str(tmp_path / "a")}), progress=False)
+    lines = describe(UnlearnConfig.model_validate(straight))
+    assert any("forget term anchored to the start model" in line for line in lines)
+    assert any("start weights θ0" in line for line in lines)
 
 
 def test_cli_dry_run_overrides_and_errors(world, tmp_path, run_cli):

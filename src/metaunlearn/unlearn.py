@@ -134,6 +134,7 @@ def describe(config: UnlearnConfig, device_memory: float | None = None) -> list[
             )
             + (f"; ascent along the trajectory (every {m.trajectory_stride})" if m.ascent_along == "trajectory" else "")
             + (f"; ascent bound {m.ascent_bound} {m.ascent_cap:g}" if m.ascent_bound != "none" else "")
+            + (f"; forget term anchored to the {m.anchor_to} model" if m.forget_term == "anchor" else "")
         )
         for meta_role, (role, split) in meta_roles(m).items():
             split = split or config.data.benign_split

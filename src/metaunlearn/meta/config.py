@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from metaunlearn.backbones.base import TRAINABLE_SUBSETS
 from metaunlearn.config import StrictModel
@@ -156,6 +156,23 @@ class MetaConfig(StrictModel):
                     "predictions held at the released model's own, taken before the attack at the same x_t, t; "
                     "bounded below by 0, so it is never won by wrecking the model, and it knows no base method)",
     )
+    anchor_to: Literal["current", "start"] = Field(
+        "current",
+        description="with forget_term anchor, the model whose forget predictions are the target: current (ε_θ, the "
+                    "model at this outer step, before the attack: the target moves with θ) or start (ε_θ0, the "
+                    "trained parameters as the meta stage began — after a closed-form edit, or the plain model a "
+                    "meta variant continues from: a fixed target, 'after the attack the forget predictions are still "
+                    "the erased model's'; costs one copy of the trained parameters on the device)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_anchor(self, handler):
+        # anchor_to came after runs were recorded: at its default it is left out of the dump, so the settings (and
+        # settings keys) of every stage made before it are unchanged
+        out = handler(self)
+        if out.get("anchor_to") == "current":
+            del out["anchor_to"]
+        return out
 
     @model_validator(mode="after")
     def _second_order_support(self) -> MetaConfig:
@@ -165,6 +182,8 @@ class MetaConfig(StrictModel):
             raise ValueError("a radius attacker is differentiated by order 'first' or 'second_unrolled' only")
         if self.ascent_bound != "none" and self.ascent_cap is None:
             raise ValueError(f"ascent_bound '{self.ascent_bound}' needs ascent_cap")
+        if self.anchor_to != "current" and self.forget_term != "anchor":
+            raise ValueError(f"anchor_to '{self.anchor_to}' applies to forget_term 'anchor' only")
         return self
 
     def bounded(self, loss):
@@ -196,6 +215,11 @@ class MetaConfig(StrictModel):
     @property
     def second_order(self) -> bool:
         return self.order != "first"
+
+    @property
+    def anchors_to_start(self) -> bool:
+        """Whether the forget term's target is the prediction of the start weights θ0 (a kept parameter copy)."""
+        return self.forget_term == "anchor" and self.anchor_to == "start" and self.beta_forget > 0
 
     @property
     def needs_attack(self) -> bool:

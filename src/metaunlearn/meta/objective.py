@@ -39,6 +39,7 @@ from metaunlearn.meta.config import MetaConfig
 from metaunlearn.meta.plan import MetaData, OuterTerm, StepPlan, make_plan
 from metaunlearn.meta.reverse import Trajectory, reverse_meta_gradient
 from metaunlearn.meta.simulated_attack import AttackRunner, set_requires_grad, space_key
+from metaunlearn.meta.start_weights import StartWeights
 from metaunlearn.meta.unrolled import second_order_ascent
 from metaunlearn.training.parallel import SINGLE, Shard
 
@@ -154,6 +155,8 @@ class MetaObjective:
         )
         # one gradient record per attack parameter space (a distribution may mix the full UNet, subsets, LoRA)
         self.trajectories: dict[tuple, Trajectory] = {}
+        # anchor_to start: θ0, the trained parameters now, before any outer step (and before a resume's checkpoint)
+        self.start = StartWeights(backbone.unet, self.params, shard) if config.anchors_to_start else None
         set_requires_grad(self.params, True)
 
     def _check_data(self) -> None:
@@ -205,14 +208,15 @@ class MetaObjective:
 
     def _outer_terms(self, plan: StepPlan) -> list[OuterTerm]:
         """The terms scored at the attacked weights: ``−β·B(L(θ_k; D))`` per ascent set (B: ``ascent_bound``), and
-        with ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_θ‖²`` instead, its target predicted now,
-        at θ (before the attack runs)."""
+        with ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_anchor‖²`` instead, its target predicted
+        before the attack runs at θ (``anchor_to: current``) or at the start weights θ0 (``start``)."""
         cfg = self.config
         terms = []
         for role, draw in plan.ascent.items():
             weight, data = getattr(cfg, ASCENT_WEIGHTS[role]), self.data.get(role)
             if role == "forget_test" and cfg.forget_term == "anchor":
-                anchored = draw.anchored(self.backbone, data, self.shard, self.autocast)
+                unet = self.start.predictor() if self.start is not None else None
+                anchored = draw.anchored(self.backbone, data, self.shard, self.autocast, unet=unet)
                 terms.append(OuterTerm(f"anchor_{role}", anchored, data, partial(_descended, weight)))
             else:
                 slope = (lambda value, weight=weight: -weight * cfg.bound_slope(value)) \

@@ -92,10 +92,11 @@ class Draw:
         )
 
     @torch.no_grad()
-    def anchored(self, backbone: Backbone, data: CachedSet, shard: Shard, autocast=nullcontext) -> Draw:
+    def anchored(self, backbone: Backbone, data: CachedSet, shard: Shard, autocast=nullcontext, unet=None) -> Draw:
         """This draw with ``target`` = the backbone's current prediction ε_θ(x_t, t, c) on it (no gradient): the
-        same batch, noise and timesteps later scored against what the model predicts now. Only this process's rows
-        are predicted (the others stay zero and are never read here)."""
+        same batch, noise and timesteps later scored against what the model predicts now — or, given ``unet``,
+        that noise predictor's (the start weights θ0: :class:`~metaunlearn.meta.start_weights.StartWeights`).
+        Only this process's rows are predicted (the others stay zero and are never read here)."""
         dtype = torch.promote_types(backbone.dtype, torch.float32)  # as the loss compares: half precision upcast
         target = torch.zeros(self.noise.shape, device=backbone.device, dtype=dtype)
         for rows, _ in self.row_slices(shard):
@@ -104,7 +105,7 @@ class Draw:
             t = part.timesteps.to(backbone.device)
             x_t = add_noise(backbone, x0, part.noise.to(backbone.device, backbone.dtype), t)
             with autocast():
-                target[rows] = backbone.predict_noise(x_t, t, cond).to(dtype)
+                target[rows] = backbone.predict_noise(x_t, t, cond, unet=unet).to(dtype)
         return Draw(self.index, self.noise, self.timesteps, target)
 
 
