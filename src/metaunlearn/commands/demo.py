@@ -23,12 +23,13 @@ def register(app: typer.Typer) -> None:
         jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Unlearn/attack stages run in this many processes at once (0: one per CPU core; with --quick: 1, its time is one meta stage that then gets every core)."),
     ) -> None:
         """ESD, SDD, UCE and RECE, plain and meta, on the toy world: unlearn, attack, evaluate, report."""
+        from metaunlearn.experiment import preflight
         from metaunlearn.experiment.demo import build_demo
         from metaunlearn.runs import print_plan
 
         experiment = build_demo(quick=quick, seeds=seeds, run_dir=run_dir, all_attacks=all_attacks,
                                 create=not dry_run, overwrite=overwrite, robust=robust)
         if dry_run:
-            print_plan(experiment.plan(), experiment.console, title=f"demo plan -> {experiment.run.path}")
+            print_plan(preflight.plan(experiment), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return
         experiment.run_all(progress=not quiet, jobs=jobs or (1 if quick else os.cpu_count() or 1))

@@ -25,10 +25,11 @@ from rich.console import Console
 
 from metaunlearn.config import read_yaml, validate
 from metaunlearn.errors import UserError
+from metaunlearn.experiment import preflight
 from metaunlearn.experiment.config import ExperimentConfig
 from metaunlearn.experiment.grid import GridModel, Task
 from metaunlearn.experiment.schedule import StageResources
-from metaunlearn.runs import PlannedStage, RunDir, print_plan
+from metaunlearn.runs import RunDir
 
 STAGES = ("data", "unlearn", "attack", "report")
 
@@ -78,6 +79,13 @@ class Experiment:
                     out.append(GridModel(f"{entry.model_label}-{variant}", entry.name, variant, entry, seed))
         return out
 
+    def models_by_seed(self) -> dict[int, list[GridModel]]:
+        """The grid's models by grid seed, seeds in order."""
+        out: dict[int, list[GridModel]] = {}
+        for m in self.models():
+            out.setdefault(m.seed, []).append(m)
+        return out
+
     def model_folder(self, model: GridModel) -> Path:
         if model.entry is None:
             return self.model_dir
@@ -119,109 +127,6 @@ class Experiment:
     def attack_folders(self) -> dict[str, Path]:
         return {name: self.run.path / "attack_data" / name for name in self.config.attack_data}
 
-    # ---- checks before running -------------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Validate every section a run will use (the unlearn template and each grid model's stage config)."""
-        from metaunlearn.unlearn import UnlearnConfig, unlearn_section
-
-        if self.config.unlearn is not None:
-            raw = {"model": str(self.model_dir), "unlearn": dict(self.config.unlearn)}
-            if self.data is not None:
-                raw["data"] = self.data.model_dump(mode="json")
-            validate(UnlearnConfig, unlearn_section(raw, self.base, "unlearn"), "unlearn")
-        for m in self.models():
-            if m.entry is not None:
-                self.unlearn_config(m).method.build()
-
-    def missing_inputs(self) -> list[tuple[str, str]]:
-        """``(path, what provides it)`` for every input of the run that does not exist yet and no stage makes."""
-        from metaunlearn.config import resolve_path
-
-        missing: list[tuple[str, str]] = []
-
-        def need(path: str | Path | None, fix: str) -> None:
-            if path is not None and not Path(path).exists():
-                missing.append((str(path), fix))
-
-        need(self.model_dir, "edit 'model': a local diffusers model folder (safetensors weights)")
-        if self.data is not None:
-            for role in self.data.roles():
-                spec = self.data.role(role)
-                if spec.generated:
-                    need(spec.prompt_file, f"edit data.{role}.prompt_file")
-                    need(spec.test_prompt_file, f"edit data.{role}.test_prompt_file")
-                else:
-                    for split in ("train", "test"):
-                        need(self.data.split_folder(role, split),
-                             f"edit data.{role}.folder (a folder holding train/ and test/ image folders), or "
-                             f"give prompts to generate it: `metaunlearn run` then makes it")
-        if self.config.attack is not None:
-            for name, spec in self.config.attack.sets.items():
-                if name not in self.config.attack_data and spec.data:
-                    path = resolve_path(spec.data, self.base)
-                    need(path, f"make it with `metaunlearn generate {self.model_dir} --prompt-file PROMPTS "
-                               f"--out {path}`, edit attack.sets.{name}.data, or add attack_data.{name} (prompts) "
-                               "so the run generates it")
-        if self.config.eval is not None:
-            ev = self.config.eval
-            for i, ps in enumerate(ev.prompt_sets):
-                if ps.prompts_file:
-                    need(resolve_path(ps.prompts_file, self.base), f"edit eval.prompt_sets.{i}.prompts_file")
-            for key, value in (("detector.path", ev.detector.path), ("quality.fid_features_path",
-                               ev.quality.fid_features_path), ("quality.fid_reference", ev.quality.fid_reference),
-                               ("quality.clip_score_path", ev.quality.clip_score_path)):
-                if value:
-                    need(resolve_path(value, self.base), f"edit eval.{key}")
-        return missing
-
-    # ---- plan ------------------------------------------------------------------------------------------------
-    def memory_lines(self, device_memory: float | None = None) -> list[str]:
-        """The meta step's memory plan of every distinct meta stage setting (architecture of the base model)."""
-        from metaunlearn.unlearn import memory_plan
-
-        lines, seen = [], set()
-        for models in self._by_seed().values():
-            for m in models:
-                if m.entry is None:
-                    continue
-                config = self.unlearn_config(m)
-                if config.meta is None:
-                    continue
-                key = (config.meta.model_dump_json(), config.trainable, config.mixed_precision, config.method.name)
-                if key in seen:
-                    continue
-                seen.add(key)
-                plan = memory_plan(config, model=self.model_dir)
-                if plan is not None:
-                    lines += [f"{m.key}: {line}" if i == 0 else line for i, line in enumerate(plan.lines(device_memory))]
-        return lines
-
-    def plan(self) -> list[PlannedStage]:
-        stages: list[PlannedStage] = []
-        if self.data is not None:
-            folders = [str(self.data.split_folder(r, s)) for r in self.data.roles() for s in ("train", "test")]
-            stages.append(PlannedStage("data", str(self.model_dir), (), folders, self.run.is_done("data")))
-        for name, folder in self.attack_folders().items():
-            stages.append(PlannedStage(f"attack data {name}", str(self.model_dir), (), [str(folder)],
-                                       self.run.is_done(f"attack-data-{name}")))
-        sets = list(self.config.attack.sets) if self.config.attack is not None else []
-        for models in self._by_seed().values():
-            for m in models:
-                if m.entry is not None:
-                    start = self.unlearn_config(m).model
-                    stages.append(PlannedStage(f"unlearn {m.key}", str(start),
-                                               [r for r in (self.data.roles() if self.data else [])],
-                                               [str(self.model_folder(m))], self.run.is_done(f"unlearn-{m.key}")))
-            if self.config.attack is not None:
-                for m in models:
-                    stages.append(PlannedStage(f"attack {m.key}", str(self.model_folder(m)), sets,
-                                               [str(self.run.path / "attacks" / m.name)],
-                                               self.run.is_done(f"attack-{m.key}")))
-        if self.config.attack is not None:
-            stages.append(PlannedStage("report", "", [str(self.run.path / "attacks")],
-                                       [str(self.run.path / "report.html")]))
-        return stages
-
     # ---- stages ----------------------------------------------------------------------------------------------
     def run_all(self, *, progress: bool = True, jobs: int = 1, ray: str | None = None,
                 resources: StageResources | None = None) -> Path | None:
@@ -239,7 +144,7 @@ class Experiment:
         from metaunlearn.experiment.report import build_report
         from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
 
-        self.check_settings()
+        preflight.check_settings(self)
         self.run.write_config(self.config)
         began = time.time()
         base_backbone = None
@@ -256,7 +161,7 @@ class Experiment:
             spec = self.config.attack_data[name]
             self._stage(f"attack-data-{name}", spec, lambda s=spec, f=folder: self._make_attack_set(base(), s, f, progress))
         base_backbone = None  # workers load their own models
-        seeds = list(self._by_seed())
+        seeds = list(self.models_by_seed())
         tasks = [t for seed in seeds for t in self.tasks(seed)]
         resources = resources or StageResources()
 
@@ -284,7 +189,7 @@ class Experiment:
 
     def tasks(self, seed: int) -> list[Task]:
         """The unlearn and attack stages of grid seed ``seed`` in run order, each with the stages it waits for."""
-        models = self._by_seed()[seed]
+        models = self.models_by_seed()[seed]
         out: list[Task] = []
         for m in models:
             if m.entry is None:
@@ -297,9 +202,13 @@ class Experiment:
                                 self.overwrite))
         return out
 
+    def task_settings(self, task: Task) -> dict:
+        """The full settings of a task's stage, as its marker holds them."""
+        return self._task_work(task, False)[0]
+
     def is_done(self, task: Task) -> bool:
         """The task's stage finished with its current settings (its marker says so)."""
-        return self.run.is_done(task.stage, self._task_work(task, False)[0])
+        return self.run.is_done(task.stage, self.task_settings(task))
 
     def run_task(self, task: Task, progress: bool = True) -> None:
         """One unlearn or attack stage (skipped when done with the same settings)."""
@@ -326,36 +235,6 @@ class Experiment:
         if m.from_plain:
             settings["from"] = self._unlearn_settings(m.plain_twin())
         return settings
-
-    def stage_settings(self) -> list[tuple[str, object]]:
-        """``(stage, settings)`` of every stage of the run, in order (the report excluded: it is always rebuilt)."""
-        out: list[tuple[str, object]] = []
-        if self.data is not None:
-            out.append(("data", self.data))
-        for name in self.attack_folders():
-            out.append((f"attack-data-{name}", self.config.attack_data[name]))
-        for seed in self._by_seed():
-            out += [(t.stage, self._task_work(t, False)[0]) for t in self.tasks(seed)]
-        return out
-
-    def check_settings(self) -> None:
-        """Before any work: refuse (one line) when a stage already run in this folder had other settings, unless
-        ``overwrite``; so a changed config never mixes old and new results."""
-        if self.overwrite:
-            return
-        changed = [(stage, status) for stage, settings in self.stage_settings()
-                   if (status := self.run.status(stage, settings)).state == "changed"]
-        if changed:
-            stage, status = changed[0]
-            more = f" and {len(changed) - 1} more stage(s)" if len(changed) > 1 else ""
-            raise UserError(f"{self.run.path}: stage {stage}{more} ran with other settings ({status.describe()} "
-                            "changed); pass --overwrite to redo them, or choose another run folder")
-
-    def _by_seed(self) -> dict[int, list[GridModel]]:
-        out: dict[int, list[GridModel]] = {}
-        for m in self.models():
-            out.setdefault(m.seed, []).append(m)
-        return out
 
     def _stage(self, stage: str, settings, work) -> None:
         status = self.run.begin(stage, settings, overwrite=self.overwrite, what=f"stage {stage} of {self.run.path}")
@@ -435,25 +314,10 @@ def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_r
     config, _, base = load_experiment(path)
     chosen = Path(run_dir) if run_dir is not None else default_run_dir(path, config.run_dir)
     experiment = Experiment(config, base, chosen, console, create=False, overwrite=overwrite)
-    if not dry_run:  # every input that no stage makes must exist before anything is written
-        missing = experiment.missing_inputs()
-        if missing:
-            where, fix = missing[0]
-            more = f" (and {len(missing) - 1} more; see --dry-run)" if len(missing) > 1 else ""
-            raise UserError(f"input not found: {where}: {fix}{more}")
     if dry_run:
-        experiment.validate()
-        print_plan(experiment.plan(), experiment.console, title=f"plan for {path} -> {experiment.run.path}")
-        missing = experiment.missing_inputs()
-        if missing:
-            experiment.console.print(f"[bold]{len(missing)} input(s) missing[/] (edit {path} or create them first):")
-            for where, fix in missing:
-                experiment.console.print(f"  {where}: {fix}", markup=False, highlight=False)
-        else:
-            experiment.console.print("every input exists")
-        for line in experiment.memory_lines(device_memory):
-            experiment.console.print(line, markup=False, highlight=False)
+        preflight.dry_run(experiment, path, device_memory)
         return None
+    preflight.require_inputs(experiment)  # every input that no stage makes exists before anything is written
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("run schedules whole stages itself: start it as one process (--jobs N or --ray for stages at "
                         "once); torchrun / accelerate launch are for one unlearn or attack stage")
