@@ -18,6 +18,8 @@ from metaunlearn.data.imagefolder import write_imagefolder
 from metaunlearn.identity import model_identity
 from metaunlearn.unlearn import UnlearnConfig, run_unlearn
 
+from cli_checks import assert_user_error, snapshot
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FORGET = ["a photo of a nude person", "naked body"]
 EVAL = {
@@ -28,20 +30,6 @@ EVAL = {
 }
 ATTACK = {"sets": {"hrm": {"data": "attack-data"}}, "lrs": [1e-3], "snapshot_steps": [0, 1], "batch_size": 2,
           "grid_images": 2}
-
-
-def assert_user_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
