@@ -148,7 +148,18 @@ class MetaConfig(StrictModel):
         description="bound on each ascent loss L(θ'; D) so the defence cannot win by wrecking the model: cap uses "
                     "min(L, ascent_cap) (no reward past the cap), tanh the smooth c·tanh(L/c) with c = ascent_cap",
     )
-    ascent_cap: float | None = Field(None, gt=0, description="the bound c of ascent_bound (denoising-loss units)")
+    ascent_cap: float | None = Field(
+        None, gt=0, description="absolute bound c of ascent_bound, in the denoising-loss units of this model (exactly "
+                                "one of ascent_cap and ascent_cap_ratio)",
+    )
+    ascent_cap_ratio: float | None = Field(
+        None, gt=0,
+        description="relative bound of ascent_bound: per outer step and ascent term, c = ratio · L(θ; same draw), the "
+                    "unattacked model's loss on the term's very batch, noise and timesteps (no gradient through it; "
+                    "one no-grad forward per ascent term per outer step, at θ before the attack), so the defence is "
+                    "not rewarded for pushing the attacked loss past ratio × what the released model has there — free "
+                    "of loss units and of the timestep mix",
+    )
     forget_term: Literal["ascent", "anchor"] = Field(
         "ascent",
         description="the forget term at θ': ascent (the paper's −β_f·L(θ'; forget-test), bounded by ascent_bound) or "
@@ -165,45 +176,71 @@ class MetaConfig(StrictModel):
                     "the erased model's'; costs one copy of the trained parameters on the device)",
     )
 
-    @model_serializer(mode="wrap")
-    def _omit_default_anchor(self, handler):
-        # anchor_to came after runs were recorded: at its default it is left out of the dump, so the settings (and
-        # settings keys) of every stage made before it are unchanged
-        out = handler(self)
-        if out.get("anchor_to") == "current":
-            del out["anchor_to"]
-        return out
-
     @model_validator(mode="after")
     def _second_order_support(self) -> MetaConfig:
         if self.order == "second_unrolled" and any(a.trainable == "lora" for a in self.attacks):
             raise ValueError("order 'second_unrolled' supports UNet-subset attacks only, not lora")
         if self.order in ("second", "second_fd") and any(a.radius is not None for a in self.attacks):
             raise ValueError("a radius attacker is differentiated by order 'first' or 'second_unrolled' only")
-        if self.ascent_bound != "none" and self.ascent_cap is None:
-            raise ValueError(f"ascent_bound '{self.ascent_bound}' needs ascent_cap")
+        if self.ascent_bound != "none" and (self.ascent_cap is None) == (self.ascent_cap_ratio is None):
+            raise ValueError(
+                f"ascent_bound '{self.ascent_bound}' needs exactly one of ascent_cap (absolute) and ascent_cap_ratio "
+                f"(relative to the unattacked model's loss); set the other to null"
+            )
         if self.anchor_to != "current" and self.forget_term != "anchor":
             raise ValueError(f"anchor_to '{self.anchor_to}' applies to forget_term 'anchor' only")
         return self
 
-    def bounded(self, loss):
-        """The ascent loss after ``ascent_bound`` (a tensor; unchanged for 'none')."""
+    @model_serializer(mode="wrap")
+    def _omit_later_defaults(self, handler):
+        # options that came after runs were recorded are left out of the dump at their defaults (anchor_to 'current',
+        # no ascent_cap_ratio), so the settings (and settings keys) of every stage made before them are unchanged
+        out = handler(self)
+        if isinstance(out, dict):
+            if out.get("anchor_to") == "current":
+                del out["anchor_to"]
+            if out.get("ascent_cap_ratio", 0) is None:
+                del out["ascent_cap_ratio"]
+        return out
+
+    @property
+    def relative_cap(self) -> bool:
+        """Whether each ascent term's cap is ``ascent_cap_ratio`` × the unattacked model's loss on its draw."""
+        return self.ascent_bound != "none" and self.ascent_cap_ratio is not None
+
+    def cap_for(self, reference: float | None = None) -> float | None:
+        """The bound c of an ascent term: ``ascent_cap``, or ``ascent_cap_ratio · reference`` with ``reference`` the
+        unattacked model's loss on the term's draw; ``None`` without a bound."""
+        if self.ascent_bound == "none":
+            return None
+        if self.ascent_cap_ratio is None:
+            return self.ascent_cap
+        if reference is None:
+            raise ValueError("a relative ascent cap needs the unattacked model's loss on the draw")
+        return self.ascent_cap_ratio * reference
+
+    def bounded(self, loss, cap: float | None = None):
+        """The ascent loss after ``ascent_bound`` with bound ``cap`` (default ``ascent_cap``; a tensor; unchanged
+        for 'none')."""
         import torch
 
+        cap = self.ascent_cap if cap is None else cap
         if self.ascent_bound == "cap":
-            return torch.clamp(loss, max=self.ascent_cap)
+            return torch.clamp(loss, max=cap)
         if self.ascent_bound == "tanh":
-            return self.ascent_cap * torch.tanh(loss / self.ascent_cap)
+            return cap * torch.tanh(loss / cap) if cap > 0 else 0.0 * loss
         return loss
 
-    def bound_slope(self, value: float) -> float:
-        """dB/dL of ``ascent_bound`` at the loss value ``value`` (1 for 'none')."""
+    def bound_slope(self, value: float, cap: float | None = None) -> float:
+        """dB/dL of ``ascent_bound`` with bound ``cap`` (default ``ascent_cap``) at the loss value ``value`` (1 for
+        'none')."""
         import math
 
+        cap = self.ascent_cap if cap is None else cap
         if self.ascent_bound == "cap":
-            return 1.0 if value <= self.ascent_cap else 0.0
+            return 1.0 if value <= cap else 0.0
         if self.ascent_bound == "tanh":
-            return 1.0 - math.tanh(value / self.ascent_cap) ** 2
+            return 1.0 - math.tanh(value / cap) ** 2 if cap > 0 else 0.0
         return 1.0
 
     def trajectory_points(self, steps: int) -> list[int]:

@@ -23,7 +23,9 @@ process and counted once.
 
 Cost per step, by construction: the base loss, one forward+backward per retain term, the attack's inner steps
 (forward+backward each, in place, no copies of the UNet, no new optimizers), one forward+backward per ascent term,
-and two ``_foreach_copy_`` of the attacked parameters. Data come from cached latents and conditioning.
+and two ``_foreach_copy_`` of the attacked parameters. Data come from cached latents and conditioning. A relative
+ascent bound (``ascent_cap_ratio``) adds one no-grad forward per ascent term at θ, before the attack: the loss its
+cap is a multiple of.
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ def clip_and_step(
 def _ascended(weight: float, bound: Callable[[torch.Tensor], torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
     """An ascent term's contribution to the minimised objective: ``−β·B(L)``."""
     return -weight * bound(loss)
+
+
+def _bounded_slope(config: MetaConfig, weight: float, cap: float, value: float) -> float:
+    """d(−β·B(L))/dL at the loss value ``value`` for bound ``cap``."""
+    return -weight * config.bound_slope(value, cap)
 
 
 def _descended(weight: float, loss: torch.Tensor) -> torch.Tensor:
@@ -207,9 +214,11 @@ class MetaObjective:
         return value
 
     def _outer_terms(self, plan: StepPlan) -> list[OuterTerm]:
-        """The terms scored at the attacked weights: ``−β·B(L(θ_k; D))`` per ascent set (B: ``ascent_bound``), and
-        with ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_anchor‖²`` instead, its target predicted
-        before the attack runs at θ (``anchor_to: current``) or at the start weights θ0 (``start``)."""
+        """The terms scored at the attacked weights: ``−β·B(L(θ_k; D))`` per ascent set (B: ``ascent_bound`` with
+        bound c: ``ascent_cap``, or ``ascent_cap_ratio`` × L(θ; the same draw), the whole batch's loss at θ now,
+        before the attack runs), and with ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_anchor‖²``
+        instead, its target predicted before the attack runs at θ (``anchor_to: current``) or at the start weights θ0
+        (``start``)."""
         cfg = self.config
         terms = []
         for role, draw in plan.ascent.items():
@@ -218,10 +227,15 @@ class MetaObjective:
                 unet = self.start.predictor() if self.start is not None else None
                 anchored = draw.anchored(self.backbone, data, self.shard, self.autocast, unet=unet)
                 terms.append(OuterTerm(f"anchor_{role}", anchored, data, partial(_descended, weight)))
-            else:
-                slope = (lambda value, weight=weight: -weight * cfg.bound_slope(value)) \
-                    if cfg.ascent_bound != "none" else None
-                terms.append(OuterTerm(f"ascent_{role}", draw, data, partial(_ascended, weight, cfg.bounded), slope))
+                continue
+            if cfg.ascent_bound == "none":
+                terms.append(OuterTerm(f"ascent_{role}", draw, data, partial(_ascended, weight, cfg.bounded)))
+                continue
+            reference = draw.batch_loss(self.backbone, data, self.shard, self.autocast) if cfg.relative_cap else None
+            cap = cfg.cap_for(reference)
+            slope = partial(_bounded_slope, cfg, weight, cap)
+            terms.append(OuterTerm(f"ascent_{role}", draw, data, partial(_ascended, weight, partial(cfg.bounded, cap=cap)),
+                                   slope, cap))
         return terms
 
     def _ascent(self, plan: StepPlan) -> dict[str, float]:
@@ -232,7 +246,10 @@ class MetaObjective:
         outer = self._outer_terms(plan)
         train = self.data.get(attack.data)
         points = cfg.trajectory_points(len(plan.inner))
-        terms: dict[str, float] = {"attack_lr": attack.lr, "attack_steps": float(len(plan.inner))}
+        # values every process holds alike are weighted so that the sum across processes logs them once
+        once = self.shard.replicated
+        terms: dict[str, float] = {"attack_lr": once * attack.lr, "attack_steps": once * len(plan.inner)}
+        terms.update({term.name.replace("ascent_", "cap_", 1): once * term.cap for term in outer if term.cap is not None})
         if cfg.order in ("second", "second_fd"):
             terms.update(self._reverse(plan, attack, outer, train, points))
             return terms

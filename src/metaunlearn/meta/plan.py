@@ -92,6 +92,16 @@ class Draw:
         )
 
     @torch.no_grad()
+    def batch_loss(self, backbone: Backbone, data: CachedSet, shard: Shard, autocast=nullcontext, unet=None) -> float:
+        """The whole batch's loss L at the weights the UNet holds now (no gradient): this process's parts weighted
+        by their shares, summed across processes (every process calls it alike)."""
+        value = 0.0
+        for part, share in self.shares(shard):
+            with autocast():
+                value += share * float(part.loss(backbone, data, unet=unet))
+        return shard.sum_values({"loss": value})["loss"]
+
+    @torch.no_grad()
     def anchored(self, backbone: Backbone, data: CachedSet, shard: Shard, autocast=nullcontext, unet=None) -> Draw:
         """This draw with ``target`` = the backbone's current prediction ε_θ(x_t, t, c) on it (no gradient): the
         same batch, noise and timesteps later scored against what the model predicts now — or, given ``unet``,
@@ -124,18 +134,16 @@ class OuterTerm:
     a batch split into parts (micro-batches, processes) is then scored ``slope(L)·part`` with L the whole batch's
     loss, whose gradient summed over the parts is the whole batch's ∇score(L) (the bound acts on the batch's loss,
     not on each part's)."""
+    cap: float | None = None
+    """The bound c this term's loss is scored against (logged), fixed for the outer step: with a relative cap, the
+    ratio times the unattacked model's loss on ``draw``, so every iterate of the trajectory uses the same c."""
 
     def split_slope(self, backbone: Backbone, shard: Shard, autocast, unet=None) -> float | None:
         """``slope(L)`` at the whole batch's loss L when this term is nonlinear and its batch is split (a no-grad
         pass over this process's parts, summed across processes — every process calls it alike), else ``None``."""
         if self.slope is None or not (shard.distributed or shard.micro > 1):
             return None
-        value = 0.0
-        with torch.no_grad():
-            for part, share in self.draw.shares(shard):
-                with autocast():
-                    value += share * float(part.loss(backbone, self.data, unet=unet))
-        return self.slope(shard.sum_values({"loss": value})["loss"])
+        return self.slope(self.draw.batch_loss(backbone, self.data, shard, autocast, unet=unet))
 
 
 @dataclass
