@@ -96,8 +96,10 @@ TEXTS = {"forget": ["a photo of a nude person", "naked body"], "related": ["bare
 # Batches of 3 rows over 2 processes × 2 micro-batches: uneven shares and empty micro-batches; the exact
 # second-order meta gradient, so the inner all-reduce runs inside the autograd graph; ESD's loss on every process.
 # The simulated attack is SGD: through AdamW's first steps (≈ sign of the gradient) the fp32 second-order gradient
-# amplifies rounding differences of near-zero gradient entries (checked in float64 below instead).
+# amplifies rounding differences of near-zero gradient entries (checked in float64 below instead). The ascent terms
+# are bounded relative to the unattacked loss (tanh, c = 1 × L(θ)), whose whole-batch loss is summed across processes.
 META_SECOND_ORDER = {"order": "second", "batch_size": 3, "beta_forget": 1.0, "beta_related": 0.5,
+                     "ascent_bound": "tanh", "ascent_cap_ratio": 1.0,
                      "attacks": [{"steps": 2, "batch_size": 3, "optimizer": "sgd", "lr": 0.05, "momentum": 0.5}]}
 
 
@@ -161,7 +163,7 @@ def test_two_process_meta_unlearn_equals_one_process(tiny_sd_dir, tmp_path):
     log = [json.loads(line) for line in (parallel / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     reference = [json.loads(line) for line in (single / "train_log.jsonl").read_text().splitlines()]
-    for key in ("esd", "retain_related", "attack_first", "ascent_forget_test", "grad_norm"):
+    for key in ("esd", "retain_related", "attack_first", "ascent_forget_test", "cap_forget_test", "grad_norm"):
         assert log[-1][key] == pytest.approx(reference[-1][key], rel=1e-5), key  # measured ≤ 5e-7
     a, b = _unet(single), _unet(parallel)
     original = load_file(str(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -172,16 +174,21 @@ def test_two_process_meta_unlearn_equals_one_process(tiny_sd_dir, tmp_path):
 
 
 CAP = 1.044  # between the related (1.042) and the forget (1.046) ascent loss of this set-up: one capped, one not
+# relative cap between the attacked / unattacked loss ratios of the forget (0.99832) and the related and irrelevant
+# (0.99859, 0.99904) ascent terms: the forget term below its cap, the others past it
+RATIO = 0.99845
 
 @pytest.mark.parametrize("order", ["first", "second", "second_unrolled"])
 @pytest.mark.parametrize("optimizer, forget_term", [("adamw", "ascent"), ("sgd", "ascent"), ("adamw", "anchor"),
-                                                     ("adamw", "tanh"), ("adamw", "cap")])
+                                                     ("adamw", "tanh"), ("adamw", "cap"), ("adamw", "ratio"),
+                                                     ("adamw", "ratio-tanh")])
 def test_split_batches_give_the_same_meta_gradient(order, optimizer, forget_term):
     """One process cutting every batch into 2 or 3 micro-batches (shares 1/3 + 2/3, an empty part) gets the meta
     gradient of the whole batch: to 1e-9 in float64, also through AdamW's steps under both exact second orders
     (reverse mode: summed adjoint, clip gradient and Hessian-vector products; unrolled: all-reduce in the graph),
     and with the anchored forget term (each part's target predicted for its own rows) and bounded ascent terms (the
-    bound acts on the whole batch's loss: tanh, and a cap between the related and the forget loss)."""
+    bound acts on the whole batch's loss: tanh, and a cap between the related and the forget loss; a relative cap,
+    r × the whole batch's unattacked loss, with the cap and tanh)."""
     from metaunlearn.backbones.sd import StableDiffusionBackbone
     from metaunlearn.data.cache import CachedSet
     from metaunlearn.meta import AttackConfig, MetaConfig, MetaData, MetaObjective
@@ -197,7 +204,9 @@ def test_split_batches_give_the_same_meta_gradient(order, optimizer, forget_term
     params = backbone.set_trainable("xattn")
     attack = AttackConfig(steps=2, batch_size=3, optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.5,
                           momentum=0.0 if optimizer == "adamw" else 0.5, trainable="xattn")
-    bound = {"tanh": {"ascent_bound": "tanh", "ascent_cap": 1.0}, "cap": {"ascent_bound": "cap", "ascent_cap": CAP}}
+    bound = {"tanh": {"ascent_bound": "tanh", "ascent_cap": 1.0}, "cap": {"ascent_bound": "cap", "ascent_cap": CAP},
+             "ratio": {"ascent_bound": "cap", "ascent_cap_ratio": RATIO},
+             "ratio-tanh": {"ascent_bound": "tanh", "ascent_cap_ratio": 1.0}}
     config = MetaConfig(attacks=[attack], batch_size=3, order=order, beta_forget=1.0, beta_related=0.5,
                         forget_term="anchor" if forget_term == "anchor" else "ascent", **bound.get(forget_term, {}))
     grads, terms = [], []
@@ -211,6 +220,9 @@ def test_split_batches_give_the_same_meta_gradient(order, optimizer, forget_term
     for grad, logged in zip(grads[1:], terms[1:]):
         assert float((grad - grads[0]).abs().max()) <= 1e-9 * scale
         assert logged == pytest.approx(terms[0], rel=1e-12)
+    if forget_term == "ratio":  # one term on each side of its cap
+        assert terms[0]["ascent_forget_test"] < terms[0]["cap_forget_test"]
+        assert terms[0]["ascent_related"] > terms[0]["cap_related"]
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -172,10 +172,97 @@ def test_bounded_ascent_caps_and_saturates(order):
     factor = 1 - math.tanh(loss / cap) ** 2  # d/dL c·tanh(L/c)
     for a, b in zip(bounded("tanh", cap), free):
         torch.testing.assert_close(a, factor * b, rtol=1e-4, atol=1e-9)
-    with pytest.raises(ValueError, match="ascent_cap"):
-        MetaConfig(ascent_bound="cap")
     tiny = copy.deepcopy(plain)
     assert tiny.bounded(torch.tensor(3.0)) == 3.0
+
+
+def ascent_run(objective: MetaObjective, plan) -> tuple[list[torch.Tensor], dict[str, float]]:
+    for p in objective.params:
+        p.grad = None
+    logged = objective._ascent(plan)
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in objective.params], logged
+
+
+@pytest.mark.parametrize("order", ["first", "second", "second_fd", "second_unrolled"])
+def test_relative_cap_is_r_times_the_unattacked_loss_on_the_same_draw(order):
+    """``ascent_cap_ratio`` r: each ascent term's cap is r·L(θ; its own draw), the loss before the attack on the same
+    batch, noise and timesteps (logged as ``cap_<set>``). With r between the two terms' attacked / unattacked loss
+    ratios, the term past r·L(θ) gets no gradient and the one below keeps its unbounded gradient; under tanh each
+    term's gradient is scaled by 1 − tanh²(L/c) with its own c."""
+    dtype = torch.float64 if order != "first" else torch.float32
+    backbone = make_backbone("sd", dtype)
+    data = meta_data(backbone, n=4)
+    params = backbone.set_trainable("xattn")
+    attack = AttackConfig(steps=2, batch_size=2, lr=1e-2, trainable="xattn")
+    free = MetaConfig(attacks=[attack], batch_size=2, order=order, **ASCENT_ONLY)  # β_f 1, β_rel 0.5
+    roles = {"forget_test": "beta_forget", "related": "beta_related"}
+    plan = MetaObjective(backbone, free, data, params).plan(torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the unattacked model's losses on the ascent draws, computed independently
+        before = {role: float(plan.ascent[role].loss(backbone, data.get(role))) for role in roles}
+
+    def run(**update) -> tuple[list[torch.Tensor], dict[str, float]]:
+        cfg = MetaConfig.model_validate({**free.model_dump(), **update})
+        return ascent_run(MetaObjective(backbone, cfg, data, params), plan)
+
+    both, logged = run()
+    alone = {role: run(**{attr: 0.0 for r, attr in roles.items() if r != role})[0] for role in roles}
+    ratio = {role: logged[f"ascent_{role}"] / before[role] for role in roles}
+    past, below = sorted(roles, key=ratio.get, reverse=True)
+    assert ratio[past] > 1.01 * ratio[below], ratio  # room for an r between them
+    r = math.sqrt(ratio[past] * ratio[below])
+
+    capped, capped_log = run(ascent_bound="cap", ascent_cap_ratio=r)
+    for role in roles:
+        assert capped_log[f"cap_{role}"] == pytest.approx(r * before[role], rel=1e-6)
+    assert any(float((a - b).abs().max()) > 0 for a, b in zip(both, alone[below]))  # the capped term did count
+    for a, b in zip(capped, alone[below]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    if order == "second_fd":  # finite-difference HVPs are not linear in the seed to 1e-4: the cap alone is checked
+        return
+    smooth, _ = run(ascent_bound="tanh", ascent_cap_ratio=r)
+    factor = {role: 1 - math.tanh(logged[f"ascent_{role}"] / (r * before[role])) ** 2 for role in roles}
+    for a, *parts in zip(smooth, *(alone[role] for role in roles)):
+        expected = sum(factor[role] * g for role, g in zip(roles, parts))
+        torch.testing.assert_close(a, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_relative_cap_along_the_trajectory_uses_one_cap_per_draw():
+    """Along the trajectory every iterate's term on a draw is bounded by the same c = r·L(θ): the mean of the end
+    objectives of the prefixes (each of which takes its cap at θ), not a cap re-taken at each iterate."""
+    backbone = make_backbone("sd", torch.float64)
+    data = meta_data(backbone, n=4)
+    params = backbone.set_trainable("xattn")
+    attack = AttackConfig(steps=4, batch_size=2, lr=1e-2, trainable="xattn")
+    along = MetaConfig(attacks=[attack], batch_size=2, order="second", ascent_along="trajectory", trajectory_stride=2,
+                       ascent_bound="tanh", ascent_cap_ratio=1.0, **ASCENT_ONLY)
+    objective = MetaObjective(backbone, along, data, params)
+    plan = objective.plan(torch.Generator().manual_seed(0))
+    ours, logged = ascent_run(objective, plan)
+    end = MetaObjective(backbone, along.model_copy(update={"ascent_along": "end"}), data, params)
+    parts = [ascent_run(end, dataclasses.replace(plan, inner=plan.inner[:k])) for k in (2, 4)]
+    for a, b, c in zip(ours, parts[0][0], parts[1][0]):
+        torch.testing.assert_close(a, (b + c) / 2, rtol=1e-6, atol=1e-12)
+    assert logged["cap_forget_test"] == parts[0][1]["cap_forget_test"] == parts[1][1]["cap_forget_test"]
+    assert any(float(g.abs().max()) > 0 for g in ours)
+
+
+def test_relative_cap_validation_and_settings_record():
+    with pytest.raises(ValueError, match="exactly one of ascent_cap .* and ascent_cap_ratio"):
+        MetaConfig(ascent_bound="cap")
+    with pytest.raises(ValueError, match="exactly one of ascent_cap .* and ascent_cap_ratio"):
+        MetaConfig(ascent_bound="tanh", ascent_cap=0.05, ascent_cap_ratio=2.5)
+    with pytest.raises(ValueError, match="greater than 0"):
+        MetaConfig(ascent_bound="cap", ascent_cap_ratio=0.0)
+    relative = MetaConfig(ascent_bound="cap", ascent_cap_ratio=2.5)
+    assert relative.relative_cap and relative.cap_for(0.02) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="unattacked"):
+        relative.cap_for(None)
+    absolute = MetaConfig(ascent_bound="cap", ascent_cap=0.05)
+    assert not absolute.relative_cap and absolute.cap_for(0.02) == 0.05
+    # recorded when used (settings hash); a config without it records exactly as before the option existed
+    assert relative.model_dump()["ascent_cap_ratio"] == 2.5
+    assert "ascent_cap_ratio" not in absolute.model_dump(mode="json")
+    assert MetaConfig.model_validate(relative.model_dump(mode="json")) == relative
 
 
 def test_reverse_mode_distribution_over_parameter_spaces():

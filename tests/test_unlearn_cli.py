@@ -183,3 +183,34 @@ def test_cli_runs_and_experiment_file_form(world, tmp_path, run_cli):
     assert res.exit_code == 0, res.stderr
     assert "uce-plain:" in res.stdout and (tmp_path / "o" / "model" / "model_index.json").is_file()
     assert json.loads((tmp_path / "o" / "config.json").read_text())["meta"] is None
+
+
+def test_relative_ascent_cap_errors_plan_log_and_settings(world, tmp_path, run_cli):
+    """``ascent_cap_ratio``: a one-line error unless exactly one cap is given, shown in the dry-run plan, the caps of
+    every outer step in the train log (r × the unattacked loss), and a changed ratio refused like any setting."""
+    out = tmp_path / "out"
+
+    def with_meta(world, out, meta) -> dict:
+        return {**config_dict(world, "sd", "uce", True, out), "meta": meta}
+
+    bounded = {**META, "beta_irrelevant": 0.0, "ascent_bound": "cap"}
+    path = tmp_path / "unlearn.yaml"
+    for meta, fragment in (({**bounded, "ascent_cap": 0.05, "ascent_cap_ratio": 2.5}, "exactly one of ascent_cap"),
+                           (bounded, "exactly one of ascent_cap"),
+                           ({**bounded, "ascent_cap_ratio": -1.0}, "meta.ascent_cap_ratio")):
+        path.write_text(yaml.safe_dump(with_meta(world, out, meta)))
+        res = run_cli("unlearn", path, "-q")
+        assert res.exit_code == 2 and fragment in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not out.exists()
+    path.write_text(yaml.safe_dump(with_meta(world, out, {**bounded, "ascent_cap_ratio": 2.5})))
+    res = run_cli("unlearn", path, "--dry-run")
+    assert res.exit_code == 0 and "ascent bound cap 2.5 × the unattacked loss" in " ".join(res.stdout.split())
+    res = run_cli("unlearn", path, "-q")
+    assert res.exit_code == 0, res.stderr
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    for row in log:  # the related ascent batch is the retain batch (common random numbers): its cap is 2.5 × that loss
+        assert row["cap_forget_test"] > 0 and row["cap_related"] == pytest.approx(2.5 * row["retain_related"], rel=1e-5)
+    path.write_text(yaml.safe_dump(with_meta(world, out, {**bounded, "ascent_cap_ratio": 3.0})))
+    res = run_cli("unlearn", path, "-q")
+    assert res.exit_code == 2 and "meta.ascent_cap_ratio" in res.stderr and "--overwrite" in res.stderr, res.stderr
