@@ -44,6 +44,12 @@ def test_plan_arithmetic_offload_and_steps():
         start = plan(backbone, order=order, forget_term="anchor", anchor_to="start")
         assert "start weights θ0" not in current.parts and start.parts["start weights θ0"] == S
         assert all(abs(start.phases[k] - (v + S)) < 4096 for k, v in current.phases.items())
+    # so does a relative ascent cap measured against θ0
+    capped = dict(ascent_bound="cap", ascent_cap_ratio=2.5)
+    current = plan(backbone, **capped)
+    start = plan(backbone, **capped, ascent_cap_reference="start")
+    assert "start weights θ0" not in current.parts and start.parts["start weights θ0"] == S
+    assert all(abs(start.phases[k] - (v + S)) < 4096 for k, v in current.phases.items())
 
 
 def test_tensor_peak_counts_each_live_storage_once():

@@ -246,6 +246,46 @@ def test_relative_cap_along_the_trajectory_uses_one_cap_per_draw():
     assert any(float(g.abs().max()) > 0 for g in ours)
 
 
+def test_relative_cap_from_start_is_r_times_the_start_models_loss_after_theta_moved():
+    """``ascent_cap_reference: start``: after two outer steps moved θ, each logged ``cap_<set>`` is r·L(θ0; its draw),
+    the loss of a saved copy of the model the objective was built on, on the same batch, noise and timesteps — not
+    r·L(θ) of the moved model (what ``current`` logs on the same plan)."""
+    backbone = make_backbone("sd")
+    data = meta_data(backbone, n=4)
+    params = backbone.set_trainable("full")
+    start_unet = copy.deepcopy(backbone.unet)  # θ0, kept apart as an independent model
+    r = 2.5
+    config = MetaConfig(attacks=[AttackConfig(steps=1, batch_size=2, lr=1e-2)], batch_size=2, ascent_bound="cap",
+                        ascent_cap_ratio=r, ascent_cap_reference="start", **ASCENT_ONLY)
+    objective = MetaObjective(backbone, config, data, params)
+    assert objective.start is not None
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for step in (1, 2):
+        objective.step(step, gen, optimizer)
+    plan = objective.plan(gen)
+    roles = ("forget_test", "related")
+    with torch.no_grad():  # computed independently: the saved start model and the moved model on the same draws
+        at_start = {role: float(plan.ascent[role].loss(backbone, data.get(role), unet=start_unet)) for role in roles}
+        moved = {role: float(plan.ascent[role].loss(backbone, data.get(role))) for role in roles}
+    _, logged = ascent_run(objective, plan)
+    current = MetaObjective(backbone, config.model_copy(update={"ascent_cap_reference": "current"}), data, params)
+    assert current.start is None  # no copy of θ0 without a use for it
+    _, logged_current = ascent_run(current, plan)
+    for role in roles:
+        assert logged[f"cap_{role}"] == pytest.approx(r * at_start[role], rel=1e-5)
+        assert logged_current[f"cap_{role}"] == pytest.approx(r * moved[role], rel=1e-5)
+        assert abs(at_start[role] - moved[role]) > 1e-3 * at_start[role]  # θ did move: the two references differ
+    with pytest.raises(ValueError, match="ascent_cap_reference 'start' applies to a relative bound only"):
+        MetaConfig(ascent_bound="cap", ascent_cap=0.05, ascent_cap_reference="start")
+    with pytest.raises(ValueError, match="ascent_cap_reference 'start' applies to a relative bound only"):
+        MetaConfig(ascent_cap_reference="start")
+    # the default is left out of the settings dump (stages recorded before the option keep their settings key)
+    assert "ascent_cap_reference" not in config.model_copy(update={"ascent_cap_reference": "current"}).model_dump()
+    assert config.model_dump(mode="json")["ascent_cap_reference"] == "start"
+    assert MetaConfig.model_validate(config.model_dump(mode="json")) == config
+
+
 def test_relative_cap_validation_and_settings_record():
     with pytest.raises(ValueError, match="exactly one of ascent_cap .* and ascent_cap_ratio"):
         MetaConfig(ascent_bound="cap")

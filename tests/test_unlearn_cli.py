@@ -187,7 +187,8 @@ def test_cli_runs_and_experiment_file_form(world, tmp_path, run_cli):
 
 def test_relative_ascent_cap_errors_plan_log_and_settings(world, tmp_path, run_cli):
     """``ascent_cap_ratio``: a one-line error unless exactly one cap is given, shown in the dry-run plan, the caps of
-    every outer step in the train log (r × the unattacked loss), and a changed ratio refused like any setting."""
+    every outer step in the train log (r × the unattacked loss), and a changed ratio or reference model
+    (``ascent_cap_reference``) refused like any setting."""
     out = tmp_path / "out"
 
     def with_meta(world, out, meta) -> dict:
@@ -214,3 +215,14 @@ def test_relative_ascent_cap_errors_plan_log_and_settings(world, tmp_path, run_c
     path.write_text(yaml.safe_dump(with_meta(world, out, {**bounded, "ascent_cap_ratio": 3.0})))
     res = run_cli("unlearn", path, "-q")
     assert res.exit_code == 2 and "meta.ascent_cap_ratio" in res.stderr and "--overwrite" in res.stderr, res.stderr
+    # the reference model is a setting too: measured against θ0 it is refused the same way, and the plan says so
+    path.write_text(yaml.safe_dump(with_meta(world, out, {**bounded, "ascent_cap_ratio": 2.5,
+                                                          "ascent_cap_reference": "start"})))
+    res = run_cli("unlearn", path, "--dry-run")
+    assert res.exit_code == 0 and "ascent bound cap 2.5 × the start model's loss" in " ".join(res.stdout.split())
+    assert "start weights θ0" in res.stdout
+    res = run_cli("unlearn", path, "-q")
+    assert res.exit_code == 2 and "meta.ascent_cap_reference" in res.stderr and "--overwrite" in res.stderr, res.stderr
+    path.write_text(yaml.safe_dump(with_meta(world, out, {**bounded, "ascent_cap": 0.05, "ascent_cap_reference": "start"})))
+    res = run_cli("unlearn", path, "-q")
+    assert res.exit_code == 2 and "ascent_cap_reference" in res.stderr and len(res.stderr.strip().splitlines()) == 1

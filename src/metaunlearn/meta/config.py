@@ -160,6 +160,13 @@ class MetaConfig(StrictModel):
                     "not rewarded for pushing the attacked loss past ratio × what the released model has there — free "
                     "of loss units and of the timestep mix",
     )
+    ascent_cap_reference: Literal["current", "start"] = Field(
+        "current",
+        description="with ascent_cap_ratio, the model whose loss on the draw c is a multiple of: current (L(θ), the "
+                    "model at this outer step, before the attack: c rises with the loss the ascent drives up) or start "
+                    "(L(θ0), the trained parameters as the meta stage began — the erased model: a fixed reference; "
+                    "costs one copy of the trained parameters on the device)",
+    )
     forget_term: Literal["ascent", "anchor"] = Field(
         "ascent",
         description="the forget term at θ': ascent (the paper's −β_f·L(θ'; forget-test), bounded by ascent_bound) or "
@@ -189,23 +196,31 @@ class MetaConfig(StrictModel):
             )
         if self.anchor_to != "current" and self.forget_term != "anchor":
             raise ValueError(f"anchor_to '{self.anchor_to}' applies to forget_term 'anchor' only")
+        if self.ascent_cap_reference != "current" and not self.relative_cap:
+            raise ValueError(
+                f"ascent_cap_reference '{self.ascent_cap_reference}' applies to a relative bound only (ascent_bound "
+                f"'cap' or 'tanh' with ascent_cap_ratio)"
+            )
         return self
 
     @model_serializer(mode="wrap")
     def _omit_later_defaults(self, handler):
         # options that came after runs were recorded are left out of the dump at their defaults (anchor_to 'current',
-        # no ascent_cap_ratio), so the settings (and settings keys) of every stage made before them are unchanged
+        # no ascent_cap_ratio, ascent_cap_reference 'current'), so the settings (and settings keys) of every stage made
+        # before them are unchanged
         out = handler(self)
         if isinstance(out, dict):
-            if out.get("anchor_to") == "current":
-                del out["anchor_to"]
+            for key in ("anchor_to", "ascent_cap_reference"):
+                if out.get(key) == "current":
+                    del out[key]
             if out.get("ascent_cap_ratio", 0) is None:
                 del out["ascent_cap_ratio"]
         return out
 
     @property
     def relative_cap(self) -> bool:
-        """Whether each ascent term's cap is ``ascent_cap_ratio`` × the unattacked model's loss on its draw."""
+        """Whether each ascent term's cap is ``ascent_cap_ratio`` × an unattacked model's loss on its draw (θ at this
+        outer step, or θ0 with ``ascent_cap_reference: start``)."""
         return self.ascent_bound != "none" and self.ascent_cap_ratio is not None
 
     def cap_for(self, reference: float | None = None) -> float | None:
@@ -255,8 +270,22 @@ class MetaConfig(StrictModel):
 
     @property
     def anchors_to_start(self) -> bool:
-        """Whether the forget term's target is the prediction of the start weights θ0 (a kept parameter copy)."""
+        """Whether the forget term's target is the prediction of the start weights θ0."""
         return self.forget_term == "anchor" and self.anchor_to == "start" and self.beta_forget > 0
+
+    @property
+    def caps_from_start(self) -> bool:
+        """Whether some ascent term's relative cap is a multiple of the start weights' loss L(θ0) on its draw."""
+        if not (self.relative_cap and self.ascent_cap_reference == "start"):
+            return False
+        forget_ascends = self.forget_term == "ascent" and self.beta_forget > 0
+        return forget_ascends or self.beta_related > 0 or self.beta_irrelevant > 0
+
+    @property
+    def needs_start_weights(self) -> bool:
+        """Whether the objective keeps a copy θ0 of the trained parameters as the meta stage began (the forget
+        anchor's target, or the reference of relative caps)."""
+        return self.anchors_to_start or self.caps_from_start
 
     @property
     def needs_attack(self) -> bool:

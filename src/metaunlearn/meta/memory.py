@@ -6,7 +6,8 @@ latent size (:mod:`metaunlearn.meta.activations`) — no weights are loaded and 
 
 Phases (S_x: the attack's parameters x, P: the outer parameters θ, Z: outer parameters the attack does not move):
 
-Every phase adds the start weights θ0 (one copy of P) with ``forget_term: anchor``, ``anchor_to: start``.
+Every phase adds the start weights θ0 (one copy of P) with ``forget_term: anchor``, ``anchor_to: start``, or with
+``ascent_cap_reference: start``.
 
 * first order — attack: weights + outer optimizer state + saved x + inner state + inner gradients + activations;
   ascent/retain: … + outer gradients + activations of a term batch (the terms run one after the other, from the
@@ -158,7 +159,7 @@ def plan_meta_memory(
     if mixed_precision == "bf16":
         base += weights // 2  # autocast's bf16 copies of the weights, cached for a forward with grad
         plan.notes.append("bf16 autocast: activations traced in bf16, plus the autocast cache of bf16 weights")
-    if config.anchors_to_start:  # the forget term's target model: a copy of θ as the meta stage began
+    if config.needs_start_weights:  # forget anchor's target / relative caps' reference: θ as the meta stage began
         plan.parts["start weights θ0"] = P
         base += P
     n_ascent = sum(w > 0 for w in (config.beta_forget, config.beta_related, config.beta_irrelevant))

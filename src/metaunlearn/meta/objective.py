@@ -24,8 +24,8 @@ process and counted once.
 Cost per step, by construction: the base loss, one forward+backward per retain term, the attack's inner steps
 (forward+backward each, in place, no copies of the UNet, no new optimizers), one forward+backward per ascent term,
 and two ``_foreach_copy_`` of the attacked parameters. Data come from cached latents and conditioning. A relative
-ascent bound (``ascent_cap_ratio``) adds one no-grad forward per ascent term at θ, before the attack: the loss its
-cap is a multiple of.
+ascent bound (``ascent_cap_ratio``) adds one no-grad forward per ascent term at θ before the attack (or at the start
+weights θ0, ``ascent_cap_reference: start``): the loss its cap is a multiple of.
 """
 
 from __future__ import annotations
@@ -162,8 +162,9 @@ class MetaObjective:
         )
         # one gradient record per attack parameter space (a distribution may mix the full UNet, subsets, LoRA)
         self.trajectories: dict[tuple, Trajectory] = {}
-        # anchor_to start: θ0, the trained parameters now, before any outer step (and before a resume's checkpoint)
-        self.start = StartWeights(backbone.unet, self.params, shard) if config.anchors_to_start else None
+        # anchor_to / ascent_cap_reference start: θ0, the trained parameters now, before any outer step (and before a
+        # resume's checkpoint)
+        self.start = StartWeights(backbone.unet, self.params, shard) if config.needs_start_weights else None
         set_requires_grad(self.params, True)
 
     def _check_data(self) -> None:
@@ -216,7 +217,7 @@ class MetaObjective:
     def _outer_terms(self, plan: StepPlan) -> list[OuterTerm]:
         """The terms scored at the attacked weights: ``−β·B(L(θ_k; D))`` per ascent set (B: ``ascent_bound`` with
         bound c: ``ascent_cap``, or ``ascent_cap_ratio`` × L(θ; the same draw), the whole batch's loss at θ now,
-        before the attack runs), and with ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_anchor‖²``
+        before the attack runs — or at the start weights θ0 with ``ascent_cap_reference: start``), and with ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_anchor‖²``
         instead, its target predicted before the attack runs at θ (``anchor_to: current``) or at the start weights θ0
         (``start``)."""
         cfg = self.config
@@ -224,14 +225,17 @@ class MetaObjective:
         for role, draw in plan.ascent.items():
             weight, data = getattr(cfg, ASCENT_WEIGHTS[role]), self.data.get(role)
             if role == "forget_test" and cfg.forget_term == "anchor":
-                unet = self.start.predictor() if self.start is not None else None
+                unet = self.start.predictor() if cfg.anchors_to_start else None
                 anchored = draw.anchored(self.backbone, data, self.shard, self.autocast, unet=unet)
                 terms.append(OuterTerm(f"anchor_{role}", anchored, data, partial(_descended, weight)))
                 continue
             if cfg.ascent_bound == "none":
                 terms.append(OuterTerm(f"ascent_{role}", draw, data, partial(_ascended, weight, cfg.bounded)))
                 continue
-            reference = draw.batch_loss(self.backbone, data, self.shard, self.autocast) if cfg.relative_cap else None
+            reference = None
+            if cfg.relative_cap:
+                unet = self.start.predictor() if cfg.caps_from_start else None
+                reference = draw.batch_loss(self.backbone, data, self.shard, self.autocast, unet=unet)
             cap = cfg.cap_for(reference)
             slope = partial(_bounded_slope, cfg, weight, cap)
             terms.append(OuterTerm(f"ascent_{role}", draw, data, partial(_ascended, weight, partial(cfg.bounded, cap=cap)),

@@ -1,5 +1,5 @@
 """θ0: the trained parameters as the meta stage began, kept to predict with (``forget_term: anchor``,
-``anchor_to: start``).
+``anchor_to: start``; ``ascent_cap_reference: start``).
 
 Only the parameters the meta stage trains are copied (the full UNet, a subset, whatever ``params`` holds); the rest
 of the UNet never moves, so the start model is the UNet with these copies swapped in by
