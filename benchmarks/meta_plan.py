@@ -1,10 +1,12 @@
 """The memory plan's predicted peak of one meta step for the SD-1.4 UNet (no weights: traced on the meta device).
 
-    python benchmarks/meta_plan.py [--latent 64] [--steps 5]
+    python benchmarks/meta_plan.py [--latent 64] [--steps 5] [--robust]
 
 Prints the README's table: batch 1, M AdamW inner steps, the default meta weights (two retain and three ascent
 terms) and a base loss, saved θ and inner gradients offloaded to the host, for each order, defence / simulated
 attack parameter space and outer optimizer, with the phase that sets the peak and whether it fits 24 and 40 GiB.
+``--robust``: the objective of ``demo --robust`` instead (a distribution over lr and 3..M steps on the row's attack
+space and on cross-attention, ascent along the trajectory, capped).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latent", type=int, default=64, help="latent side")
     parser.add_argument("--steps", type=int, default=5, help="inner steps M")
+    parser.add_argument("--robust", action="store_true", help="the robust objective of demo --robust")
     args = parser.parse_args()
 
     from diffusers.utils import logging
@@ -38,11 +41,19 @@ def main() -> None:
     from metaunlearn.meta.memory import plan_from_unet_config
 
     logging.set_verbosity_error()
-    print(f"SD-1.4 UNet, batch 1, {args.latent}x{args.latent} latents, M = {args.steps} AdamW inner steps, offloaded")
+    print(f"SD-1.4 UNet, batch 1, {args.latent}x{args.latent} latents, M = {args.steps} AdamW inner steps, offloaded"
+          + (", robust objective" if args.robust else ""))
     print(f"{'order':<11}{'defence/attack':<16}{'outer':<11}{'peak GiB':>9}  {'phase':<15}{'24 GiB':>7}{'40 GiB':>7}")
     for order, defence, attack, optimizer in ROWS:
-        config = MetaConfig(order=order, batch_size=1, offload=True,
-                            attacks=[AttackConfig(steps=args.steps, batch_size=1, lr=1e-5, trainable=attack)])
+        if args.robust:
+            drawn = dict(lr_range=(1e-5, 3e-5), steps_range=(min(3, args.steps), args.steps), batch_size=1)
+            config = MetaConfig(order=order, batch_size=1, offload=True, ascent_along="trajectory",
+                                trajectory_stride=2, ascent_bound="cap", ascent_cap=0.05,
+                                attacks=[AttackConfig(**drawn, trainable=attack),
+                                         AttackConfig(**drawn, trainable="xattn", weight=0.5)])
+        else:
+            config = MetaConfig(order=order, batch_size=1, offload=True,
+                                attacks=[AttackConfig(steps=args.steps, batch_size=1, lr=1e-5, trainable=attack)])
         plan = plan_from_unet_config(SD14_UNET, config, defence, inner_batch=1, batch=1,
                                      latent_shape=(4, args.latent, args.latent),
                                      cond_shapes={"encoder_hidden_states": (77, 768)}, runtime_bytes=0,

@@ -52,6 +52,22 @@ def test_plan_arithmetic_offload_and_steps():
     assert all(abs(start.phases[k] - (v + S)) < 4096 for k, v in current.phases.items())
 
 
+def test_a_distribution_of_attacks_is_planned_at_its_largest_member():
+    backbone = make_backbone("sd")
+
+    def planned(*attacks):
+        config = MetaConfig(batch_size=2, order="second", attacks=[AttackConfig(batch_size=2, **a) for a in attacks])
+        return plan_meta_memory(backbone, config, "full", latent_shape=(4, 8, 8),
+                                cond_shapes={"encoder_hidden_states": (16, 32)}, other_modules_bytes=0)
+
+    full, xattn = {"steps": 3}, {"steps": 8, "trainable": "xattn"}
+    assert planned(full).peak > planned(xattn).peak
+    # the cross-attention attack comes first and has more steps; the full-UNet one sets the device peak
+    both = planned(xattn, full)
+    assert both.peak == planned(full).peak
+    assert both.host == max(planned(full).host, planned(xattn).host)
+
+
 def test_tensor_peak_counts_each_live_storage_once():
     with TensorPeak() as tracker:
         start = tracker.current

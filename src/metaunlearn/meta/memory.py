@@ -135,9 +135,19 @@ def plan_meta_memory(
     ``runtime_bytes``: a constant for the framework itself (the CUDA context, or the process on CPU).
     ``base_loss``: whether the method adds a loss to the step (a closed-form edit does not).
     """
+    if config.needs_attack and len(config.attacks) > 1:  # a distribution: the step that peaks is the largest attack's
+        plans = [plan_meta_memory(backbone, config.model_copy(update={"attacks": [a]}), defence_subset,
+                                  inner_batch=inner_batch, batch=batch, latent_shape=latent_shape,
+                                  cond_shapes=cond_shapes, mixed_precision=mixed_precision,
+                                  gradient_checkpointing=gradient_checkpointing, outer_optimizer=outer_optimizer,
+                                  other_modules_bytes=other_modules_bytes, data_bytes=data_bytes,
+                                  runtime_bytes=runtime_bytes, base_loss=base_loss) for a in config.attacks]
+        largest = max(plans, key=lambda p: p.peak)
+        largest.host = max(p.host for p in plans)
+        return largest
     plan = MemoryPlan()
     unet = backbone.unet
-    attack = max(config.attacks, key=lambda a: a.steps or 0) if config.attacks else None
+    attack = config.attacks[0] if config.attacks else None
     inner_batch = inner_batch or (attack.batch_size if attack else 1)
     batch = batch or config.batch_size
     weights = parameter_bytes(unet.parameters())
