@@ -181,14 +181,14 @@ RATIO = 0.99845
 @pytest.mark.parametrize("order", ["first", "second", "second_unrolled"])
 @pytest.mark.parametrize("optimizer, forget_term", [("adamw", "ascent"), ("sgd", "ascent"), ("adamw", "anchor"),
                                                      ("adamw", "tanh"), ("adamw", "cap"), ("adamw", "ratio"),
-                                                     ("adamw", "ratio-tanh")])
+                                                     ("adamw", "ratio-tanh"), ("adamw", "ratio-start")])
 def test_split_batches_give_the_same_meta_gradient(order, optimizer, forget_term):
     """One process cutting every batch into 2 or 3 micro-batches (shares 1/3 + 2/3, an empty part) gets the meta
     gradient of the whole batch: to 1e-9 in float64, also through AdamW's steps under both exact second orders
     (reverse mode: summed adjoint, clip gradient and Hessian-vector products; unrolled: all-reduce in the graph),
     and with the anchored forget term (each part's target predicted for its own rows) and bounded ascent terms (the
     bound acts on the whole batch's loss: tanh, and a cap between the related and the forget loss; a relative cap,
-    r × the whole batch's unattacked loss, with the cap and tanh)."""
+    r × the whole batch's unattacked loss, with the cap and tanh, and measured at the start weights' copy)."""
     from metaunlearn.backbones.sd import StableDiffusionBackbone
     from metaunlearn.data.cache import CachedSet
     from metaunlearn.meta import AttackConfig, MetaConfig, MetaData, MetaObjective
@@ -206,7 +206,8 @@ def test_split_batches_give_the_same_meta_gradient(order, optimizer, forget_term
                           momentum=0.0 if optimizer == "adamw" else 0.5, trainable="xattn")
     bound = {"tanh": {"ascent_bound": "tanh", "ascent_cap": 1.0}, "cap": {"ascent_bound": "cap", "ascent_cap": CAP},
              "ratio": {"ascent_bound": "cap", "ascent_cap_ratio": RATIO},
-             "ratio-tanh": {"ascent_bound": "tanh", "ascent_cap_ratio": 1.0}}
+             "ratio-tanh": {"ascent_bound": "tanh", "ascent_cap_ratio": 1.0},
+             "ratio-start": {"ascent_bound": "tanh", "ascent_cap_ratio": 1.0, "ascent_cap_reference": "start"}}
     config = MetaConfig(attacks=[attack], batch_size=3, order=order, beta_forget=1.0, beta_related=0.5,
                         forget_term="anchor" if forget_term == "anchor" else "ascent", **bound.get(forget_term, {}))
     grads, terms = [], []
