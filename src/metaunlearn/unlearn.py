@@ -133,10 +133,7 @@ def describe(config: UnlearnConfig, device_memory: float | None = None) -> list[
                 for a in m.attacks
             )
             + (f"; ascent along the trajectory (every {m.trajectory_stride})" if m.ascent_along == "trajectory" else "")
-            + (f"; ascent bound {m.ascent_bound} " + (f"{m.ascent_cap_ratio:g} × the "
-                                                         + ("start model's loss" if m.ascent_cap_reference == "start"
-                                                            else "unattacked loss") if m.relative_cap
-                                                         else f"{m.ascent_cap:g}") if m.ascent_bound != "none" else "")
+            + (f"; ascent bound {m.bound_description()}" if m.ascent_bound != "none" else "")
             + (f"; forget term anchored to the {m.anchor_to} model" if m.forget_term == "anchor" else "")
         )
         for meta_role, (role, split) in meta_roles(m).items():

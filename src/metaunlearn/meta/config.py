@@ -223,6 +223,13 @@ class MetaConfig(StrictModel):
         outer step, or θ0 with ``ascent_cap_reference: start``)."""
         return self.ascent_bound != "none" and self.ascent_cap_ratio is not None
 
+    def bound_description(self) -> str:
+        """``ascent_bound`` and its cap in words, e.g. ``cap 0.05`` or ``cap 2.5 × the start model's loss``."""
+        if not self.relative_cap:
+            return f"{self.ascent_bound} {self.ascent_cap:g}"
+        reference = "start model's loss" if self.ascent_cap_reference == "start" else "unattacked loss"
+        return f"{self.ascent_bound} {self.ascent_cap_ratio:g} × the {reference}"
+
     def cap_for(self, reference: float | None = None) -> float | None:
         """The bound c of an ascent term: ``ascent_cap``, or ``ascent_cap_ratio · reference`` with ``reference`` the
         unattacked model's loss on the term's draw; ``None`` without a bound."""

@@ -217,9 +217,9 @@ class MetaObjective:
     def _outer_terms(self, plan: StepPlan) -> list[OuterTerm]:
         """The terms scored at the attacked weights: ``−β·B(L(θ_k; D))`` per ascent set (B: ``ascent_bound`` with
         bound c: ``ascent_cap``, or ``ascent_cap_ratio`` × L(θ; the same draw), the whole batch's loss at θ now,
-        before the attack runs — or at the start weights θ0 with ``ascent_cap_reference: start``), and with ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_anchor‖²``
-        instead, its target predicted before the attack runs at θ (``anchor_to: current``) or at the start weights θ0
-        (``start``)."""
+        before the attack runs — or at the start weights θ0 with ``ascent_cap_reference: start``), and with
+        ``forget_term: anchor`` the forget set's ``+β_f·‖ε_θk − sg ε_anchor‖²`` instead, its target predicted before
+        the attack runs at θ (``anchor_to: current``) or at the start weights θ0 (``start``)."""
         cfg = self.config
         terms = []
         for role, draw in plan.ascent.items():
