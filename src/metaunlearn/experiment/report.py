@@ -37,13 +37,14 @@ from pathlib import Path
 from pydantic import Field
 
 from metaunlearn.atomic import AtomicFiles
+from metaunlearn.attacks.payoff import PayoffConfig
 from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
 from metaunlearn.experiment.signals_table import signals_table
 
-VARIANT_ORDER = {"base": 0, "plain": 1, "meta": 2}
+VARIANT_ORDER = {"base": 0, "reference": 1, "plain": 2, "meta": 3}
 METRIC_LABELS = {
     "forget_rate": "forget rate (%)",
     "related_acc": "related-concept accuracy (%)",
@@ -66,6 +67,7 @@ class ReportConfig(StrictModel):
         None, ge=1, description="attack steps the defence is meant to hold out (marked in the tables and figures; "
                                 "the durability signals are judged at this step)"
     )
+    payoff: PayoffConfig = Field(default_factory=PayoffConfig, description="when an attack counts as a success")
 
 
 @dataclass
@@ -118,9 +120,10 @@ def attack_sets_in_order(rows: Sequence[Mapping], config: ReportConfig) -> tuple
 
 
 def _model_rows(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
-    """``(model, method, variant)`` in table order: base first, then by method, then plain before meta."""
+    """``(model, method, variant)`` in table order: base, references, then by method, plain before meta."""
     models = {(r["model"], r["method"], r["variant"]) for r in rows}
-    return sorted(models, key=lambda m: (m[2] != "base", m[1], VARIANT_ORDER.get(m[2], 9), m[0]))
+    first = {"base": 0, "reference": 1}  # the models every method is compared with come first
+    return sorted(models, key=lambda m: (first.get(m[2], 2), m[1], VARIANT_ORDER.get(m[2], 9), m[0]))
 
 
 # ---- tables -----------------------------------------------------------------------------------------------------
@@ -295,6 +298,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     from metaunlearn.experiment.curve_tables import auc_table, prompt_attack_table
     from metaunlearn.experiment.curve_tables import worst_table as worst_runs_table_of
     from metaunlearn.experiment.figures import report_figures
+    from metaunlearn.experiment.reference_tables import reference_tables
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -323,6 +327,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     prompt_rows = read_prompt_rows(run_dir)
     prompts = prompt_attack_table(prompt_rows, rows, config.metric, models)
     durability = signals_table(run_dir, rows, config.metric, primary, config.budget_steps)
+    yardstick = reference_tables(rows, config, models)
 
     # Every output is staged beside its final path and renamed into place together at the end: a failure (a full
     # disk, a bad path) leaves the previous report whole, and report_assets/ never keeps figures of another run.
@@ -333,12 +338,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
                               primary, sets, config.budget_steps, assets)
         return _write(staged, out, config, rows, run_dir, primary, sets, metrics, summary, worst, figs, main,
                       worst_table, table_data, reduction, related, quality, aucs, worst_runs_table, worst_runs_data,
-                      prompt_rows, prompts, durability)
+                      prompt_rows, prompts, durability, yardstick)
 
 
 def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: Path, primary: str, sets, metrics,
            summary, worst, figs, main, worst_table, table_data, reduction, related, quality, aucs, worst_runs_table,
-           worst_runs_data, prompt_rows, prompts, durability=None) -> ReportFiles:
+           worst_runs_data, prompt_rows, prompts, durability=None, yardstick=None) -> ReportFiles:
     """Stage every report file in ``staged`` (figures are already in its temporary assets folder)."""
     from metaunlearn.attacks.curves import run_curves
     from metaunlearn.attacks.sweep import KEY_FIELDS
@@ -363,6 +368,9 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
         curve_tables = [t for t in (worst_runs_table, prompts, aucs) if t is not None]
         if curve_tables:
             s.append(Section("Relearning curves and the worst case over the sweep", tables=curve_tables))
+        if yardstick and yardstick["tables"]:
+            s.append(Section("Against a model that never saw the concept, and the attacker's payoff",
+                             tables=yardstick["tables"]))
         if related or destruct:
             s.append(Section("Related concepts under attack (self-destruct)", figures=destruct,
                              tables=[related] if related else []))
@@ -378,6 +386,8 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
     results = {"rows": rows, "summary": summary, "worst_case": worst, "table": table_data,
                "curves": run_curves(rows, config.metric), "worst_runs": worst_runs_data,
                "prompt_attacks": prompt_rows,
+               "against_reference": (yardstick or {}).get("against_reference", []),
+               "payoff": (yardstick or {}).get("payoff", []),
                "primary_set": primary, "attack_sets": sets}
     settings = [k for k in SETTING_FIELDS if k == "grid" or any(k in r for r in rows)]
     columns = list(KEY_FIELDS) + settings + metrics

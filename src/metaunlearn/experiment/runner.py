@@ -68,16 +68,21 @@ class Experiment:
     def models(self) -> list[GridModel]:
         """Every model of the grid, seed by seed (a partial run thus holds whole replicates first)."""
         grid = self.config.grid
+        refs = self.config.references
         if grid is None:
-            return [GridModel("base", "base", "base")]
+            return [GridModel("base", "base", "base")] + [self._reference(r, 0) for r in refs]
         out: list[GridModel] = []
         for seed in grid.seeds:
             if grid.include_base:
                 out.append(GridModel("base", "base", "base", seed=seed))
+            out += [self._reference(r, seed) for r in refs]
             for entry in grid.methods:
                 for variant in grid.variants:
                     out.append(GridModel(f"{entry.model_label}-{variant}", entry.name, variant, entry, seed))
         return out
+
+    def _reference(self, ref, seed: int) -> GridModel:
+        return GridModel(ref.name, "reference", "reference", seed=seed, folder=_resolve(ref.path, self.base))
 
     def models_by_seed(self) -> dict[int, list[GridModel]]:
         """The grid's models by grid seed, seeds in order."""
@@ -87,6 +92,8 @@ class Experiment:
         return out
 
     def model_folder(self, model: GridModel) -> Path:
+        if model.folder is not None:
+            return model.folder
         if model.entry is None:
             return self.model_dir
         return self.run.path / "models" / model.key / "model"
@@ -222,7 +229,7 @@ class Experiment:
             cfg = self.unlearn_config(m)
             return self._unlearn_settings(m), lambda: self._unlearn(cfg, progress)
         suite = self._suite(m.seed)
-        settings = {"model": self._unlearn_settings(m) if m.entry is not None else str(self.model_dir),
+        settings = {"model": self._unlearn_settings(m) if m.entry is not None else str(self.model_folder(m)),
                     "suite": suite.model_dump(mode="json"),
                     "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
         return settings, lambda: self._attack(m, suite, progress)
