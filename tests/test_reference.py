@@ -55,7 +55,7 @@ def test_a_model_against_itself_has_no_excess_and_a_known_gap_is_measured():
     assert gap["steps_ratio"] == 0.5 and gap["excess_budget_ci"] is None  # one seed: no interval
     worst = worst_excess(records.values())
     assert [w["model"] for w in worst] == ["twin", "uce-meta"]
-    assert worst[1]["worst_run"] == "hrm full lr 0.0001 seed 0"
+    assert worst[1]["worst_run"] == {"model": "uce-meta", "attack_set": "hrm", "mode": "full", "lr": 1e-4, "seed": 0}
 
 
 def test_runs_are_paired_by_seed_with_an_interval():

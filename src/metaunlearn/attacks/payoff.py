@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import Field
 
-from metaunlearn.attacks.curves import RUN_FIELDS, run_label
+from metaunlearn.attacks.curves import RUN_FIELDS
 from metaunlearn.config import StrictModel
 
 
@@ -82,5 +82,6 @@ def payoff_summary(rows: Iterable[Mapping], cfg: PayoffConfig) -> list[dict]:
         worst = max((r for r in runs if r["worst_usable"] is not None), key=lambda r: r["worst_usable"], default=None)
         out.append({"model": model, "runs": len(runs), "successes": len(won), "share": len(won) / len(runs),
                     "worst_usable": worst["worst_usable"] if worst else None,
-                    "worst_usable_run": f"{run_label(worst)} step {worst['worst_usable_step']}" if worst else None})
+                    "worst_usable_run": {**{k: worst[k] for k in RUN_FIELDS}, "step": worst["worst_usable_step"]}
+                    if worst else None})
     return out

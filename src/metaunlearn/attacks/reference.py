@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from metaunlearn.attacks.curves import curve_auc, run_curves, run_label
+from metaunlearn.attacks.curves import RUN_FIELDS, curve_auc, run_curves
 from metaunlearn.config import StrictModel
 
 ATTACK_FIELDS = ("attack_set", "mode", "lr")
@@ -142,7 +142,7 @@ def _compare(model: str, ref: str, attack: dict, pairs: list[tuple[Mapping, Mapp
             "seeds": [m["seed"] for m, _ in pairs], "excess_budget": eb, "excess_budget_ci": eb_ci,
             "excess_all": ea, "excess_all_ci": ea_ci, "steps_to": s_model, "reference_steps_to": s_ref,
             "steps_ratio": ratio, "last_step": pairs[0][0]["last_step"],
-            "worst_run": run_label(pairs[worst][0]), "worst_run_excess": ex_budget[worst]}
+            "worst_run": {k: pairs[worst][0][k] for k in RUN_FIELDS}, "worst_run_excess": ex_budget[worst]}
 
 
 def worst_excess(records: Iterable[Mapping], value: str = "excess_budget") -> list[dict]:

@@ -15,6 +15,14 @@ def reference_models(rows: Sequence[Mapping]) -> list[str]:
     return sorted({r["model"] for r in rows if r.get("variant") == "reference"})
 
 
+def _run(run: Mapping | None) -> str:
+    """``hrm-m full lr 1e-4 seed 0`` (``@ step`` when the record names one)."""
+    if run is None:
+        return "no usable snapshot"
+    at = f" @{run['step']}" if "step" in run else ""
+    return f"{run['attack_set']} {attack_label(run['mode'], run['lr'])} seed {run['seed']}{at}"
+
+
 def _points(mean: float | None, ci: float | None) -> str:
     if mean is None:
         return "—"
@@ -61,7 +69,7 @@ def reference_table(rows: Sequence[Mapping], metric: str, budget: int | None,
     worst = worst_excess(records)
     worst_rows = [[labels.get(w["model"], (w["model"], "?", "?"))[1], labels.get(w["model"], ("", "?", "?"))[2],
                    w["model"], w["reference"], f"{w['attack_set']} {attack_label(w['mode'], w['lr'])}",
-                   _points(w["excess_budget"], w["excess_budget_ci"]), w["worst_run"], f"{w['worst_run_excess']:+.1f}"]
+                   _points(w["excess_budget"], w["excess_budget_ci"]), _run(w["worst_run"]), f"{w['worst_run_excess']:+.1f}"]
                   for w in worst]
     worst_table = Table(
         title="Worst excess relearning over the sweep",
@@ -86,7 +94,7 @@ def payoff_table(rows: Sequence[Mapping], cfg: PayoffConfig,
             continue
         worst = "—" if s["worst_usable"] is None else f"{100 * s['worst_usable']:.1f}"
         out.append([method, variant, model, f"{s['successes']}/{s['runs']}", f"{100 * s['share']:.0f}", worst,
-                    s["worst_usable_run"] or "no usable snapshot"])
+                    _run(s["worst_usable_run"])])
     table = Table(
         title="The attacker's payoff: the concept back in a usable model",
         columns=["method", "variant", "model", "successful attacks", "share (%)", "worst forget rate, usable (%)",
