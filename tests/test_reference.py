@@ -178,3 +178,29 @@ def test_attack_command_takes_references_and_prints_the_excess(run_cli, tiny_sd_
                       "--reference", tmp_path / "nowhere")
     assert missing.exit_code == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
     assert "reference model not found" in missing.stderr and not (tmp_path / "run" / "attacks" / "nowhere").exists()
+
+
+def test_the_equal_damage_control_is_built_as_plain_and_attacked_in_its_own_role(tiny_sd_dir, tmp_path):
+    import yaml
+    from test_schedule import _grid
+
+    from metaunlearn.experiment.runner import run_experiment
+
+    path = _grid(tiny_sd_dir, tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    (uce,) = cfg["grid"]["methods"]
+    uce["control"] = {"params": {"erase_scale": 3.0 * float(uce.get("params", {}).get("erase_scale", 1.0))}}
+    cfg["references"] = [{"name": "retrain", "path": str(tiny_sd_dir)}]
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    run_experiment(path, run_dir=run, progress=False)
+    record = json.loads((run / "models" / "uce-control" / "model" / "unlearn_config.json").read_text())
+    assert record["variant"] == "plain"  # the folder says what made it; the results name its role
+    assert record["config"]["method"]["params"]["erase_scale"] == uce["control"]["params"]["erase_scale"]
+    saved = json.loads((run / "results.json").read_text())
+    variants = {(r["model"], r["variant"]) for r in saved["rows"]}
+    assert {("uce-control", "control"), ("uce-plain", "plain"), ("uce-meta", "meta"), ("retrain", "reference")} \
+        <= variants
+    report = (run / "report.md").read_text()
+    assert "meta vs control" in report and "meta vs plain" in report
+    assert {r["model"] for r in saved["against_reference"]} == {"uce-plain", "uce-control", "uce-meta"}

@@ -31,6 +31,14 @@ from metaunlearn.metrics.config import EvalConfig
 Variant = Literal["plain", "meta"]
 
 
+class ControlSpec(StrictModel):
+    """The equal-damage control: the plain method pushed harder until its benign accuracy matches the meta model's."""
+
+    steps: int | None = Field(None, ge=1, description="outer steps (default: the plain variant's)")
+    lr: float | None = Field(None, gt=0, description="learning rate (default: the plain variant's)")
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters replaced (e.g. erase_scale)")
+
+
 class GridMethod(StrictModel):
     """One base method of the comparison; ``steps``/``lr`` override the unlearn template for it."""
 
@@ -47,6 +55,8 @@ class GridMethod(StrictModel):
         default_factory=dict, description="meta-objective keys replaced for this method (e.g. its simulated attacks)"
     )
     label: str | None = Field(None, description="model name prefix in results (default: the method name)")
+    control: ControlSpec | None = Field(None, description="also build and attack the equal-damage control "
+                                                          "<label>-control (plain unlearning, pushed harder)")
     meta_from_plain: bool = Field(
         False,
         description="the meta variant starts from this method's plain model (and keeps its base loss on), as the "
@@ -130,7 +140,7 @@ class ExperimentConfig(StrictModel):
     def _stages_fit(self) -> ExperimentConfig:
         names = [r.name for r in self.references]
         taken = {"base"} | {f"{m.model_label}-{v}" for m in (self.grid.methods if self.grid else [])
-                            for v in self.grid.variants}
+                            for v in [*self.grid.variants, "control"]}
         if len(set(names)) != len(names) or taken & set(names):
             raise ValueError("every reference needs its own name, unlike 'base' and every grid model")
         if self.references and self.attack is None:

@@ -14,7 +14,7 @@ class GridModel:
 
     name: str
     method: str
-    variant: str  # base | plain | meta | reference
+    variant: str  # base | plain | meta | control | reference
     entry: GridMethod | None = None
     seed: int = 0  # the grid seed (replicate) this model belongs to
     folder: Path | None = None  # a reference's model folder (given, never built)

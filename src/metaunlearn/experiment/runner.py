@@ -79,6 +79,8 @@ class Experiment:
             for entry in grid.methods:
                 for variant in grid.variants:
                     out.append(GridModel(f"{entry.model_label}-{variant}", entry.name, variant, entry, seed))
+                if entry.control is not None:
+                    out.append(GridModel(f"{entry.model_label}-control", entry.name, "control", entry, seed))
         return out
 
     def _reference(self, ref, seed: int) -> GridModel:
@@ -106,16 +108,23 @@ class Experiment:
         section = dict(self.config.unlearn)
         entry = model.entry
         meta = model.variant == "meta"
+        control = entry.control if model.variant == "control" else None  # plain unlearning, pushed harder
         params = {**entry.params, **entry.meta_params} if meta else entry.params
+        if control is not None:
+            params = {**params, **control.params}
         section["method"] = {"name": entry.name, "params": params}
         if not meta:
             section["meta"] = None
         else:
             section["meta"] = {**(section.get("meta") or {}), **entry.meta}
         steps = entry.meta_steps if meta and entry.meta_steps else entry.steps
+        if control is not None and control.steps is not None:
+            steps = control.steps
         if steps is not None:
             section["steps"] = steps
         lr = entry.meta_lr if meta and entry.meta_lr else entry.lr
+        if control is not None and control.lr is not None:
+            lr = control.lr
         if lr is not None:
             section["lr"] = lr
         section["seed"] = int(section.get("seed", 0)) + model.seed
