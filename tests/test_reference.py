@@ -204,3 +204,20 @@ def test_the_equal_damage_control_is_built_as_plain_and_attacked_in_its_own_role
     report = (run / "report.md").read_text()
     assert "meta vs control" in report and "meta vs plain" in report
     assert {r["model"] for r in saved["against_reference"]} == {"uce-plain", "uce-control", "uce-meta"}
+
+
+def test_a_results_page_is_written_from_the_run_with_its_provenance(tmp_path, run_cli):
+    from metaunlearn.attacks.sweep import write_jsonl
+    from metaunlearn.experiment import provenance
+
+    run = tmp_path / "run"
+    for model, variant, curve in (("retrain", "reference", {0: 0.0, 25: 0.5}), ("uce-meta", "meta", {0: 0.0, 25: 1.0})):
+        write_jsonl(_rows(model, variant, curve, related={0: 1.0, 25: 1.0}), run / "attacks" / model / "hrm" / "r.jsonl")
+    entry = provenance.record(run, "metaunlearn demo --seeds 3")
+    result = run_cli("report", run, "--page", tmp_path / "docs" / "results.md")
+    assert result.exit_code == 0, result.stderr
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert "`metaunlearn demo --seeds 3`" in page and entry["date"] in page
+    assert (entry["commit"] or "an unknown commit")[:10] in page
+    assert "| meta | meta | uce-meta | retrain | hrm | full lr 1e-4 | +25.0 |" in page
+    assert "![" not in page and str(tmp_path) not in page  # tables only, no machine paths

@@ -32,4 +32,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             print_plan(preflight.plan(experiment), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return
-        experiment.run_all(progress=not quiet, jobs=jobs or (1 if quick else os.cpu_count() or 1))
+        from metaunlearn.commands import invocation
+
+        experiment.run_all(progress=not quiet, jobs=jobs or (1 if quick else os.cpu_count() or 1),
+                           command=invocation())

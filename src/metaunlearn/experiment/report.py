@@ -80,6 +80,7 @@ class ReportFiles:
     markdown: Path
     html: Path
     figures: list[Path]
+    page: Path | None = None  # the results page written for the docs (``page=``)
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
@@ -294,8 +295,10 @@ def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[lis
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
-def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None) -> ReportFiles:
-    """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report."""
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None,
+                 page: str | Path | None = None) -> ReportFiles:
+    """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report; ``page``: also
+    a Markdown results page of every table (no figures) headed by the run's provenance (command, commit, date)."""
     from metaunlearn.attacks.prompts import read_prompt_rows
     from metaunlearn.attacks.sweep import aggregate, read_rows, worst_case
     from metaunlearn.experiment.curve_tables import auc_table, prompt_attack_table
@@ -341,12 +344,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
                               primary, sets, config.budget_steps, assets)
         return _write(staged, out, config, rows, run_dir, primary, sets, metrics, summary, worst, figs, main,
                       worst_table, table_data, reductions, related, quality, aucs, worst_runs_table, worst_runs_data,
-                      prompt_rows, prompts, durability, yardstick)
+                      prompt_rows, prompts, durability, yardstick, page)
 
 
 def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: Path, primary: str, sets, metrics,
            summary, worst, figs, main, worst_table, table_data, reductions, related, quality, aucs, worst_runs_table,
-           worst_runs_data, prompt_rows, prompts, durability=None, yardstick=None) -> ReportFiles:
+           worst_runs_data, prompt_rows, prompts, durability=None, yardstick=None, page=None) -> ReportFiles:
     """Stage every report file in ``staged`` (figures are already in its temporary assets folder)."""
     from metaunlearn.attacks.curves import run_curves
     from metaunlearn.attacks.sweep import KEY_FIELDS
@@ -355,8 +358,9 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
 
     n_runs = len({(r["model"], r["attack_set"], r["mode"], r["lr"], r["seed"]) for r in rows})
     seeds = sorted({r["seed"] for r in rows})
-    subtitle = (f"{len({r['model'] for r in rows})} models · attack sets {', '.join(sets)} · "
-                f"{n_runs} attack runs · seeds {', '.join(map(str, seeds))} · source {run_dir.resolve()}")
+    counts = (f"{len({r['model'] for r in rows})} models · attack sets {', '.join(sets)} · "
+              f"{n_runs} attack runs · seeds {', '.join(map(str, seeds))}")
+    subtitle = f"{counts} · source {run_dir.resolve()}"
 
     def sections(grid_cells, final: bool) -> list[Section]:
         # HTML embeds the staged figures; Markdown links them where they will be after the commit
@@ -396,7 +400,16 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
     columns = list(KEY_FIELDS) + settings + metrics
     summary_columns = ["metric", "model", "method", "variant", "attack_set", "mode", "lr", "step",
                        "mean", "std", "min", "max", "n"]
+    page_file = None
+    if page is not None:
+        from metaunlearn.experiment import provenance
+
+        tables_only = [Section(x.title, x.text, x.tables) for x in sections(grids, True) if x.tables]
+        made = provenance.describe(provenance.read(run_dir))
+        page_file = staged.write_text(Path(page), render_markdown(config.title, f"{made} {counts}.", tables_only,
+                                                                  Path(page).parent))
     return ReportFiles(
+        page=page_file,
         results_json=staged.write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n"),
         results_csv=staged.write_text(out / "results.csv", _csv_text(rows, columns)),
         summary_csv=staged.write_text(out / "summary.csv", _csv_text(summary, summary_columns)),

@@ -145,7 +145,7 @@ class Experiment:
 
     # ---- stages ----------------------------------------------------------------------------------------------
     def run_all(self, *, progress: bool = True, jobs: int = 1, ray: str | None = None,
-                resources: StageResources | None = None) -> Path | None:
+                resources: StageResources | None = None, command: str | None = None) -> Path | None:
         """Every stage, skipping finished ones; the report comes last.
 
         Data and attack sets are made here; the unlearn and attack stages of every seed (:meth:`tasks`) go to the
@@ -160,8 +160,11 @@ class Experiment:
         from metaunlearn.experiment.report import build_report
         from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
 
+        from metaunlearn.experiment import provenance
+
         preflight.check_settings(self)
         self.run.write_config(self.config)
+        provenance.record(self.run.path, command)
         began = time.time()
         base_backbone = None
 
@@ -316,7 +319,7 @@ class Experiment:
 def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,
                    progress: bool = True, console: Console | None = None, jobs: int = 1, ray: str | None = None,
                    resources: StageResources | None = None, overwrite: bool = False,
-                   device_memory: float | None = None) -> Path | None:
+                   device_memory: float | None = None, command: str | None = None) -> Path | None:
     """``metaunlearn run CONFIG``: every stage the config names, skipping finished ones.
 
     The run folder is ``run_dir``, else the config's ``run_dir`` (relative to the config file), else
@@ -337,4 +340,4 @@ def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_r
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("run schedules whole stages itself: start it as one process (--jobs N or --ray for stages at "
                         "once); torchrun / accelerate launch are for one unlearn or attack stage")
-    return experiment.run_all(progress=progress, jobs=jobs, ray=ray, resources=resources)
+    return experiment.run_all(progress=progress, jobs=jobs, ray=ray, resources=resources, command=command)
