@@ -102,10 +102,14 @@ EVAL = {"detector": {"kind": "toy"}, "samples_per_prompt": 2, "sampler": {"steps
                         {"name": "related", "role": "related", "concept": "red_circle", "prompts": ["a red circle"]}]}
 
 
-def test_api_attacks_a_reference_alike_and_a_model_against_itself_has_zero_excess(tiny_sd_copy, tmp_path):
+@pytest.mark.parametrize("world", ["tiny-sd", "toy"])
+def test_api_attacks_a_reference_alike_and_a_model_against_itself_has_zero_excess(world, tiny_sd_copy, tmp_path):
     import metaunlearn
     from metaunlearn.experiment.report import ReportConfig, build_report
 
+    if world == "toy":  # the shipped toy model: it draws the concept, so the curves are not trivially zero
+        tiny_sd_copy = tmp_path / "toy"
+        shutil.copytree(metaunlearn.toy_model(), tiny_sd_copy)
     data = metaunlearn.generate(tiny_sd_copy, ["a red triangle"], tmp_path / "data", images_per_prompt=4,
                                 sampler={"steps": 2, "batch_size": 4}, progress=False)
     suite = {"sets": {"s": {"data": str(data)}}, "snapshot_steps": [0, 1, 2], "batch_size": 2,
@@ -121,6 +125,8 @@ def test_api_attacks_a_reference_alike_and_a_model_against_itself_has_zero_exces
         [{k: v for k, v in r.items() if k not in strip} for r in result.rows]  # the identical sweep
     records = metaunlearn.against_reference(tmp_path / "run", budget=1)
     assert len(records) == 2 and all(r["excess_budget"] == 0 and r["excess_all"] == 0 for r in records)
+    if world == "toy":
+        assert any(r["forget_rate"] > 0 for r in result.rows)
     assert all(r["seeds"] == [0, 1] for r in records)
     files = build_report(tmp_path / "run", config=ReportConfig(budget_steps=1))
     text = files.markdown.read_text()
