@@ -209,6 +209,7 @@ def test_the_equal_damage_control_is_built_as_plain_and_attacked_in_its_own_role
         <= variants
     report = (run / "report.md").read_text()
     assert "meta vs control" in report and "meta vs plain" in report
+    assert "The equal-damage control: benign quality before any attack" in report
     assert {r["model"] for r in saved["against_reference"]} == {"uce-plain", "uce-control", "uce-meta"}
 
 

@@ -304,7 +304,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     from metaunlearn.experiment.curve_tables import auc_table, prompt_attack_table
     from metaunlearn.experiment.curve_tables import worst_table as worst_runs_table_of
     from metaunlearn.experiment.figures import report_figures
-    from metaunlearn.experiment.reference_tables import reference_tables
+    from metaunlearn.experiment.yardsticks import yardstick_tables
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -333,7 +333,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     prompt_rows = read_prompt_rows(run_dir)
     prompts = prompt_attack_table(prompt_rows, rows, config.metric, models)
     durability = signals_table(run_dir, rows, config.metric, primary, config.budget_steps)
-    yardstick = reference_tables(rows, config, models)
+    yardstick = yardstick_tables(rows, config, models)
 
     # Every output is staged beside its final path and renamed into place together at the end: a failure (a full
     # disk, a bad path) leaves the previous report whole, and report_assets/ never keeps figures of another run.
@@ -376,7 +376,7 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
         if curve_tables:
             s.append(Section("Relearning curves and the worst case over the sweep", tables=curve_tables))
         if yardstick and yardstick["tables"]:
-            s.append(Section("Against a model that never saw the concept, and the attacker's payoff",
+            s.append(Section("Yardsticks: a model that never saw the concept, the attacker's payoff, equal damage",
                              tables=yardstick["tables"]))
         if related or destruct:
             s.append(Section("Related concepts under attack (self-destruct)", figures=destruct,

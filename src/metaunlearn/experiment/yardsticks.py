@@ -1,4 +1,4 @@
-"""Report tables against a model that never saw the concept, and the attacker's payoff for every model."""
+"""The report's yardsticks: a model that never saw the concept, the attacker's payoff, the equal-damage control."""
 
 from __future__ import annotations
 
@@ -107,9 +107,39 @@ def payoff_table(rows: Sequence[Mapping], cfg: PayoffConfig,
     return table, summary
 
 
-def reference_tables(rows: Sequence[Mapping], config, models: Sequence[tuple[str, str, str]]) -> dict:
+def control_table(rows: Sequence[Mapping], config, models: Sequence[tuple[str, str, str]]) -> Table | None:
+    """Per method with a control: benign quality before any attack of plain, control and meta (the damage matched)."""
+    from metaunlearn.attacks.sweep import aggregate
+
+    methods = sorted({m[1] for m in models if m[2] == "control"})
+    if not methods:
+        return None
+    metrics = [m for m in (config.payoff.related_metric, "irrelevant_acc", config.payoff.fd_metric)
+               if any(isinstance(r.get(m), (int, float)) for r in rows)]
+    before = {(a["model"], metric): a["mean"] for metric in metrics
+              for a in aggregate([r for r in rows if r["step"] == 0], metric, by=("model",))}
+    out = []
+    for method in methods:
+        for model, _, variant in [m for m in models if m[1] == method and m[2] in ("plain", "control", "meta")]:
+            cells = [before.get((model, m)) for m in metrics]
+            out.append([method, variant, model, *[_quality(m, v) for m, v in zip(metrics, cells)]])
+    return Table(title="The equal-damage control: benign quality before any attack",
+                 columns=["method", "variant", "model", *metrics], rows=out, label_columns=3,
+                 note="The control is the plain method pushed harder until its benign quality before any attack "
+                      "matches the meta model's; meta counts as a defence only where it beats the control. Mean over "
+                      "every attack run's step 0.")
+
+
+def _quality(metric: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if metric == "fid" else f"{100 * value:.1f}"
+
+
+def yardstick_tables(rows: Sequence[Mapping], config, models: Sequence[tuple[str, str, str]]) -> dict:
     """The report's tables of this module (``tables``) and their data (``against_reference``, ``payoff``)."""
     excess, worst, records = reference_table(rows, config.metric, config.budget_steps, models)
     payoff, summary = payoff_table(rows, config.payoff, models)
-    return {"tables": [t for t in (excess, worst, payoff) if t is not None], "against_reference": records,
+    control = control_table(rows, config, models)
+    return {"tables": [t for t in (excess, worst, payoff, control) if t is not None], "against_reference": records,
             "payoff": summary}
