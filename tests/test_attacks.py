@@ -262,3 +262,53 @@ def test_step_zero_is_evaluated_once_per_model_and_evaluation_setting(tmp_path, 
     suite = suite.model_copy(update={"snapshot_samples": {1: 3}})
     with pytest.raises(UserError, match="snapshot_samples"):
         sweep("R4")
+
+
+def _nan_prone_evaluator(tmp_path):
+    """A toy detector that calls every finite sample 'red_circle' (its head's bias) and, like any arg-max over NaN,
+    a NaN sample its first class, 'red_triangle': the forget concept here."""
+    from metaunlearn.metrics.config import EvalConfig
+    from metaunlearn.metrics.evaluate import Evaluator
+    from metaunlearn.toyworld.detector import ConceptDetector as ToyCNN
+    from metaunlearn.toyworld.detector import DetectorArch
+    from metaunlearn.toyworld.taxonomy import CLASS_NAMES
+
+    torch.manual_seed(0)
+    cnn = ToyCNN(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2))
+    with torch.no_grad():
+        cnn.head.weight.zero_()
+        cnn.head.bias.fill_(-5.0)
+        cnn.head.bias[CLASS_NAMES.index("red_circle")] = 5.0
+    cnn.save(tmp_path / "detector.safetensors")
+    assert CLASS_NAMES[0] == "red_triangle"
+    config = EvalConfig.model_validate({
+        "detector": {"kind": "toy", "path": "detector.safetensors"}, "samples_per_prompt": 1,
+        "sampler": {"steps": 2},
+        "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": PROMPTS[:2]},
+                        {"name": "r", "role": "related", "concept": "red_circle", "prompts": PROMPTS[2:]}]})
+    return Evaluator(config, base_dir=tmp_path)
+
+
+def test_a_diverged_attack_is_marked_and_never_counted_as_relearning(tmp_path):
+    """SGD at lr 1e3 blows the tiny UNet up at step 4 (finite losses until then): the rows of steps 4 and 8 are
+    marked diverged and carry no metric, so the run is neither the concept relearned nor the worst case."""
+    backbone = _backbone("sd")
+    data = _cached(backbone)
+    suite = AttackSuiteConfig(sets={"hrm-m": {"data": "unused"}}, modes=["full", "sgd"], lrs=[1e-3],
+                              kinds={"sgd": {"mode": "full", "optimizer": "sgd", "lrs": [1e3]}},
+                              snapshot_steps=[0, 2, 4, 8], batch_size=2)
+    rows = run_sweep(backbone, {"hrm-m": data}, suite, tmp_path, ModelInfo("esd", "esd", "plain"),
+                     _nan_prone_evaluator(tmp_path), progress=False)
+    sgd = {r["step"]: r for r in rows if r["mode"] == "sgd"}
+    full = {r["step"]: r for r in rows if r["mode"] == "full"}
+    assert {r["diverged_step"] for r in sgd.values()} == {4}
+    assert [sgd[k]["diverged"] for k in (0, 2, 4, 8)] == [False, False, True, True]
+    assert sgd[2]["forget_rate"] == 0.0 and sgd[2]["related_acc"] == 1.0
+    for k in (4, 8):
+        assert not any(m in sgd[k] for m in ("forget_rate", "asr", "none_rate", "attack_loss", "related_acc"))
+    assert all(not r["diverged"] and r["diverged_step"] is None for r in full.values())
+    assert [full[k]["forget_rate"] for k in (0, 2, 4, 8)] == [0.0] * 4
+    worst = {w["step"]: w for w in worst_case(rows)}
+    assert worst[8]["worst"] == 0.0 and worst[8]["at"]["mode"] == "full"
+    assert {a["mode"] for a in aggregate(rows) if a["step"] == 8} == {"full"}
+    assert {a["mode"] for a in aggregate(rows) if a["step"] == 2} == {"full", "sgd"}

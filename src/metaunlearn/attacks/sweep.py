@@ -7,9 +7,13 @@ Run-dir layout written here (and read by :mod:`metaunlearn.experiment.report`)::
       grids/<model>/<attack_set>/<mode>_lr<lr>_s<seed>/step<k>.png sample grid of the eval grid set at step k
 
 A row is ``{model, method, variant, attack_set, mode, lr, seed, step, grid, model_path, model_fingerprint,
-<metric>: value, …}`` where ``grid``
+diverged, diverged_step, <metric>: value, …}`` where ``grid``
 is the grid PNG's path relative to RUN_DIR (or null) and the metrics are those of
-:mod:`metaunlearn.metrics.evaluate` plus ``attack_loss``. A run's file is written atomically when the run
+:mod:`metaunlearn.metrics.evaluate` plus ``attack_loss``. A run diverges at the first step whose training loss,
+weights or probe loss are non-finite (:func:`~metaunlearn.attacks.finetune.run_attack`) or whose evaluation drew a
+non-finite sample (``nonfinite_rate`` > 0); every row of the run names that step (``diverged_step``, else null),
+and the rows at or after it have ``diverged: true`` and no metric, so they never count as relearning and drop out
+of means, standard deviations and worst cases. A run's file is written atomically when the run
 finishes, so an existing file means a complete run: a repeated sweep skips it (resume).
 
 Aggregation over seeds gives mean, sample standard deviation (ddof=1; 0 for one seed), min, max and count per
@@ -229,8 +233,10 @@ def run_sweep(
             if not main:
                 continue
             run_rows = []
+            diverged = diverged_step(result)
             for snap in result.snapshots:
                 grid = grid_file(run_dir, model.name, set_name, spec, snap.step)
+                lost = diverged is not None and snap.step >= diverged
                 run_rows.append({
                     "model": model.name,
                     "method": model.method,
@@ -244,11 +250,22 @@ def run_sweep(
                     "grid": str(grid.relative_to(run_dir)) if grid.is_file() else None,
                     "model_path": model.path,
                     "model_fingerprint": model.fingerprint,
-                    **snap.metrics,
+                    "diverged": lost,
+                    "diverged_step": diverged,
+                    **({} if lost else snap.metrics),
                 })
             write_jsonl(run_rows, path)
             rows.extend(run_rows)
     return rows
+
+
+def diverged_step(result) -> int | None:
+    """The step a run diverged at: its training's, or the first snapshot with a non-finite sample if earlier."""
+    step = result.diverged_step
+    for snap in result.snapshots:
+        if (step is None or snap.step < step) and snap.metrics.get("nonfinite_rate", 0.0) > 0:
+            return snap.step
+    return step
 
 
 # ---- aggregation ------------------------------------------------------------------------------------------------
