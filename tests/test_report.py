@@ -105,6 +105,42 @@ def test_one_seed_shows_no_std_and_old_variant_names_read_as_plain(tmp_path):
     assert all(cell is None or cell["std"] is None for row in results["table"]["mean"] for cell in row["cells"])
 
 
+def _sgd_run(run_dir, model, seed, rates, diverged_step=None):
+    """An SGD attack run on hrm-m; from ``diverged_step`` on its rows are diverged and carry no metric."""
+    rows = []
+    for step, rate in zip((0, 50, 100), rates):
+        lost = diverged_step is not None and step >= diverged_step
+        rows.append({"model": model, "method": "esd", "variant": "meta" if model.endswith("meta") else "plain",
+                     "attack_set": "hrm-m", "mode": "sgd", "lr": 1e3, "seed": seed, "step": step, "grid": None,
+                     "diverged": lost, "diverged_step": diverged_step,
+                     **({} if lost else {"forget_rate": rate, "related_acc": 1.0, "attack_loss": 0.1})})
+    write_jsonl(rows, run_dir / "attacks" / model / "hrm-m" / f"sgd_lr1000.0_s{seed}.jsonl")
+
+
+def test_diverged_runs_are_named_marked_and_left_out_of_every_number(tmp_path):
+    _synthetic_run(tmp_path)
+    _sgd_run(tmp_path, "esd", 0, [0.1, None, None], diverged_step=50)
+    _sgd_run(tmp_path, "esd", 1, [0.1, None, None], diverged_step=50)
+    _sgd_run(tmp_path, "esd-meta", 0, [0.1, 0.3, None], diverged_step=100)
+    _sgd_run(tmp_path, "esd-meta", 1, [0.1, 0.2, 0.7])
+    files = build_report(tmp_path)
+    md = files.markdown.read_text()
+    assert ("3 attack runs diverged (a non-finite loss, weights or samples) and have no numbers from that step "
+            "on, left out of every mean, std and worst case: esd hrm-m sgd lr 1e3 seed 0 at step 50; "
+            "esd hrm-m sgd lr 1e3 seed 1 at step 50; esd-meta hrm-m sgd lr 1e3 seed 0 at step 100.") in md
+    assert "| esd | plain | sgd lr 1e3 | 10.0 ± 0.0 | diverged | diverged | — |" in md
+    assert "| esd | meta | sgd lr 1e3 | 10.0 ± 0.0 | 25.0 ± 7.1 | 70.0 (1 diverged) | — |" in md
+    # the worst cases are those of the finite runs alone (esd-meta's 0.7 at 100 is its worst; plain keeps 0.9)
+    assert "| esd | plain | 10.0 | 60.0 | 90.0 | 20.0 | full lr 1e-5 seed 1 |" in md
+    assert "| esd | meta | 10.0 | 30.0 | 70.0 | 10.0 | sgd lr 1e3 seed 1 |" in md
+    assert "(diverged runs left out)" in md
+    results = json.loads(files.results_json.read_text())
+    at_100 = [a for a in results["summary"] if a["metric"] == "forget_rate" and a["mode"] == "sgd"
+              and a["step"] == 100]
+    assert [(a["model"], a["n"], a["mean"]) for a in at_100] == [("esd-meta", 1, 0.7)]
+    assert "diverged_step" not in {a["metric"] for a in results["summary"]}
+
+
 def test_learning_rates_read_as_people_write_them():
     assert [format_lr(x) for x in (1e-4, 3e-4, 2.5e-5, 1e-3, 0.1, 5e-6, 0.0)] == [
         "1e-4", "3e-4", "2.5e-5", "1e-3", "1e-1", "5e-6", "0"]
