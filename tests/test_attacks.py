@@ -312,3 +312,33 @@ def test_a_diverged_attack_is_marked_and_never_counted_as_relearning(tmp_path):
     assert worst[8]["worst"] == 0.0 and worst[8]["at"]["mode"] == "full"
     assert {a["mode"] for a in aggregate(rows) if a["step"] == 8} == {"full"}
     assert {a["mode"] for a in aggregate(rows) if a["step"] == 2} == {"full", "sgd"}
+
+
+def test_evaluation_setting_follows_what_is_measured_not_where_files_lie(tmp_path):
+    import shutil
+
+    from metaunlearn.attacks.step_zero import evaluation_setting
+    from metaunlearn.metrics.evaluate import Evaluator
+
+    base = _nan_prone_evaluator(tmp_path)
+    key = evaluation_setting(base)
+    assert evaluation_setting(None) is None and len(key) == 16
+    other = tmp_path / "elsewhere" / "det"
+    other.mkdir(parents=True)
+    for name in ("detector.safetensors", "detector.json"):
+        shutil.copy(tmp_path / name, other / name)
+    moved = base.config.model_copy(update={"detector": base.config.detector.model_copy(
+        update={"path": "det/detector.safetensors"})})
+    assert evaluation_setting(Evaluator(moved, base_dir=tmp_path / "elsewhere")) == key
+    gridded = base.config.model_copy(update={"grid_set": "r", "grid_pixelate": True})
+    assert evaluation_setting(Evaluator(gridded, base_dir=tmp_path)) == key
+    assert evaluation_setting(base.with_forget_prompts(["a nude person"])) != key
+    sampled = base.config.model_copy(update={"sampler": base.config.sampler.model_copy(update={"steps": 3})})
+    assert evaluation_setting(Evaluator(sampled, base_dir=tmp_path)) != key
+    from metaunlearn.toyworld.detector import ConceptDetector as ToyCNN
+    from metaunlearn.toyworld.detector import DetectorArch
+    from metaunlearn.toyworld.taxonomy import CLASS_NAMES
+
+    torch.manual_seed(1)  # other detector weights under the same name
+    ToyCNN(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2)).save(other / "detector.safetensors")
+    assert evaluation_setting(Evaluator(moved, base_dir=tmp_path / "elsewhere")) != key

@@ -254,6 +254,64 @@ def test_attack_and_report_commands_end_to_end(tmp_path, capsys):
     assert "unknown key 'attack.lrz'" in capsys.readouterr().err
 
 
+def test_report_refuses_results_evaluated_under_different_settings(tmp_path, capsys):
+    """Plain and meta attacked into one run folder, meta judged on other forget prompts: the report refuses with
+    one line naming both settings and writes nothing, so no meta-vs-plain number mixes them; judged alike (the
+    same evaluation from another folder, its detector a copy), the comparison is made."""
+    import shutil
+
+    from metaunlearn.backbones.loading import load_backbone
+    from metaunlearn.data.cache import CachedSet
+    from metaunlearn.testing.tiny_pipelines import save_tiny_pipeline
+    from metaunlearn.toyworld.detector import ConceptDetector, DetectorArch
+    from metaunlearn.toyworld.taxonomy import CLASS_NAMES
+
+    model_dir = save_tiny_pipeline("sd", tmp_path / "model")
+    backbone = load_backbone(model_dir)
+    prompts = ["a photo of a nude person", "naked body"]
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    CachedSet(backbone.encode_images(images), backbone.encode_prompts(prompts), prompts).save(tmp_path / "hrm.safetensors")
+    torch.manual_seed(0)
+    ConceptDetector(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2)).save(tmp_path / "det.safetensors")
+
+    def attack(run: str, variant: str, forget: str, folder=tmp_path) -> None:
+        folder.mkdir(exist_ok=True)
+        if folder != tmp_path:
+            for name in ("det.safetensors", "det.json"):
+                shutil.copy(tmp_path / name, folder / name)
+        config = {
+            "attack": {"sets": {"hrm-m": {"data": str(tmp_path / "hrm.safetensors")}}, "modes": ["full"],
+                       "lrs": [1e-3], "seeds": [0], "snapshot_steps": [0, 1], "batch_size": 2},
+            "eval": {"detector": {"kind": "toy", "path": "det.safetensors"},
+                     "prompt_sets": [{"name": "forget", "role": "forget", "concept": "red_triangle",
+                                      "prompts": [forget]}],
+                     "samples_per_prompt": 1, "sampler": {"steps": 2}},
+        }
+        (folder / f"{variant}.yaml").write_text(yaml.safe_dump(config))
+        code = _cli(["attack", str(model_dir), str(folder / f"{variant}.yaml"), "--run-dir", str(tmp_path / run),
+                     "--quiet", "--device", "cpu", "--method", "esd", "--variant", variant])
+        assert code == 0, capsys.readouterr().err
+
+    attack("mixed", "plain", "a photo of a nude person")
+    attack("mixed", "meta", "naked body")
+    keys = {json.loads(line)["eval_setting"] for f in (tmp_path / "mixed" / "attacks").rglob("*.jsonl")
+            for line in f.read_text().splitlines()}
+    assert len(keys) == 2 and all(isinstance(k, str) and len(k) == 16 for k in keys)
+    capsys.readouterr()
+    assert _cli(["report", str(tmp_path / "mixed")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evaluated under 2 different evaluation settings" in err
+    assert all(k in err for k in keys) and "esd-plain on hrm-m" in err and "esd-meta on hrm-m" in err
+    assert not (tmp_path / "mixed" / "results.json").exists() and not (tmp_path / "mixed" / "report.md").exists()
+    with pytest.raises(UserError, match="cannot be compared in one report"):
+        build_report(tmp_path / "mixed")
+
+    attack("alike", "plain", "a photo of a nude person")
+    attack("alike", "meta", "a photo of a nude person", folder=tmp_path / "elsewhere")
+    assert _cli(["report", str(tmp_path / "alike")]) == 0
+    assert "meta vs plain: relative reduction" in (tmp_path / "alike" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("name", ["sd14_nudity.yaml", "sdxl_nudity.yaml"])
 def test_shipped_nudity_configs_validate(name):
     from pathlib import Path

@@ -22,6 +22,9 @@ columns "before FT" (step 0), the primary attack set (HRM-m) at every snapshot s
 % as mean ± std over seeds where more than one seed ran, the value alone otherwise (likewise ``std`` is empty in
 ``summary.csv`` and null in ``results.json`` for one seed). A second table gives the worst case: the maximum over
 every mode × lr × seed. Result rows written by earlier versions with the variant ``unlearn`` read as ``plain``.
+Results evaluated under different evaluation settings (``eval_setting`` in their rows: the detector, prompts,
+sampler, samples; :func:`metaunlearn.attacks.step_zero.evaluation_setting`) are refused with one line naming them:
+no table compares them, meta vs plain included (rows of earlier versions carry no setting and are not checked).
 A diverged attack run (``diverged_step`` in its rows, :mod:`metaunlearn.attacks.sweep`) has no numbers from that
 step on: it is left out of every mean, std and worst case, its cells say ``diverged``, and a line names it.
 """
@@ -52,7 +55,7 @@ METRIC_LABELS = {
     "irrelevant_acc": "irrelevant-concept accuracy (%)",
 }
 ASSETS = "report_assets"
-SETTING_FIELDS = ("lr_multiple", "grid", "diverged", "diverged_step")
+SETTING_FIELDS = ("lr_multiple", "grid", "eval_setting", "diverged", "diverged_step")
 """Row fields that describe the run rather than measure it (never aggregated as metrics)."""
 
 
@@ -123,6 +126,21 @@ def _model_rows(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
     """``(model, method, variant)`` in table order: base first, then by method, then plain before meta."""
     models = {(r["model"], r["method"], r["variant"]) for r in rows}
     return sorted(models, key=lambda m: (m[2] != "base", m[1], VARIANT_ORDER.get(m[2], 9), m[0]))
+
+
+def check_one_setting(rows: Sequence[Mapping], run_dir: Path) -> None:
+    """A one-line :class:`UserError` when the rows were evaluated under more than one evaluation setting."""
+    groups: dict[str, set[str]] = {}
+    for r in rows:
+        if isinstance(r.get("eval_setting"), str):
+            groups.setdefault(r["eval_setting"], set()).add(f"{r['model']} on {r['attack_set']}")
+    if len(groups) < 2:
+        return
+    named = "; ".join(f"{key}: {', '.join(sorted(models)[:4])}{', …' if len(models) > 4 else ''}"
+                      for key, models in sorted(groups.items()))
+    raise UserError(f"{run_dir}: the attack results were evaluated under {len(groups)} different evaluation settings "
+                    f"(detector, prompts, sampler or samples) and cannot be compared in one report ({named}); attack "
+                    "them again under one 'eval' section, or report each setting from its own run folder")
 
 
 def diverged_runs(rows: Sequence[Mapping]) -> list[str]:
@@ -329,6 +347,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     config = config or ReportConfig()
     out = Path(out_dir) if out_dir else run_dir
     rows = [{**r, "variant": canonical_variant(r["variant"])} for r in read_rows(run_dir)]
+    check_one_setting(rows, run_dir)
     if not any(isinstance(r.get(config.metric), (int, float)) for r in rows):
         raise UserError(f"no result row of {run_dir} has the metric {config.metric!r}")
     primary, sets = attack_sets_in_order(rows, config)
