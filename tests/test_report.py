@@ -133,7 +133,7 @@ def test_diverged_runs_are_named_marked_and_left_out_of_every_number(tmp_path):
     # the worst cases are those of the finite runs alone (esd-meta's 0.7 at 100 is its worst; plain keeps 0.9)
     assert "| esd | plain | 10.0 | 60.0 | 90.0 | 20.0 | full lr 1e-5 seed 1 |" in md
     assert "| esd | meta | 10.0 | 30.0 | 70.0 | 10.0 | sgd lr 1e3 seed 1 |" in md
-    assert "(diverged runs left out)" in md
+    assert "(diverged runs left out)" in md and "The diverged runs named above have no curve" in md
     results = json.loads(files.results_json.read_text())
     at_100 = [a for a in results["summary"] if a["metric"] == "forget_rate" and a["mode"] == "sgd"
               and a["step"] == 100]

@@ -408,7 +408,8 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
                          tables=[main, worst_table] + ([reduction] if reduction else [])))
         curve_tables = [t for t in (worst_runs_table, prompts, aucs) if t is not None]
         if curve_tables:
-            s.append(Section("Relearning curves and the worst case over the sweep", tables=curve_tables))
+            gone = "The diverged runs named above have no curve and are left out here." if diverged_runs(rows) else ""
+            s.append(Section("Relearning curves and the worst case over the sweep", text=gone, tables=curve_tables))
         if related or destruct:
             s.append(Section("Related concepts under attack (self-destruct)", figures=destruct,
                              tables=[related] if related else []))
