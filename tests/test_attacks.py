@@ -297,8 +297,10 @@ def test_a_diverged_attack_is_marked_and_never_counted_as_relearning(tmp_path):
     suite = AttackSuiteConfig(sets={"hrm-m": {"data": "unused"}}, modes=["full", "sgd"], lrs=[1e-3],
                               kinds={"sgd": {"mode": "full", "optimizer": "sgd", "lrs": [1e3]}},
                               snapshot_steps=[0, 2, 4, 8], batch_size=2)
+    before = _state(backbone)
     rows = run_sweep(backbone, {"hrm-m": data}, suite, tmp_path, ModelInfo("esd", "esd", "plain"),
                      _nan_prone_evaluator(tmp_path), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.unet.state_dict().items())  # restored after it
     sgd = {r["step"]: r for r in rows if r["mode"] == "sgd"}
     full = {r["step"]: r for r in rows if r["mode"] == "full"}
     assert {r["diverged_step"] for r in sgd.values()} == {4}
@@ -312,6 +314,11 @@ def test_a_diverged_attack_is_marked_and_never_counted_as_relearning(tmp_path):
     assert worst[8]["worst"] == 0.0 and worst[8]["at"]["mode"] == "full"
     assert {a["mode"] for a in aggregate(rows) if a["step"] == 8} == {"full"}
     assert {a["mode"] for a in aggregate(rows) if a["step"] == 2} == {"full", "sgd"}
+    spec = next(spec for spec in suite.specs("hrm-m") if spec.kind == "sgd")
+    result = run_attack(backbone, data, spec, progress=False)  # training stops at the divergence
+    assert result.diverged_step == 4 and len(result.losses) == 4 and all(math.isfinite(v) for v in result.losses)
+    assert [s.step for s in result.snapshots] == [0, 2, 4, 8] and result.snapshots[2].metrics == {}
+    assert math.isnan(result.metric("attack_loss")[3]) and math.isfinite(result.metric("attack_loss")[1])
 
 
 def test_evaluation_setting_follows_what_is_measured_not_where_files_lie(tmp_path):
