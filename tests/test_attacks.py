@@ -349,3 +349,15 @@ def test_evaluation_setting_follows_what_is_measured_not_where_files_lie(tmp_pat
     torch.manual_seed(1)  # other detector weights under the same name
     ToyCNN(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2)).save(other / "detector.safetensors")
     assert evaluation_setting(Evaluator(moved, base_dir=tmp_path / "elsewhere")) != key
+
+
+def test_a_snapshot_with_non_finite_samples_marks_the_run_diverged():
+    """Finite weights and losses, yet a snapshot drew NaN samples (an overflow in sampling): diverged from there."""
+    from metaunlearn.attacks.finetune import AttackResult, Snapshot
+    from metaunlearn.attacks.sweep import diverged_step
+
+    spec = AttackSpec(snapshot_steps=[0, 2, 4])
+    snaps = [Snapshot(0, {"nonfinite_rate": 0.0}), Snapshot(2, {"nonfinite_rate": 0.25}), Snapshot(4, {})]
+    assert diverged_step(AttackResult(spec, snapshots=snaps, diverged_step=4)) == 2
+    assert diverged_step(AttackResult(spec, snapshots=snaps[:1] + [Snapshot(2, {"nonfinite_rate": 0.0})])) is None
+    assert diverged_step(AttackResult(spec, snapshots=[Snapshot(0, {"attack_loss": 1.0})], diverged_step=0)) == 0
