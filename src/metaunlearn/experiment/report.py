@@ -156,8 +156,9 @@ def diverged_text(rows: Sequence[Mapping]) -> str:
     runs = diverged_runs(rows)
     if not runs:
         return ""
-    return (f"{len(runs)} attack run{'s' if len(runs) > 1 else ''} diverged (a non-finite loss, weights or samples) "
-            "and have no numbers from that step on, left out of every mean, std and worst case: "
+    many = len(runs) > 1
+    return (f"{len(runs)} attack run{'s' if many else ''} diverged (a non-finite loss, weights or samples) and "
+            f"{'have' if many else 'has'} no numbers from that step on, left out of every mean, std and worst case: "
             + "; ".join(runs) + ".")
 
 
