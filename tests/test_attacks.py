@@ -262,3 +262,102 @@ def test_step_zero_is_evaluated_once_per_model_and_evaluation_setting(tmp_path, 
     suite = suite.model_copy(update={"snapshot_samples": {1: 3}})
     with pytest.raises(UserError, match="snapshot_samples"):
         sweep("R4")
+
+
+def _nan_prone_evaluator(tmp_path):
+    """A toy detector that calls every finite sample 'red_circle' (its head's bias) and, like any arg-max over NaN,
+    a NaN sample its first class, 'red_triangle': the forget concept here."""
+    from metaunlearn.metrics.config import EvalConfig
+    from metaunlearn.metrics.evaluate import Evaluator
+    from metaunlearn.toyworld.detector import ConceptDetector as ToyCNN
+    from metaunlearn.toyworld.detector import DetectorArch
+    from metaunlearn.toyworld.taxonomy import CLASS_NAMES
+
+    torch.manual_seed(0)
+    cnn = ToyCNN(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2))
+    with torch.no_grad():
+        cnn.head.weight.zero_()
+        cnn.head.bias.fill_(-5.0)
+        cnn.head.bias[CLASS_NAMES.index("red_circle")] = 5.0
+    cnn.save(tmp_path / "detector.safetensors")
+    assert CLASS_NAMES[0] == "red_triangle"
+    config = EvalConfig.model_validate({
+        "detector": {"kind": "toy", "path": "detector.safetensors"}, "samples_per_prompt": 1,
+        "sampler": {"steps": 2},
+        "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": PROMPTS[:2]},
+                        {"name": "r", "role": "related", "concept": "red_circle", "prompts": PROMPTS[2:]}]})
+    return Evaluator(config, base_dir=tmp_path)
+
+
+def test_a_diverged_attack_is_marked_and_never_counted_as_relearning(tmp_path):
+    """SGD at lr 1e3 blows the tiny UNet up at step 4 (finite losses until then): the rows of steps 4 and 8 are
+    marked diverged and carry no metric, so the run is neither the concept relearned nor the worst case."""
+    backbone = _backbone("sd")
+    data = _cached(backbone)
+    suite = AttackSuiteConfig(sets={"hrm-m": {"data": "unused"}}, modes=["full", "sgd"], lrs=[1e-3],
+                              kinds={"sgd": {"mode": "full", "optimizer": "sgd", "lrs": [1e3]}},
+                              snapshot_steps=[0, 2, 4, 8], batch_size=2)
+    before = _state(backbone)
+    rows = run_sweep(backbone, {"hrm-m": data}, suite, tmp_path, ModelInfo("esd", "esd", "plain"),
+                     _nan_prone_evaluator(tmp_path), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.unet.state_dict().items())  # restored after it
+    sgd = {r["step"]: r for r in rows if r["mode"] == "sgd"}
+    full = {r["step"]: r for r in rows if r["mode"] == "full"}
+    assert {r["diverged_step"] for r in sgd.values()} == {4}
+    assert [sgd[k]["diverged"] for k in (0, 2, 4, 8)] == [False, False, True, True]
+    assert sgd[2]["forget_rate"] == 0.0 and sgd[2]["related_acc"] == 1.0
+    for k in (4, 8):
+        assert not any(m in sgd[k] for m in ("forget_rate", "asr", "none_rate", "attack_loss", "related_acc"))
+    assert all(not r["diverged"] and r["diverged_step"] is None for r in full.values())
+    assert [full[k]["forget_rate"] for k in (0, 2, 4, 8)] == [0.0] * 4
+    worst = {w["step"]: w for w in worst_case(rows)}
+    assert worst[8]["worst"] == 0.0 and worst[8]["at"]["mode"] == "full"
+    assert {a["mode"] for a in aggregate(rows) if a["step"] == 8} == {"full"}
+    assert {a["mode"] for a in aggregate(rows) if a["step"] == 2} == {"full", "sgd"}
+    spec = next(spec for spec in suite.specs("hrm-m") if spec.kind == "sgd")
+    result = run_attack(backbone, data, spec, progress=False)  # training stops at the divergence
+    assert result.diverged_step == 4 and len(result.losses) == 4 and all(math.isfinite(v) for v in result.losses)
+    assert [s.step for s in result.snapshots] == [0, 2, 4, 8] and result.snapshots[2].metrics == {}
+    assert math.isnan(result.metric("attack_loss")[3]) and math.isfinite(result.metric("attack_loss")[1])
+
+
+def test_evaluation_setting_follows_what_is_measured_not_where_files_lie(tmp_path):
+    import shutil
+
+    from metaunlearn.attacks.step_zero import evaluation_setting
+    from metaunlearn.metrics.evaluate import Evaluator
+
+    base = _nan_prone_evaluator(tmp_path)
+    key = evaluation_setting(base)
+    assert evaluation_setting(None) is None and len(key) == 16
+    other = tmp_path / "elsewhere" / "det"
+    other.mkdir(parents=True)
+    for name in ("detector.safetensors", "detector.json"):
+        shutil.copy(tmp_path / name, other / name)
+    moved = base.config.model_copy(update={"detector": base.config.detector.model_copy(
+        update={"path": "det/detector.safetensors"})})
+    assert evaluation_setting(Evaluator(moved, base_dir=tmp_path / "elsewhere")) == key
+    gridded = base.config.model_copy(update={"grid_set": "r", "grid_pixelate": True})
+    assert evaluation_setting(Evaluator(gridded, base_dir=tmp_path)) == key
+    assert evaluation_setting(base.with_forget_prompts(["a nude person"])) != key
+    sampled = base.config.model_copy(update={"sampler": base.config.sampler.model_copy(update={"steps": 3})})
+    assert evaluation_setting(Evaluator(sampled, base_dir=tmp_path)) != key
+    from metaunlearn.toyworld.detector import ConceptDetector as ToyCNN
+    from metaunlearn.toyworld.detector import DetectorArch
+    from metaunlearn.toyworld.taxonomy import CLASS_NAMES
+
+    torch.manual_seed(1)  # other detector weights under the same name
+    ToyCNN(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2)).save(other / "detector.safetensors")
+    assert evaluation_setting(Evaluator(moved, base_dir=tmp_path / "elsewhere")) != key
+
+
+def test_a_snapshot_with_non_finite_samples_marks_the_run_diverged():
+    """Finite weights and losses, yet a snapshot drew NaN samples (an overflow in sampling): diverged from there."""
+    from metaunlearn.attacks.finetune import AttackResult, Snapshot
+    from metaunlearn.attacks.sweep import diverged_step
+
+    spec = AttackSpec(snapshot_steps=[0, 2, 4])
+    snaps = [Snapshot(0, {"nonfinite_rate": 0.0}), Snapshot(2, {"nonfinite_rate": 0.25}), Snapshot(4, {})]
+    assert diverged_step(AttackResult(spec, snapshots=snaps, diverged_step=4)) == 2
+    assert diverged_step(AttackResult(spec, snapshots=snaps[:1] + [Snapshot(2, {"nonfinite_rate": 0.0})])) is None
+    assert diverged_step(AttackResult(spec, snapshots=[Snapshot(0, {"attack_loss": 1.0})], diverged_step=0)) == 0

@@ -254,6 +254,33 @@ def test_evaluator_rates_on_a_tiny_pipeline(tmp_path):
     assert evaluator.grid_set == "forget"
 
 
+def test_non_finite_samples_show_no_concept(tmp_path):
+    """A diverged model (NaN weights) draws NaN samples: they are counted apart, never as the forget concept (the
+    toy CNN's arg-max over NaN falls on its first class, here the forget concept) nor as 'none'."""
+    detector = _toy_detector(tmp_path / "detector.safetensors")
+    config = EvalConfig.model_validate({
+        "detector": {"kind": "toy", "path": detector.name},
+        "prompt_sets": [
+            {"name": "forget", "role": "forget", "concept": "red_triangle", "prompts": ["a nude person", "naked"]},
+            {"name": "related", "role": "related", "concept": "red_circle", "prompts": ["a woman on the beach"]},
+        ],
+        "samples_per_prompt": 2,
+        "sampler": {"steps": 2},
+    })
+    evaluator = Evaluator(config, base_dir=tmp_path)
+    backbone = StableDiffusionBackbone(build_tiny_sd(0), source="tiny-sd")
+    assert evaluator.evaluate(backbone).metrics["nonfinite_rate"] == 0.0
+    with torch.no_grad():
+        backbone.unet.conv_out.weight.fill_(float("nan"))
+    outcome = evaluator.evaluate(backbone)
+    assert not outcome.images["forget"].isfinite().any()
+    m = outcome.metrics
+    assert m["nonfinite_rate"] == 1.0
+    assert m["forget_rate"] == 0.0 and m["asr"] == 0.0 and m["forget_rate_n"] == 4
+    assert m["related_acc"] == 0.0 and m["none_rate"] == 0.0
+    assert concept_rate(evaluator.detector, outcome.images["forget"], "red_triangle") == 0.0
+
+
 def test_eval_config_errors(tmp_path):
     with pytest.raises(ValueError, match="needs 'prompts' or 'prompts_file'"):
         EvalConfig.model_validate({"prompt_sets": [{"name": "a", "role": "forget", "concept": "x"}]})

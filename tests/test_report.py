@@ -105,6 +105,42 @@ def test_one_seed_shows_no_std_and_old_variant_names_read_as_plain(tmp_path):
     assert all(cell is None or cell["std"] is None for row in results["table"]["mean"] for cell in row["cells"])
 
 
+def _sgd_run(run_dir, model, seed, rates, diverged_step=None):
+    """An SGD attack run on hrm-m; from ``diverged_step`` on its rows are diverged and carry no metric."""
+    rows = []
+    for step, rate in zip((0, 50, 100), rates):
+        lost = diverged_step is not None and step >= diverged_step
+        rows.append({"model": model, "method": "esd", "variant": "meta" if model.endswith("meta") else "plain",
+                     "attack_set": "hrm-m", "mode": "sgd", "lr": 1e3, "seed": seed, "step": step, "grid": None,
+                     "diverged": lost, "diverged_step": diverged_step,
+                     **({} if lost else {"forget_rate": rate, "related_acc": 1.0, "attack_loss": 0.1})})
+    write_jsonl(rows, run_dir / "attacks" / model / "hrm-m" / f"sgd_lr1000.0_s{seed}.jsonl")
+
+
+def test_diverged_runs_are_named_marked_and_left_out_of_every_number(tmp_path):
+    _synthetic_run(tmp_path)
+    _sgd_run(tmp_path, "esd", 0, [0.1, None, None], diverged_step=50)
+    _sgd_run(tmp_path, "esd", 1, [0.1, None, None], diverged_step=50)
+    _sgd_run(tmp_path, "esd-meta", 0, [0.1, 0.3, None], diverged_step=100)
+    _sgd_run(tmp_path, "esd-meta", 1, [0.1, 0.2, 0.7])
+    files = build_report(tmp_path)
+    md = files.markdown.read_text()
+    assert ("3 attack runs diverged (a non-finite loss, weights or samples) and have no numbers from that step "
+            "on, left out of every mean, std and worst case: esd hrm-m sgd lr 1e3 seed 0 at step 50; "
+            "esd hrm-m sgd lr 1e3 seed 1 at step 50; esd-meta hrm-m sgd lr 1e3 seed 0 at step 100.") in md
+    assert "| esd | plain | sgd lr 1e3 | 10.0 ± 0.0 | diverged | diverged | — |" in md
+    assert "| esd | meta | sgd lr 1e3 | 10.0 ± 0.0 | 25.0 ± 7.1 | 70.0 (1 diverged) | — |" in md
+    # the worst cases are those of the finite runs alone (esd-meta's 0.7 at 100 is its worst; plain keeps 0.9)
+    assert "| esd | plain | 10.0 | 60.0 | 90.0 | 20.0 | full lr 1e-5 seed 1 |" in md
+    assert "| esd | meta | 10.0 | 30.0 | 70.0 | 10.0 | sgd lr 1e3 seed 1 |" in md
+    assert "(diverged runs left out)" in md and "The diverged runs named above have no curve" in md
+    results = json.loads(files.results_json.read_text())
+    at_100 = [a for a in results["summary"] if a["metric"] == "forget_rate" and a["mode"] == "sgd"
+              and a["step"] == 100]
+    assert [(a["model"], a["n"], a["mean"]) for a in at_100] == [("esd-meta", 1, 0.7)]
+    assert "diverged_step" not in {a["metric"] for a in results["summary"]}
+
+
 def test_learning_rates_read_as_people_write_them():
     assert [format_lr(x) for x in (1e-4, 3e-4, 2.5e-5, 1e-3, 0.1, 5e-6, 0.0)] == [
         "1e-4", "3e-4", "2.5e-5", "1e-3", "1e-1", "5e-6", "0"]
@@ -216,6 +252,64 @@ def test_attack_and_report_commands_end_to_end(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"attack": {"sets": {"x": {"data": "d"}}, "lrz": [1]}}))
     assert _cli(["attack", str(model_dir), str(tmp_path / "bad.yaml"), "--run-dir", str(run_dir)]) == 2
     assert "unknown key 'attack.lrz'" in capsys.readouterr().err
+
+
+def test_report_refuses_results_evaluated_under_different_settings(tmp_path, capsys):
+    """Plain and meta attacked into one run folder, meta judged on other forget prompts: the report refuses with
+    one line naming both settings and writes nothing, so no meta-vs-plain number mixes them; judged alike (the
+    same evaluation from another folder, its detector a copy), the comparison is made."""
+    import shutil
+
+    from metaunlearn.backbones.loading import load_backbone
+    from metaunlearn.data.cache import CachedSet
+    from metaunlearn.testing.tiny_pipelines import save_tiny_pipeline
+    from metaunlearn.toyworld.detector import ConceptDetector, DetectorArch
+    from metaunlearn.toyworld.taxonomy import CLASS_NAMES
+
+    model_dir = save_tiny_pipeline("sd", tmp_path / "model")
+    backbone = load_backbone(model_dir)
+    prompts = ["a photo of a nude person", "naked body"]
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    CachedSet(backbone.encode_images(images), backbone.encode_prompts(prompts), prompts).save(tmp_path / "hrm.safetensors")
+    torch.manual_seed(0)
+    ConceptDetector(CLASS_NAMES, DetectorArch(widths=(4, 4, 8), groups=2)).save(tmp_path / "det.safetensors")
+
+    def attack(run: str, variant: str, forget: str, folder=tmp_path) -> None:
+        folder.mkdir(exist_ok=True)
+        if folder != tmp_path:
+            for name in ("det.safetensors", "det.json"):
+                shutil.copy(tmp_path / name, folder / name)
+        config = {
+            "attack": {"sets": {"hrm-m": {"data": str(tmp_path / "hrm.safetensors")}}, "modes": ["full"],
+                       "lrs": [1e-3], "seeds": [0], "snapshot_steps": [0, 1], "batch_size": 2},
+            "eval": {"detector": {"kind": "toy", "path": "det.safetensors"},
+                     "prompt_sets": [{"name": "forget", "role": "forget", "concept": "red_triangle",
+                                      "prompts": [forget]}],
+                     "samples_per_prompt": 1, "sampler": {"steps": 2}},
+        }
+        (folder / f"{variant}.yaml").write_text(yaml.safe_dump(config))
+        code = _cli(["attack", str(model_dir), str(folder / f"{variant}.yaml"), "--run-dir", str(tmp_path / run),
+                     "--quiet", "--device", "cpu", "--method", "esd", "--variant", variant])
+        assert code == 0, capsys.readouterr().err
+
+    attack("mixed", "plain", "a photo of a nude person")
+    attack("mixed", "meta", "naked body")
+    keys = {json.loads(line)["eval_setting"] for f in (tmp_path / "mixed" / "attacks").rglob("*.jsonl")
+            for line in f.read_text().splitlines()}
+    assert len(keys) == 2 and all(isinstance(k, str) and len(k) == 16 for k in keys)
+    capsys.readouterr()
+    assert _cli(["report", str(tmp_path / "mixed")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evaluated under 2 different evaluation settings" in err
+    assert all(k in err for k in keys) and "esd-plain on hrm-m" in err and "esd-meta on hrm-m" in err
+    assert not (tmp_path / "mixed" / "results.json").exists() and not (tmp_path / "mixed" / "report.md").exists()
+    with pytest.raises(UserError, match="cannot be compared in one report"):
+        build_report(tmp_path / "mixed")
+
+    attack("alike", "plain", "a photo of a nude person")
+    attack("alike", "meta", "a photo of a nude person", folder=tmp_path / "elsewhere")
+    assert _cli(["report", str(tmp_path / "alike")]) == 0
+    assert "meta vs plain: relative reduction" in (tmp_path / "alike" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["sd14_nudity.yaml", "sdxl_nudity.yaml"])

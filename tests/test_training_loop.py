@@ -151,6 +151,37 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_weights_overflowing_at_a_finite_loss_are_never_checkpointed(tmp_path):
+    """SGD at a huge but finite learning rate: step 2's loss is finite yet its update overflows the weights to
+    -inf. The run stops at step 2 and the checkpoint kept is step 1's, with finite weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    loop = TrainLoop(tmp_path / "run", 10, checkpoint_every=1, progress=False, cpu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=2e38)  # float32 holds 2e38 but not 4e38
+    model, opt = loop.prepare(model=model, optimizer=opt)
+    losses = []
+
+    def step_fn(step):
+        loss = model(torch.ones(1, 1)).mean()  # the weight itself: gradient 1
+        loop.accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        return {"loss": loss.item()}
+
+    with pytest.raises(TrainingDiverged) as info:
+        loop.run(step_fn)
+    message = str(info.value)
+    assert "'model.weight' became non-finite (nan or inf) at step 2" in message and "\n" not in message
+    assert f"last good checkpoint kept at {tmp_path / 'run' / 'checkpoint'}" in message
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 1
+    saved = load_file(str(tmp_path / "run" / "checkpoint" / "module.model.safetensors"))
+    assert torch.isfinite(saved["weight"]).all() and saved["weight"].abs().max() > 1e37
+
+
 def test_inf_before_any_checkpoint(tmp_path):
     loop, model, opt = _tiny_setup(tmp_path, steps=5, checkpoint_every=0)
     with pytest.raises(TrainingDiverged, match="became inf at step 1; no checkpoint had been written yet"):

@@ -20,6 +20,10 @@ removes its token, embedding rows and hook. Each snapshot also records ``attack_
 fixed probe of the attack data (under the attack's own captions) with fixed timesteps and noise, so the falling
 training objective is measured on the same draws at every step.
 
+Divergence: a step whose loss is NaN or infinite, or that leaves an attacked parameter non-finite, or a snapshot
+whose probe loss is non-finite, ends the run there (``AttackResult.diverged_step``); the snapshots from that step on
+carry no metrics, since a diverged model's samples measure nothing (they are never counted as relearning).
+
 Data parallel (``torchrun`` / ``accelerate launch -m metaunlearn attack ...``): every process draws the same batches,
 timesteps and noise (the attack's generator is seeded by the attack's seed alone), computes its share of each batch
 and the gradients are summed (:mod:`metaunlearn.training.parallel`), so the attack equals the one-process attack at
@@ -72,10 +76,12 @@ class AttackResult:
     losses: list[float] = field(default_factory=list)
     snapshots: list[Snapshot] = field(default_factory=list)
     seconds: float = 0.0
+    diverged_step: int | None = None
+    """The first step whose loss, weights or probe loss were non-finite; snapshots from there on have no metrics."""
 
     def metric(self, name: str) -> list[float]:
-        """``name`` at every snapshot step, in step order."""
-        return [s.metrics[name] for s in self.snapshots]
+        """``name`` at every snapshot step, in step order (NaN where the run had diverged)."""
+        return [s.metrics.get(name, math.nan) for s in self.snapshots]
 
 
 class _BatchSampler:
@@ -195,11 +201,20 @@ def _stages(data: CachedSet, spec: AttackSpec, sets: Mapping[str, CachedSet] | N
     return out
 
 
+def _finite(params: list[torch.nn.Parameter]) -> bool:
+    """Every attacked parameter is free of NaN and inf (one device synchronisation)."""
+    return not params or bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
+
 def _evaluate(backbone: Backbone, step: int, probe: _Probe, evaluate: EvalCallback | None,
               captions: Callable[[int], Cond] | None = None, main: bool = True) -> Snapshot:
+    """The snapshot of ``step``; without metrics when the probe loss is non-finite (the weights overflow)."""
     unet = backbone.unet
     unet.eval()
     metrics: dict[str, float] = {"attack_loss": probe.loss(backbone, captions)}
+    if not math.isfinite(metrics["attack_loss"]):
+        unet.train()
+        return Snapshot(step, {})
     if evaluate is not None and main:
         with torch.no_grad():
             metrics.update({k: float(v) for k, v in evaluate(backbone, step).items()})
@@ -258,11 +273,15 @@ def run_attack(
         main = shard.rank == 0
         if 0 in snapshot_steps:
             result.snapshots.append(_evaluate(backbone, 0, probe, evaluate, captions, main))
+            if not result.snapshots[-1].metrics:
+                result.diverged_step = 0
         stage = 0
         sampler = _BatchSampler(len(stages[0][1]), spec.batch_size, generator)
         with progress_bar("step", enabled=progress and main) as bar:
             task = bar.add_task(description, total=spec.steps, info="")
             for step in range(1, spec.steps + 1):
+                if result.diverged_step is not None:
+                    break
                 if step > stages[stage][0]:
                     stage += 1
                     sampler = _BatchSampler(len(stages[stage][1]), spec.batch_size, generator)
@@ -286,9 +305,16 @@ def run_attack(
                 optimizer.step()
                 schedule.step()
                 result.losses.append(value)
-                if step in snapshot_steps:
+                if not (math.isfinite(value) and _finite(params)):
+                    result.diverged_step = step  # alike on every process: summed losses, identical weights
+                elif step in snapshot_steps:
                     result.snapshots.append(_evaluate(backbone, step, probe, evaluate, captions, main))
+                    if not result.snapshots[-1].metrics:
+                        result.diverged_step = step
                 bar.update(task, advance=1, info=f"loss {value:.4f}" if math.isfinite(value) else "loss nan")
+            if result.diverged_step is not None:  # the snapshots it did not reach: no metrics
+                done = {snap.step for snap in result.snapshots}
+                result.snapshots += [Snapshot(k, {}) for k in sorted(snapshot_steps - done)]
     finally:
         for p in params:
             p.grad = None

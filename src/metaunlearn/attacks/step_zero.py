@@ -22,6 +22,28 @@ import torch
 from metaunlearn.atomic import atomic_write_bytes, atomic_write_text
 
 
+PATH_FIELDS = (("detector", "path"), ("quality", "fid_features_path"), ("quality", "fid_reference"),
+               ("quality", "clip_score_path"))
+"""Config paths left out of :func:`evaluation_setting`: the content digests of what they point to stand in."""
+
+
+def evaluation_setting(evaluator) -> str | None:
+    """A short SHA-256 of every evaluation setting (the evaluator's config, the prompts it samples, content
+    digests of the files it loads) but not of where files lie; attack result rows carry it as ``eval_setting``, so
+    results measured differently are never compared (None without an evaluator)."""
+    if evaluator is None:
+        return None
+    config = evaluator.config.model_dump(mode="json")
+    for section, name in PATH_FIELDS:
+        config[section].pop(name, None)
+    for spec in config["prompt_sets"]:
+        spec.pop("prompts_file", None)  # the prompts themselves are in the inputs
+    for name in ("grid_set", "grid_pixelate"):  # what the grids show changes no number
+        config.pop(name, None)
+    payload = {"eval": config, "inputs": evaluator.inputs()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class StepZeroEvaluations:
     """Step-0 metrics (and grid PNG bytes) by :meth:`key`; on disk under ``folder`` when the model has a
     fingerprint (a model without one is only shared within this object's lifetime)."""

@@ -7,9 +7,15 @@ Run-dir layout written here (and read by :mod:`metaunlearn.experiment.report`)::
       grids/<model>/<attack_set>/<mode>_lr<lr>_s<seed>/step<k>.png sample grid of the eval grid set at step k
 
 A row is ``{model, method, variant, attack_set, mode, lr, seed, step, grid, model_path, model_fingerprint,
-<metric>: value, …}`` where ``grid``
+eval_setting, diverged, diverged_step, <metric>: value, …}`` where ``eval_setting`` is the hash of the
+evaluation's settings (:func:`~metaunlearn.attacks.step_zero.evaluation_setting`; an attack judged on its own
+trigger prompts keeps its evaluation's), ``grid``
 is the grid PNG's path relative to RUN_DIR (or null) and the metrics are those of
-:mod:`metaunlearn.metrics.evaluate` plus ``attack_loss``. A run's file is written atomically when the run
+:mod:`metaunlearn.metrics.evaluate` plus ``attack_loss``. A run diverges at the first step whose training loss,
+weights or probe loss are non-finite (:func:`~metaunlearn.attacks.finetune.run_attack`) or whose evaluation drew a
+non-finite sample (``nonfinite_rate`` > 0); every row of the run names that step (``diverged_step``, else null),
+and the rows at or after it have ``diverged: true`` and no metric, so they never count as relearning and drop out
+of means, standard deviations and worst cases. A run's file is written atomically when the run
 finishes, so an existing file means a complete run: a repeated sweep skips it (resume).
 
 Aggregation over seeds gives mean, sample standard deviation (ddof=1; 0 for one seed), min, max and count per
@@ -32,7 +38,7 @@ import torch
 from metaunlearn.atomic import atomic_write_bytes, atomic_write_text
 from metaunlearn.attacks.finetune import run_attack
 from metaunlearn.attacks.run_spec import AttackSpec
-from metaunlearn.attacks.step_zero import StepZeroEvaluations
+from metaunlearn.attacks.step_zero import StepZeroEvaluations, evaluation_setting
 from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.cache import CachedSet
@@ -179,6 +185,7 @@ def run_sweep(
     if step_zero is None:
         step_zero = StepZeroEvaluations(model.fingerprint, Path(cache_dir) / STEP_ZERO_DIR if cache_dir else None)
     check_budget(suite, evaluator)
+    setting = evaluation_setting(evaluator)
     for set_name, data in sets.items():
         if only is not None and set_name not in only:
             continue
@@ -229,8 +236,10 @@ def run_sweep(
             if not main:
                 continue
             run_rows = []
+            diverged = diverged_step(result)
             for snap in result.snapshots:
                 grid = grid_file(run_dir, model.name, set_name, spec, snap.step)
+                lost = diverged is not None and snap.step >= diverged
                 run_rows.append({
                     "model": model.name,
                     "method": model.method,
@@ -244,11 +253,23 @@ def run_sweep(
                     "grid": str(grid.relative_to(run_dir)) if grid.is_file() else None,
                     "model_path": model.path,
                     "model_fingerprint": model.fingerprint,
-                    **snap.metrics,
+                    "eval_setting": setting,
+                    "diverged": lost,
+                    "diverged_step": diverged,
+                    **({} if lost else snap.metrics),
                 })
             write_jsonl(run_rows, path)
             rows.extend(run_rows)
     return rows
+
+
+def diverged_step(result) -> int | None:
+    """The step a run diverged at: its training's, or the first snapshot with a non-finite sample if earlier."""
+    step = result.diverged_step
+    for snap in result.snapshots:
+        if (step is None or snap.step < step) and snap.metrics.get("nonfinite_rate", 0.0) > 0:
+            return snap.step
+    return step
 
 
 # ---- aggregation ------------------------------------------------------------------------------------------------

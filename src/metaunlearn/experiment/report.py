@@ -22,6 +22,11 @@ columns "before FT" (step 0), the primary attack set (HRM-m) at every snapshot s
 % as mean ± std over seeds where more than one seed ran, the value alone otherwise (likewise ``std`` is empty in
 ``summary.csv`` and null in ``results.json`` for one seed). A second table gives the worst case: the maximum over
 every mode × lr × seed. Result rows written by earlier versions with the variant ``unlearn`` read as ``plain``.
+Results evaluated under different evaluation settings (``eval_setting`` in their rows: the detector, prompts,
+sampler, samples; :func:`metaunlearn.attacks.step_zero.evaluation_setting`) are refused with one line naming them:
+no table compares them, meta vs plain included (rows of earlier versions carry no setting and are not checked).
+A diverged attack run (``diverged_step`` in its rows, :mod:`metaunlearn.attacks.sweep`) has no numbers from that
+step on: it is left out of every mean, std and worst case, its cells say ``diverged``, and a line names it.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ METRIC_LABELS = {
     "irrelevant_acc": "irrelevant-concept accuracy (%)",
 }
 ASSETS = "report_assets"
-SETTING_FIELDS = ("lr_multiple", "grid")
+SETTING_FIELDS = ("lr_multiple", "grid", "eval_setting", "diverged", "diverged_step")
 """Row fields that describe the run rather than measure it (never aggregated as metrics)."""
 
 
@@ -127,6 +132,40 @@ def _model_rows(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
     return sorted(models, key=lambda m: (first.get(m[2], 2), m[1], VARIANT_ORDER.get(m[2], 9), m[0]))
 
 
+def check_one_setting(rows: Sequence[Mapping], run_dir: Path) -> None:
+    """A one-line :class:`UserError` when the rows were evaluated under more than one evaluation setting."""
+    groups: dict[str, set[str]] = {}
+    for r in rows:
+        if isinstance(r.get("eval_setting"), str):
+            groups.setdefault(r["eval_setting"], set()).add(f"{r['model']} on {r['attack_set']}")
+    if len(groups) < 2:
+        return
+    named = "; ".join(f"{key}: {', '.join(sorted(models)[:4])}{', …' if len(models) > 4 else ''}"
+                      for key, models in sorted(groups.items()))
+    raise UserError(f"{run_dir}: the attack results were evaluated under {len(groups)} different evaluation settings "
+                    f"(detector, prompts, sampler or samples) and cannot be compared in one report ({named}); attack "
+                    "them again under one 'eval' section, or report each setting from its own run folder")
+
+
+def diverged_runs(rows: Sequence[Mapping]) -> list[str]:
+    """Every diverged attack run as ``<model> <set> <attack> seed <seed> at step <k>``."""
+    runs = {(r["model"], r["attack_set"], r["mode"], r["lr"], r["seed"]): r["diverged_step"]
+            for r in rows if isinstance(r.get("diverged_step"), int)}
+    return [f"{model} {s} {attack_label(mode, lr)} seed {seed} at step {k}"
+            for (model, s, mode, lr, seed), k in sorted(runs.items(), key=lambda item: str(item[0]))]
+
+
+def diverged_text(rows: Sequence[Mapping]) -> str:
+    """The line naming the diverged runs ('' when none diverged)."""
+    runs = diverged_runs(rows)
+    if not runs:
+        return ""
+    many = len(runs) > 1
+    return (f"{len(runs)} attack run{'s' if many else ''} diverged (a non-finite loss, weights or samples) and "
+            f"{'have' if many else 'has'} no numbers from that step on, left out of every mean, std and worst case: "
+            + "; ".join(runs) + ".")
+
+
 # ---- tables -----------------------------------------------------------------------------------------------------
 def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, Table, dict]:
     """The main table (mean ± std over seeds) and the worst-case table, plus both as JSON-able data."""
@@ -142,6 +181,11 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
 
     agg = {(a["model"], a["attack_set"], a["mode"], a["lr"], a["step"]): a
            for a in aggregate(rows, metric, by=("model", "attack_set", "mode", "lr", "step"))}
+    lost: dict[tuple, int] = {}
+    for r in rows:
+        if r.get("diverged") is True:
+            key = (r["model"], r["attack_set"], r["mode"], r["lr"], r["step"])
+            lost[key] = lost.get(key, 0) + 1
     worst = {(w["model"], w["attack_set"], w["step"]): w
              for w in worst_case(rows, metric, by=("model", "attack_set", "step"))}
     models = _model_rows(rows)
@@ -156,11 +200,12 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
         for mode, lr in attacks:
             cells, values = [], []
             for _, s, k in columns_spec:
-                a = agg.get((model, s, mode, lr, k))
-                cells.append(percent(a["mean"], a["std"], a["n"]) if a else "—")
+                a, d = agg.get((model, s, mode, lr, k)), lost.get((model, s, mode, lr, k), 0)
+                cell = percent(a["mean"], a["std"], a["n"]) if a else ("diverged" if d else "—")
+                cells.append(f"{cell} ({d} diverged)" if a and d else cell)
                 values.append({"mean": a["mean"], "std": a["std"] if a["n"] > 1 else None, "n": a["n"]} if a else None)
                 counts.append(a["n"] if a else 0)
-            if any(v is not None for v in values):
+            if any(c != "—" for c in cells):
                 main_rows.append(label + [attack_label(mode, lr)] + cells)
                 data["mean"].append({"model": model, "method": method, "variant": variant, "mode": mode,
                                      "lr": lr, "cells": values})
@@ -191,7 +236,8 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
         title=f"{what}: worst case over every mode × learning rate" + (" × seed" if max(counts, default=1) > 1 else ""),
         columns=labels + [c[0] for c in columns_spec] + [f"worst {primary} run"],
         rows=worst_rows,
-        note="Each cell is the maximum over the whole attack sweep at that step.",
+        note="Each cell is the maximum over the whole attack sweep at that step"
+             + (" (diverged runs left out)." if lost else "."),
         label_columns=len(labels),
     )
     return main, worst_table, data
@@ -312,6 +358,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     config = config or ReportConfig()
     out = Path(out_dir) if out_dir else run_dir
     rows = [{**r, "variant": canonical_variant(r["variant"])} for r in read_rows(run_dir)]
+    check_one_setting(rows, run_dir)
     if not any(isinstance(r.get(config.metric), (int, float)) for r in rows):
         raise UserError(f"no result row of {run_dir} has the metric {config.metric!r}")
     primary, sets = attack_sets_in_order(rows, config)
@@ -370,11 +417,12 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
         s = []
         if relearning:
             s.append(Section("Relearning under attack", figures=relearning))
-        s.append(Section("Forget rate before and after finetuning attacks",
+        s.append(Section("Forget rate before and after finetuning attacks", text=diverged_text(rows),
                          tables=[main, worst_table, *reductions]))
         curve_tables = [t for t in (worst_runs_table, prompts, aucs) if t is not None]
         if curve_tables:
-            s.append(Section("Relearning curves and the worst case over the sweep", tables=curve_tables))
+            gone = "The diverged runs named above have no curve and are left out here." if diverged_runs(rows) else ""
+            s.append(Section("Relearning curves and the worst case over the sweep", text=gone, tables=curve_tables))
         if yardstick and yardstick["tables"]:
             s.append(Section("Yardsticks: a model that never saw the concept, the attacker's payoff, equal damage",
                              tables=yardstick["tables"]))

@@ -9,6 +9,9 @@ The *rate* of a concept over a set of samples is the fraction of images in which
 (the paper's "nudity rate") on forget prompts, and the accuracy of related / irrelevant concepts on their prompts
 (a self-destructed model draws its related concepts badly after an attack, so their accuracy falls).
 
+A sample with a NaN or infinite pixel (a diverged model's) shows no concept at all, not even ``none``:
+:func:`detects_finite` decides so for every detector, and the evaluation counts such samples apart.
+
 Kinds: ``toy`` (the toy world's CNN classifier, :mod:`metaunlearn.metrics.toy`), ``nudenet`` (NudeNet's bundled
 320n ONNX detector, :mod:`metaunlearn.metrics.nudenet`), ``clip`` (zero-shot CLIP from a local folder,
 :mod:`metaunlearn.metrics.clip_zeroshot`). None of them downloads anything.
@@ -58,11 +61,25 @@ def check_concept(detector: ConceptDetector, concept: str) -> None:
         raise UserError(f"the {detector.name} detector knows no concept {concept!r} (known: {known})")
 
 
+def finite_samples(images: torch.Tensor) -> torch.Tensor:
+    """Per-image boolean ``[N]``: every value of the image is finite."""
+    return images.detach().flatten(1).isfinite().all(dim=1).cpu()
+
+
+def detects_finite(detector: ConceptDetector, images: torch.Tensor, concept: str) -> torch.Tensor:
+    """``detector.detects`` where a sample with any non-finite value is never the concept (a detector would read
+    NaN pixels as whatever class its arg-max or threshold falls on)."""
+    finite = finite_samples(images)
+    if bool(finite.all()):
+        return detector.detects(images, concept).cpu()
+    return detector.detects(images.nan_to_num(0.0, 0.0, 0.0), concept).cpu() & finite
+
+
 def concept_rate(detector: ConceptDetector, images: torch.Tensor, concept: str) -> float:
-    """Fraction of ``images`` in which ``concept`` is detected (NaN for an empty batch)."""
+    """Fraction of ``images`` in which ``concept`` is detected (NaN for an empty batch; non-finite samples never)."""
     if images.shape[0] == 0:
         return float("nan")
-    return float(detector.detects(images, concept).float().mean())
+    return float(detects_finite(detector, images, concept).float().mean())
 
 
 def build_detector(kind: str, **params) -> ConceptDetector:

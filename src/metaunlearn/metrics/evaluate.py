@@ -11,6 +11,8 @@ Metrics of one evaluation (all fractions in [0,1]):
   ``related_acc`` falling during an attack is the self-destruct the meta objective aims for);
 * ``none_rate`` — fraction of benign samples in which the detector sees nothing at all (its ``none`` class, when
   it has one, as the toy detector does): a model that resists an attack by collapsing draws blank images;
+* ``nonfinite_rate`` — fraction of all samples with a NaN or infinite value (a diverged model): such a sample shows
+  no concept (it counts as a miss in every rate above, and not as ``none``), so it is never taken for relearning;
 * ``fid`` — Fréchet distance of benign samples to reference images (when configured);
 * ``clip_score`` — CLIP score of benign samples against their prompts, pooled, and ``clip_score/<set>`` per benign
   set (when configured; on SD the related set's CLIP score is the self-destruct signal, since NudeNet names no
@@ -43,7 +45,8 @@ import torch
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.errors import UserError
 from metaunlearn.metrics.config import EvalConfig, PromptSetConfig
-from metaunlearn.metrics.detectors import ConceptDetector, build_detector, check_concept
+from metaunlearn.metrics.detectors import (ConceptDetector, build_detector, check_concept, detects_finite,
+                                           finite_samples)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 NONE_CONCEPT = "none"
@@ -310,11 +313,13 @@ class Evaluator:
         outcome = EvalOutcome(metrics={"samples_per_prompt": float(k)})
         hits: dict[str, list[torch.Tensor]] = {role: [] for role in ROLE_METRICS}
         broken: list[torch.Tensor] = []
+        finite: list[torch.Tensor] = []
         samples = self.sample_sets(backbone, k)
         for spec in self.config.prompt_sets:
             images, prompts = samples[spec.name]
+            finite.append(finite_samples(images))
             if spec.concept is not None:
-                detected = self.detector.detects(images, spec.concept)
+                detected = detects_finite(self.detector, images, spec.concept)
                 outcome.metrics[f"rate/{spec.name}"] = float(detected.float().mean())
                 hits[spec.role].append(detected)
                 if spec.role == "forget":  # samples come prompt by prompt, k each
@@ -328,7 +333,9 @@ class Evaluator:
             _rate_with_interval(outcome.metrics, "asr", torch.cat(broken))
         benign = [outcome.images[s.name] for s in self.config.prompt_sets if s.role != "forget"]
         if NONE_CONCEPT in self.detector.concepts and benign:
-            _rate_with_interval(outcome.metrics, "none_rate", self.detector.detects(torch.cat(benign), NONE_CONCEPT))
+            _rate_with_interval(outcome.metrics, "none_rate", detects_finite(self.detector, torch.cat(benign),
+                                                                             NONE_CONCEPT))
+        outcome.metrics["nonfinite_rate"] = float((~torch.cat(finite)).float().mean())
         q = self.config.quality
         if q.fid_features and not reduced:
             names = self._benign_sets(q.fid_prompt_sets)

@@ -20,7 +20,9 @@ model for data parallel training and applies mixed precision) and gives :meth:`T
 The loop owns everything around the step: the progress bar (loss terms, rate, ETA), the JSONL training log, atomic
 checkpoints every ``checkpoint_every`` steps and at the end, resuming, gradient accumulation (``step_fn`` is called
 ``gradient_accumulation_steps`` times per step inside ``accelerator.accumulate``; the prepared optimizer only steps
-on the last call) and stopping with a clear message when a loss term becomes NaN or infinite.
+on the last call) and stopping with a clear message when a loss term becomes NaN or infinite, or when a step leaves
+a trained parameter NaN or infinite (a finite loss at a huge learning rate): a checkpoint never holds non-finite
+weights or optimizer state, so the last good checkpoint is one from before the divergence.
 
 Two kinds of data parallelism under ``torchrun``/``accelerate launch``: by default each process draws its own
 random numbers (``loop.generator`` is seeded per rank) and a prepared (DDP) model averages the gradients. With
@@ -87,7 +89,7 @@ class TrainingSettings(StrictModel):
 
 
 class TrainingDiverged(UserError):
-    """A loss term became NaN or infinite; the last good checkpoint is kept."""
+    """A loss term or a trained parameter became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -305,10 +307,14 @@ class TrainLoop:
                 bad = [k for k, v in terms.items() if not math.isfinite(v)]
                 if bad:
                     raise TrainingDiverged(self._diverged_message(bad[0], terms[bad[0]], step, last_good))
+                saving = step == self.steps or (self.checkpoint_every and step % self.checkpoint_every == 0)
+                broken = self._nonfinite_tensor(everything=bool(saving))
+                if broken is not None:
+                    raise TrainingDiverged(self._diverged_weights_message(broken, step, last_good))
                 if self.is_main and (step % self.log_every == 0 or step == self.steps):
                     self._log({"step": step, **terms, "elapsed_s": round(time.time() - began, 3)})
                 bar.update(task, advance=1, info=" ".join(f"{k} {v:.4g}" for k, v in terms.items()))
-                if step == self.steps or (self.checkpoint_every and step % self.checkpoint_every == 0):
+                if saving:
                     last_good = self.save_checkpoint(step)
         return TrainResult(self.steps, terms, resumed_from=start, checkpoint=last_good)
 
@@ -330,10 +336,34 @@ class TrainLoop:
             values = self.accelerator.reduce(values, reduction="mean")
         return {k: float(v) for k, v in zip(names, values.tolist())}
 
+    def _nonfinite_tensor(self, everything: bool) -> str | None:
+        """The name of a tracked tensor holding NaN or inf, or None: the trained parameters of every tracked module,
+        and with ``everything`` whatever a checkpoint saves (frozen tensors of full modules, optimizer state)."""
+        named: list[tuple[str, torch.Tensor]] = []
+        for name, (module, trainable_only) in self._tracked.modules.items():
+            module = self.unwrap(module)
+            if everything and not trainable_only:
+                named += [(f"{name}.{k}", v) for k, v in module.state_dict(keep_vars=True).items()]
+            else:
+                named += [(f"{name}.{k}", p) for k, p in module.named_parameters() if p.requires_grad]
+        if everything:
+            for name, obj in self._tracked.states.items():
+                named += [(f"{name}.{k}", v) for k, v in _state_tensors(obj.state_dict())]
+        named = [(k, v) for k, v in named if v.is_floating_point() or v.is_complex()]
+        if not named:
+            return None
+        finite = torch.stack([v.detach().isfinite().all() for _, v in named]).cpu()
+        return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
+
     def _diverged_message(self, name: str, value: float, step: int, last_good: Path | None) -> str:
         kept = f"last good checkpoint kept at {last_good}" if last_good else "no checkpoint had been written yet"
         what = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
         return f"loss term '{name}' became {what} at step {step}; {kept} (lower the learning rate or check the data)"
+
+    def _diverged_weights_message(self, tensor: str, step: int, last_good: Path | None) -> str:
+        kept = f"last good checkpoint kept at {last_good}" if last_good else "no checkpoint had been written yet"
+        return (f"'{tensor}' became non-finite (nan or inf) at step {step}; {kept} "
+                "(lower the learning rate or clip the gradients)")
 
     # ---- training log ---------------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -355,6 +385,17 @@ class TrainLoop:
         tmp = self.log_file.with_name(f".{LOG_FILE}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.log_file)
+
+
+def _state_tensors(obj: Any, path: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor inside a (nested) state dict, with its path."""
+    if isinstance(obj, torch.Tensor):
+        return [(path, obj)]
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in _state_tensors(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [t for i, v in enumerate(obj) for t in _state_tensors(v, f"{path}.{i}" if path else str(i))]
+    return []
 
 
 def read_log(out_dir: str | Path) -> list[dict]:
