@@ -34,7 +34,7 @@ def test_grid_entry_overrides_reach_only_its_meta_variant(tmp_path):
     })
     grid = config.grid.model_copy(update={"methods": [entry]})
     experiment = Experiment(config.model_copy(update={"grid": grid}), base, tmp_path / "run")
-    plain, meta = experiment.models()
+    plain, meta = [m for m in experiment.models() if m.entry is not None]  # the grid models, not the reference
     plain_cfg, meta_cfg = experiment.unlearn_config(plain), experiment.unlearn_config(meta)
     assert plain_cfg.meta is None
     assert plain_cfg.method.params["eta"] == entry.params["eta"] and plain_cfg.steps == entry.steps
