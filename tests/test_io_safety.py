@@ -1,0 +1,109 @@
+"""I/O safety: full disks during saves, output permissions, what --overwrite may delete, failed overwrites, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli_checks import assert_user_error, snapshot
+
+PROMPTS = ["a photo of a nude person", "naked body"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def _limited(limit: int):
+    """A ``preexec_fn`` that caps every file the process writes at ``limit`` bytes (as a full disk would refuse)."""
+
+    def apply() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def cli(*args, limit: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``metaunlearn ARGS`` in a fresh process (under a file-size limit when ``limit`` is given)."""
+    return subprocess.run([sys.executable, "-m", "metaunlearn.cli", *map(str, args)], capture_output=True, text=True,
+                          env=_env(), timeout=timeout, preexec_fn=_limited(limit) if limit else None)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def uce_config(path: Path, model: Path, prompts=PROMPTS, **extra) -> Path:
+    path.write_text(yaml.safe_dump({"model": str(model), "method": {"name": "uce"}, "forget_prompts": list(prompts),
+                                    "device": "cpu", "steps": 1, **extra}))
+    return path
+
+
+# ---- 1. a full disk while a model or a cache is saved -----------------------------------------------------------------
+def test_a_file_size_limit_during_a_model_save_is_one_line_and_keeps_the_old_model(run_cli, tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("unlearn", uce_config(tmp_path / "a.yaml", tiny_sd_dir), "-o", out, "-q").exit_code == 0
+    model = snapshot(out / "model")
+    # the UNet's weights (about 290 kB) pass no 200 kB limit; every record and config is far smaller
+    proc = cli("unlearn", uce_config(tmp_path / "b.yaml", tiny_sd_dir, PROMPTS[:1]), "-o", out, "-q", "--overwrite",
+               limit=200_000)
+    one_error_line(proc, "File too large", str(out), "earlier outputs are unchanged")
+    assert snapshot(out / "model") == model
+    assert not [p for p in out.parent.rglob(".*") if p.name != "stages"]  # no temporary folder left behind
+
+
+def test_a_file_size_limit_during_a_cache_save_is_one_line(tiny_sd_dir, tmp_path):
+    out = tmp_path / "data" / "set"
+    # 16x16 PNGs of a few hundred bytes and small records pass; the cache of 8 images (latents + text states) does not
+    proc = cli("generate", tiny_sd_dir, "-p", PROMPTS[0], "-n", "8", "--steps", "1", "-o", out, "--cache", "-q",
+               "--cache-dir", tmp_path / "cache", limit=6_000)
+    one_error_line(proc, "File too large", str(tmp_path / "cache"), "earlier outputs are unchanged")
+    assert not list((tmp_path / "cache").glob("*.safetensors")) and not list((tmp_path / "cache").glob(".*"))
+
+
+# ---- 4. permissions follow the umask ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_saved_models_and_checkpoints_get_the_umasks_permissions(tiny_sd_dir, tmp_path, mask):
+    from metaunlearn.unlearn import UnlearnConfig, run_unlearn
+
+    old = os.umask(mask)
+    try:
+        cfg = {"model": str(tiny_sd_dir), "out": str(tmp_path / "out"), "method": {"name": "esd", "params": {
+            "ddim_steps": 2}}, "forget_prompts": PROMPTS, "steps": 1, "checkpoint_every": 1, "device": "cpu"}
+        run_unlearn(UnlearnConfig.model_validate(cfg), progress=False)
+    finally:
+        os.umask(old)
+    weights = list((tmp_path / "out").rglob("*.safetensors"))
+    assert any("model" in p.parts for p in weights) and any("checkpoint" in p.parts for p in weights)
+    for path in (tmp_path / "out").rglob("*"):
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))
+
+
+def test_a_cache_file_gets_the_umasks_permissions(tiny_sd_dir, tmp_path):
+    from metaunlearn.data.cache import CachedSet
+
+    import torch
+
+    old = os.umask(0o002)
+    try:
+        CachedSet(torch.zeros(1, 4, 8, 8), {"text": torch.zeros(1, 3)}, ["x"]).save(tmp_path / "c.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o664
