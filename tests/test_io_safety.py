@@ -107,3 +107,63 @@ def test_a_cache_file_gets_the_umasks_permissions(tiny_sd_dir, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o664
+
+
+# ---- 2. --overwrite removes only what metaunlearn made ------------------------------------------------------------------
+def _users_folder(path: Path) -> dict[str, bytes]:
+    (path / "model").mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    (path / "model" / "weights.bin").write_bytes(b"mine too")
+    (path / "train_log.jsonl").write_text("{}\n")
+    return snapshot(path)
+
+
+def test_generate_overwrite_refuses_a_folder_metaunlearn_did_not_make(run_cli, tiny_sd_dir, tmp_path):
+    out = tmp_path / "photos"
+    mine = _users_folder(out)
+    args = ("generate", tiny_sd_dir, "-p", PROMPTS[0], "--steps", "1", "-o", out, "-q")
+    assert_user_error(run_cli(*args, "--overwrite"), "did not make", "notes.txt")
+    assert snapshot(out) == mine
+    made = tmp_path / "made"
+    assert run_cli("generate", tiny_sd_dir, "-p", PROMPTS[0], "--steps", "1", "-o", made, "-q").exit_code == 0
+    res = run_cli("generate", tiny_sd_dir, "-p", PROMPTS[1], "--steps", "1", "-o", made, "-q", "--overwrite")
+    assert res.exit_code == 0, res.stderr  # its own folder is replaced
+    assert PROMPTS[1] in (made / "metadata.jsonl").read_text()
+
+
+def test_unlearn_overwrite_refuses_an_out_folder_metaunlearn_did_not_make(run_cli, tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    mine = _users_folder(out)
+    res = run_cli("unlearn", uce_config(tmp_path / "a.yaml", tiny_sd_dir), "-o", out, "-q", "--overwrite")
+    assert_user_error(res, "did not make", "--overwrite replaces only")
+    assert snapshot(out) == mine
+
+
+def test_stage_overwrite_keeps_outputs_without_a_record(tmp_path):
+    from metaunlearn.errors import UserError
+    from metaunlearn.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    mine = run.path / "attacks" / "m" / "set" / "full_lr0.0001_s0.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine\n")
+    with pytest.raises(UserError, match="did not make"):
+        run.begin("attack/m/set", {"a": 1}, overwrite=True, outputs=[mine])
+    assert mine.read_text() == "mine\n" and run.record("attack/m/set") is None
+    run.mark_done("attack/m/set", {"a": 1})
+    assert run.begin("attack/m/set", {"a": 2}, overwrite=True, outputs=[mine]).state == "changed"  # its own: redone
+
+
+def test_report_refuses_to_replace_files_no_report_wrote(run_cli, tmp_path):
+    run = tmp_path / "run"
+    rows = [{"model": "m", "method": "esd", "variant": "plain", "attack_set": "hrm-m", "mode": "full", "lr": 1e-4,
+             "seed": 0, "step": 0, "grid": None, "forget_rate": 0.5}]
+    (run / "attacks" / "m" / "hrm-m").mkdir(parents=True)
+    (run / "attacks" / "m" / "hrm-m" / "full_lr0.0001_s0.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "report.html").write_text("my page")
+    assert_user_error(run_cli("report", run, "-o", out), "no metaunlearn report wrote")
+    assert (out / "report.html").read_text() == "my page"
+    assert run_cli("report", run).exit_code == 0
+    assert run_cli("report", run).exit_code == 0  # its own report is replaced

@@ -187,11 +187,13 @@ class RunDir:
         return StageStatus("changed", differ, record)
 
     def begin(self, stage: str, settings: BaseModel | dict | str, *, overwrite: bool = False, what: str = "",
-              outputs: Sequence[Path] = (), resumable: Sequence[str] = (), complete: Sequence[Path] = ()) -> StageStatus:
+              outputs: Sequence[Path] = (), resumable: Sequence[str] = (), complete: Sequence[Path] = (),
+              owned: bool = False) -> StageStatus:
         """Check ``stage`` against ``settings`` and record it as started (unless it is done).
 
         Changed settings raise a one-line :class:`UserError` unless ``overwrite``; then the caller discards the
-        old outputs (status ``changed``) before redoing the stage.
+        old outputs (status ``changed``) before redoing the stage. ``overwrite`` never discards outputs that no
+        record of metaunlearn's claims (no marker, and not ``owned`` by the caller's own evidence).
         """
         status = self.status(stage, settings, outputs=outputs, resumable=resumable, complete=complete)
         if status.state == "changed" and not overwrite:
@@ -199,6 +201,8 @@ class RunDir:
                 f"{what or stage} was made with other settings ({status.describe()} changed); "
                 "pass --overwrite to redo it, or choose another output folder"
             )
+        if status.state == "changed" and status.record is None and not owned:
+            refuse_foreign(self.path, [p for p in outputs if Path(p).exists()], what or stage)
         if status.state != "done":
             self._write(stage, settings, "started")
         return status
@@ -225,6 +229,13 @@ class RunDir:
         marker = self._marker(stage)
         marker.unlink(missing_ok=True)
         marker.with_name(marker.name[: -len(".json")] + ".done.json").unlink(missing_ok=True)
+
+
+def refuse_foreign(folder: Path, found: Sequence[Path], what: str) -> None:
+    """Raise: ``found`` in ``folder`` were not made by metaunlearn (no record of it), so ``--overwrite`` keeps them."""
+    shown = ", ".join(str(Path(p).relative_to(folder)) if Path(p).is_relative_to(folder) else str(p) for p in found[:3])
+    raise UserError(f"{what}: {folder} holds files metaunlearn did not make ({shown or 'no record of its settings'}); "
+                    "--overwrite replaces only metaunlearn's own outputs: move them away or choose another folder")
 
 
 def remove_outputs(paths: Sequence[Path]) -> None:

@@ -257,7 +257,8 @@ def run_unlearn(
     run = RunDir(out)
     if main:
         status = run.begin("unlearn", settings, overwrite=overwrite, what=f"unlearned model {out}", outputs=outputs,
-                           resumable=("steps",), complete=complete)
+                           resumable=("steps",), complete=complete,
+                           owned=(out / MODEL_DIR / PROVENANCE_FILE).is_file())
     elif status.state == "changed" and not overwrite:
         raise UserError(f"unlearned model {out} was made with other settings ({status.describe()} changed)")
     if status.state == "done":

@@ -160,7 +160,7 @@ def attack_model(
     )
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.devices import resolve_dtype
-    from metaunlearn.runs import RunDir, remove_outputs
+    from metaunlearn.runs import RunDir, refuse_foreign, remove_outputs
     from metaunlearn.training.accel import make_accelerator, stage_device
     from metaunlearn.training.parallel import Shard
 
@@ -214,6 +214,8 @@ def attack_model(
             raise UserError(f"attack results '{name}' on set '{set_name}' in {run_dir} were made with other settings "
                             f"({status.describe()} changed); pass --overwrite to redo them, or choose another run "
                             "folder")
+        if status.state == "changed" and status.record is None:  # --overwrite keeps what metaunlearn did not make
+            refuse_foreign(run_dir, [p for p in outputs if p.exists()], f"attack results '{name}' on set '{set_name}'")
         checks.append((set_name, path, specs, settings, outputs, finished))
     prompts: list[tuple[str, dict, list[Path]]] = []  # one stage per prompt attack: a changed one redoes only it
     if suite.prompt_attacks:

@@ -86,6 +86,10 @@ def _check_replaceable(folder: Path, spec: dict, overwrite: bool) -> None:
             f"{folder} already exists and was not generated with these settings ({_difference(folder, spec)}); "
             "pass --overwrite to replace it"
         )
+    if folder.is_dir() and any(folder.iterdir()) and RunDir(folder, create=False).record(STAGE) is None:
+        from metaunlearn.runs import refuse_foreign
+
+        refuse_foreign(folder, sorted(folder.iterdir()), f"cannot replace {folder}")
 
 
 def sample_items(
