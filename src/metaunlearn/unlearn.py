@@ -225,9 +225,11 @@ def run_unlearn(
     from metaunlearn.atomic import atomic_write_text
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.identity import PROVENANCE_FILE
-    from metaunlearn.runs import RunDir, remove_outputs
+    from metaunlearn.runs import RunDir, drop_aside, restore_aside, set_aside
     from metaunlearn.training.accel import make_accelerator, stage_device
     from metaunlearn.training.loop import CHECKPOINT_DIR, LOG_FILE, TrainLoop, checkpoint_step
+
+    ASIDE = (CHECKPOINT_DIR, LOG_FILE, EDIT_FILE, SIGNALS_FILE, CONFIG_FILE)  # what other settings' runs leave
 
     assert config.out is not None
     out = Path(config.out)
@@ -249,7 +251,7 @@ def run_unlearn(
     complete = [out / MODEL_DIR / "model_index.json"]
     status = RunDir(out, create=False).status("unlearn", settings, outputs=outputs, resumable=("steps",),
                                               complete=complete)
-    reached = checkpoint_step(out) if out.is_dir() else None
+    reached = checkpoint_step(out) if out.is_dir() and not status.previous else None
     if status.state == "partial" and reached is not None and reached > config.steps:
         raise UserError(f"{out} holds a checkpoint at step {reached}, past steps: {config.steps}; "
                         "pass --overwrite to start over")
@@ -261,12 +263,14 @@ def run_unlearn(
                            owned=(out / MODEL_DIR / PROVENANCE_FILE).is_file())
     elif status.state == "changed" and not overwrite:
         raise UserError(f"unlearned model {out} was made with other settings ({status.describe()} changed)")
+    if status.previous and main:  # the settings an unfinished --overwrite replaced: their outputs come back
+        restore_aside(out, ASIDE)
     if status.state == "done":
         info = status.record or {}
         return UnlearnResult(out, out / MODEL_DIR, int(info.get("steps", config.steps)), dict(info.get("terms", {})),
                              dict(info.get("edit_stats", {})), is_main=main, skipped=True)
-    if status.state == "changed" and main:  # --overwrite: the old checkpoint and log belong to other settings
-        remove_outputs([out / CHECKPOINT_DIR, out / LOG_FILE, out / EDIT_FILE])
+    if status.state == "changed" and main:  # --overwrite: kept beside until the new settings' model is saved
+        set_aside(out, ASIDE)
     if main:
         atomic_write_text(out / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -354,6 +358,7 @@ def run_unlearn(
             (out / SIGNALS_FILE).unlink(missing_ok=True)
         backbone.save(model_dir, {PROVENANCE_FILE: provenance(config, fingerprints, settings)})
         run.mark_done("unlearn", settings, steps=steps, terms=terms, edit_stats=dict(method.edit_stats))
+        drop_aside(out)
     accelerator.wait_for_everyone()
     return UnlearnResult(out, model_dir, steps, terms, dict(method.edit_stats), is_main=main)
 

@@ -264,9 +264,6 @@ def attack_model(
         return outcome
     info = ModelInfo(name, method, variant, identity.path, identity.fingerprint)
     resolved = {**common, "attack": suite.model_dump(mode="json"), "sets": {n: str(p) for n, p in folders.items()}}
-    record = "config.json" if key == name else f"config.{key[len(name) + 1:]}.json"
-    if main:
-        atomic_write_text(ensure_dir(run_dir / "attacks" / name) / record, json.dumps(resolved, indent=2) + "\n")
     if backbone is None:
         dev = stage_device(device, accelerator)
         backbone = load_backbone(model_dir, device=dev, dtype=dtype if isinstance(dtype, torch.dtype)
@@ -294,6 +291,9 @@ def attack_model(
                            run_dir, info, data.get(suite.concept_set), progress=progress)
         for attack_name, settings in prompt_todo.items():
             run.mark_done(f"attack/{key}/prompt-{attack_name}", settings)
+    if main:  # the resolved settings, once the work they describe is done
+        record = "config.json" if key == name else f"config.{key[len(name) + 1:]}.json"
+        atomic_write_text(ensure_dir(run_dir / "attacks" / name) / record, json.dumps(resolved, indent=2) + "\n")
     return outcome
 
 

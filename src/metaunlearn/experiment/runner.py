@@ -145,7 +145,8 @@ class Experiment:
         from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
 
         preflight.check_settings(self)
-        self.run.write_config(self.config)
+        if not (self.run.path / "config.json").exists():  # another config's record is replaced once its stages ran
+            self.run.write_config(self.config)
         began = time.time()
         base_backbone = None
 
@@ -181,6 +182,7 @@ class Experiment:
                 self.console.print(f"report after seed {seed}: {files.html}")
 
         run_graph(self, tasks, backend, progress=progress, on_done=seed_report)
+        self.run.write_config(self.config)
         if self.config.attack is None:
             return None
         files = build_report(self.run.path, self.run.path, self.config.report)
