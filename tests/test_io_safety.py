@@ -167,3 +167,96 @@ def test_report_refuses_to_replace_files_no_report_wrote(run_cli, tmp_path):
     assert (out / "report.html").read_text() == "my page"
     assert run_cli("report", run).exit_code == 0
     assert run_cli("report", run).exit_code == 0  # its own report is replaced
+
+
+# ---- 3. a failed --overwrite keeps the old settings' outputs usable ----------------------------------------------------
+def test_a_failed_overwrite_leaves_the_old_settings_accepted(run_cli, tiny_sd_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = {"model": str(tiny_sd_dir), "method": {"name": "esd", "params": {"ddim_steps": 2}}, "forget_prompts": PROMPTS,
+           "steps": 2, "checkpoint_every": 1, "device": "cpu"}
+    path = tmp_path / "unlearn.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_cli("unlearn", path, "-o", out, "-q").exit_code == 0
+    good = snapshot(out)
+
+    from metaunlearn.backbones.base import Backbone
+
+    def full_disk(self, out_dir, records=None):
+        raise OSError(28, "No space left on device", str(out_dir))
+
+    monkeypatch.setattr(Backbone, "save", full_disk)  # the other settings train, then their model cannot be saved
+    path.write_text(yaml.safe_dump({**cfg, "seed": 1}))
+    assert_user_error(run_cli("unlearn", path, "-o", out, "-q", "--overwrite"), "No space left")
+    monkeypatch.undo()
+    assert snapshot(out / "model") == {k[len("model/"):]: v for k, v in good.items() if k.startswith("model/")}
+
+    path.write_text(yaml.safe_dump(cfg))  # the original settings again: the old model is theirs, nothing redone
+    res = run_cli("unlearn", path, "-o", out, "-q")
+    assert res.exit_code == 0 and "already done" in res.stdout, res.stderr
+    assert snapshot(out) == good  # their log, checkpoint, config and record are back
+    path.write_text(yaml.safe_dump({**cfg, "seed": 1}))
+    assert_user_error(run_cli("unlearn", path, "-o", out, "-q"), "config.seed", "--overwrite")
+    assert run_cli("unlearn", path, "-o", out, "-q", "--overwrite").exit_code == 0
+    assert json.loads((out / "config.json").read_text())["seed"] == 1 and not (out / ".previous").exists()
+    assert not (out / "stages" / "unlearn.previous.json").exists()
+
+
+def test_a_failed_overwrite_is_resumed_by_its_own_settings(tmp_path):
+    from metaunlearn.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.begin("s", {"a": 1})
+    run.mark_done("s", {"a": 1})
+    assert run.begin("s", {"a": 2}, overwrite=True).state == "changed"  # then the work fails
+    assert run.begin("s", {"a": 2}).state == "partial"  # its own settings resume without --overwrite
+    assert run.status("s", {"a": 1}).state == "done"  # the replaced settings are still the folder's
+    assert run.begin("s", {"a": 1}).state == "done" and run.is_done("s", {"a": 1})
+
+
+# ---- 6. generate resumes image by image --------------------------------------------------------------------------------
+def _wait_for(predicate, proc: subprocess.Popen, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 600  # a bound on a stuck process, not a timing assertion
+    while not predicate():
+        assert proc.poll() is None, f"the process ended before {what}: {proc.stderr.read() if proc.stderr else ''}"
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_generate_killed_part_way_resumes_with_the_same_images(run_cli, tiny_sd_dir, tmp_path, monkeypatch):
+    import signal
+
+    from metaunlearn.backbones.base import Backbone
+
+    args = [tiny_sd_dir, "-p", PROMPTS[0], "-p", PROMPTS[1], "-n", "12", "--steps", "2", "--batch-size", "2",
+            "--seed", "5", "-q"]
+    out = tmp_path / "data" / "set"
+    proc = subprocess.Popen([sys.executable, "-m", "metaunlearn.cli", "generate", *map(str, args), "-o", str(out)],
+                            env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    temp = lambda: list(out.parent.glob(".set.tmp-*"))  # noqa: E731
+    _wait_for(lambda: any(len(list(t.glob("*.png"))) >= 4 for t in temp()), proc, "4 images were written")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [left] = temp()
+    kept = {p.name: p.read_bytes() for p in left.glob("*.png")}
+    assert 4 <= len(kept) < 24 and not out.exists()
+
+    real, sampled = Backbone.sample, []
+
+    def counting(self, prompts, **kwargs):
+        sampled.extend(prompts)
+        return real(self, prompts, **kwargs)
+
+    monkeypatch.setattr(Backbone, "sample", counting)
+    assert run_cli("generate", *args, "-o", out).exit_code == 0
+    assert len(sampled) == 24 - len(kept)  # only the missing images are sampled again
+    assert not temp() and not [p for p in out.rglob(".*") if p.name != "stages"]
+    assert {n: b for n, b in ((p.name, p.read_bytes()) for p in out.glob("*.png")) if n in kept} == kept
+
+    whole = tmp_path / "whole" / "set"
+    assert run_cli("generate", *args, "-o", whole).exit_code == 0  # an uninterrupted run: the same images
+    assert snapshot(out).keys() == snapshot(whole).keys()
+    for name in ("metadata.jsonl", *(f"{i:06d}.png" for i in range(24))):
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
