@@ -260,3 +260,108 @@ def test_generate_killed_part_way_resumes_with_the_same_images(run_cli, tiny_sd_
     assert snapshot(out).keys() == snapshot(whole).keys()
     for name in ("metadata.jsonl", *(f"{i:06d}.png" for i in range(24))):
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+# ---- 5. one process at a time writes a folder ----------------------------------------------------------------------------
+HOLDER = """
+import sys
+from pathlib import Path
+from metaunlearn.locking import folder_lock
+with folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    if sys.stdin.readline().strip() == "release":
+        Path(sys.argv[2]).write_text("released")
+"""
+
+
+class Holder:
+    """Another process holding the lock of ``folder`` until it is told to release it or is killed."""
+
+    def __init__(self, folder: Path, released: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(released)], env=_env(),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "locked"
+        self.pid = self.proc.pid
+
+    def release(self) -> None:
+        self.proc.stdin.write("release\n")
+        self.proc.stdin.flush()
+        assert self.proc.wait(timeout=600) == 0
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def test_a_locked_unlearn_folder_is_refused_naming_the_holder_and_a_killed_holder_releases_it(
+        run_cli, tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    config = uce_config(tmp_path / "a.yaml", tiny_sd_dir)
+    holder = Holder(out, tmp_path / "released")
+    try:
+        assert_user_error(run_cli("unlearn", config, "-o", out, "-q"), f"pid {holder.pid}", "--wait", str(out))
+        assert not out.exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock
+    res = run_cli("unlearn", config, "-o", out, "-q")
+    assert res.exit_code == 0, res.stderr
+    assert (out / "model" / "model_index.json").is_file() and not list(tmp_path.glob(".*.lock"))
+
+
+def test_wait_queues_behind_the_holder(tiny_sd_dir, tmp_path):
+    out = tmp_path / "set"
+    released = tmp_path / "released"
+    holder = Holder(out, released)
+    try:
+        waiter = subprocess.Popen([sys.executable, "-m", "metaunlearn.cli", "generate", str(tiny_sd_dir), "-p",
+                                   PROMPTS[0], "--steps", "1", "-o", str(out), "-q", "--wait"], env=_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        refused = cli("generate", tiny_sd_dir, "-p", PROMPTS[0], "--steps", "1", "-o", out, "-q")
+        one_error_line(refused, f"pid {holder.pid}")
+        assert waiter.poll() is None and not out.exists()
+        holder.release()
+    finally:
+        holder.kill()
+    _, err = waiter.communicate(timeout=600)
+    assert waiter.returncode == 0, err
+    assert released.is_file() and released.stat().st_mtime_ns <= (out / "metadata.jsonl").stat().st_mtime_ns
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+def test_a_locked_run_folder_refuses_attack_run_and_demo(run_cli, tiny_sd_dir, tmp_path):
+    from metaunlearn.data.imagefolder import write_imagefolder
+
+    import torch
+
+    run = tmp_path / "run"
+    write_imagefolder(tmp_path / "attack-data", torch.rand(2, 3, 16, 16), PROMPTS)
+    config = tmp_path / "attack.yaml"
+    config.write_text(yaml.safe_dump({"attack": {"sets": {"hrm": {"data": "attack-data"}}, "lrs": [1e-3],
+                                                 "snapshot_steps": [0, 1], "batch_size": 2}}))
+    holder = Holder(run, tmp_path / "released")
+    try:
+        assert_user_error(run_cli("attack", tiny_sd_dir, config, "-o", run, "-q"), "run folder", f"pid {holder.pid}")
+        assert not run.exists()
+        assert_user_error(run_cli("demo", "--quick", "-o", run, "-q"), "run folder", f"pid {holder.pid}")
+        assert not any(run.iterdir())  # the demo names its (empty) folder before it runs
+    finally:
+        holder.kill()
+
+
+def test_a_runs_worker_processes_are_covered_by_its_lock(run_cli, tiny_sd_dir, tmp_path):
+    from test_schedule import _grid
+
+    config = _grid(tiny_sd_dir, tmp_path)
+    run = tmp_path / "run"
+    holder = Holder(run, tmp_path / "released")
+    try:
+        assert_user_error(run_cli("run", config, "-q", "--jobs", "2", "-o", run), f"pid {holder.pid}")
+    finally:
+        holder.kill()
+    res = run_cli("run", config, "-q", "--jobs", "2", "-o", run)  # two worker processes under the run's lock
+    assert res.exit_code == 0, res.stderr
+    assert (run / "results.json").is_file() and not list(tmp_path.glob(".*.lock"))
+    for stage in ("unlearn-uce-meta", "attack-uce-meta"):
+        assert json.loads((run / "stages" / f"{stage}.json").read_text())["state"] == "done"

@@ -23,6 +23,7 @@ reads in :mod:`metaunlearn.unlearn_data`; their names are also importable from h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -220,8 +221,14 @@ def run_unlearn(
 
     Resumes by default: a finished run with the same settings is returned as it is, a started one continues from
     its checkpoint; earlier outputs made with other settings are refused unless ``overwrite``. Inputs are checked
-    before anything is written.
+    before anything is written. The output folder is locked (:mod:`metaunlearn.locking`) once they are.
     """
+    with contextlib.ExitStack() as locks:
+        return _run_unlearn(config, overwrite, progress, backbone, locks)
+
+
+def _run_unlearn(config: UnlearnConfig, overwrite: bool, progress: bool, backbone: Backbone | None,
+                 locks: contextlib.ExitStack) -> UnlearnResult:
     from metaunlearn.atomic import atomic_write_text
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.identity import PROVENANCE_FILE
@@ -247,6 +254,10 @@ def run_unlearn(
     method = config.method.build()
     fingerprints = unlearn_inputs(config, backbone)  # validates every input before anything is written
     settings = unlearn_settings(config, fingerprints)
+    if main:  # one process at a time writes the folder (the other processes of a launch write nothing)
+        from metaunlearn.locking import folder_lock
+
+        locks.enter_context(folder_lock(out, "unlearn output folder"))
     outputs = [out / MODEL_DIR, out / CHECKPOINT_DIR, out / LOG_FILE]
     complete = [out / MODEL_DIR / "model_index.json"]
     status = RunDir(out, create=False).status("unlearn", settings, outputs=outputs, resumable=("steps",),

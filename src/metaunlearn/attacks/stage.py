@@ -15,6 +15,7 @@ Results are filed under ``name`` (default ``<method>-<variant>``, ``base`` for a
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,23 @@ def _set_settings(common: dict, set_name: str, path: Path, digest: str, specs: l
             "specs": [s.model_dump(mode="json") for s in specs]}
 
 
-def attack_model(
+def attack_model(model_dir: str | Path | None, suite: AttackSuiteConfig, run_dir: str | Path, *, lock: bool = True,
+                 **options) -> AttackOutcome:
+    """Attack the model in ``model_dir`` with every spec of ``suite`` on every (selected) set; resumable.
+
+    ``base_dir`` is the config file's folder (relative data, prompt and weight paths). ``stage_key`` names the
+    stage markers (default: ``name``; the runner adds its grid seed). ``backbone`` attacks a model in memory
+    instead of ``model_dir`` (identified by a digest of its weights). Under ``torchrun`` / ``accelerate launch``
+    every process trains its share of each batch and the main process alone evaluates, writes and returns rows. Results already in ``run_dir`` under the
+    same name and set but made with other settings — another model, batch size, prompts, data — are refused
+    with one line unless ``overwrite``, which deletes them first. The run folder is locked
+    (:mod:`metaunlearn.locking`) unless ``lock`` is false (a ``run``'s stages: their parent holds its lock).
+    """
+    with contextlib.ExitStack() as locks:
+        return _attack_model(model_dir, suite, run_dir, locks=locks if lock else None, **options)
+
+
+def _attack_model(
     model_dir: str | Path | None,
     suite: AttackSuiteConfig,
     run_dir: str | Path,
@@ -137,16 +154,8 @@ def attack_model(
     progress: bool = True,
     evaluator=None,
     backbone=None,
+    locks: contextlib.ExitStack | None = None,
 ) -> AttackOutcome:
-    """Attack the model in ``model_dir`` with every spec of ``suite`` on every (selected) set; resumable.
-
-    ``base_dir`` is the config file's folder (relative data, prompt and weight paths). ``stage_key`` names the
-    stage markers (default: ``name``; the runner adds its grid seed). ``backbone`` attacks a model in memory
-    instead of ``model_dir`` (identified by a digest of its weights). Under ``torchrun`` / ``accelerate launch``
-    every process trains its share of each batch and the main process alone evaluates, writes and returns rows. Results already in ``run_dir`` under the
-    same name and set but made with other settings — another model, batch size, prompts, data — are refused
-    with one line unless ``overwrite``, which deletes them first.
-    """
     from metaunlearn.atomic import atomic_write_text, ensure_dir
     from metaunlearn.attacks.step_zero import StepZeroEvaluations
     from metaunlearn.attacks.sweep import (
@@ -160,6 +169,7 @@ def attack_model(
     )
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.devices import resolve_dtype
+    from metaunlearn.locking import folder_lock, is_main_launch_process
     from metaunlearn.runs import RunDir, refuse_foreign, remove_outputs
     from metaunlearn.training.accel import make_accelerator, stage_device
     from metaunlearn.training.parallel import Shard
@@ -194,6 +204,8 @@ def attack_model(
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} is a file, not a folder")
+    if locks is not None and is_main_launch_process():  # one process at a time writes the run folder
+        locks.enter_context(folder_lock(run_dir, "run folder"))
     run = RunDir(run_dir, create=False)
     todo: dict[str, Path] = {}
     outcome = AttackOutcome(name, method, variant, identity, run_dir=run_dir)

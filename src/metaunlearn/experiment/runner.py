@@ -138,8 +138,15 @@ class Experiment:
         each with ``cpu_count // jobs`` torch threads (small models train faster this way than with every thread
         in one process); ``ray`` = ``"local"`` (a new local Ray instance with every core, or ``jobs`` stages at
         once if ``jobs`` > 1; the cluster of ``$RAY_ADDRESS`` if set) or a cluster address runs them as Ray tasks requesting ``resources``. A report is written whenever every stage of a
-        grid seed has finished (so a partial run is still a table), the final one last.
+        grid seed has finished (so a partial run is still a table), the final one last. The run folder is locked
+        for the whole run (:mod:`metaunlearn.locking`); its worker processes write under this lock.
         """
+        from metaunlearn.locking import folder_lock
+
+        with folder_lock(self.run.path, "run folder"):
+            return self._run_all(progress, jobs, ray, resources)
+
+    def _run_all(self, progress: bool, jobs: int, ray: str | None, resources: StageResources | None) -> Path | None:
         from metaunlearn.backbones.loading import load_backbone
         from metaunlearn.experiment.report import build_report
         from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
@@ -296,7 +303,7 @@ class Experiment:
             raise UserError(f"model {model.key} was not built: {folder} is missing")
         attack_model(folder, suite, self.run.path, eval_config=self.config.eval, base_dir=self.base, name=model.name,
                      method=model.method, variant=model.variant, stage_key=model.key, overwrite=self.overwrite,
-                     progress=progress)
+                     progress=progress, lock=False)  # the run's process holds the run folder's lock
 
 
 def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,
