@@ -365,3 +365,25 @@ def test_a_runs_worker_processes_are_covered_by_its_lock(run_cli, tiny_sd_dir, t
     assert (run / "results.json").is_file() and not list(tmp_path.glob(".*.lock"))
     for stage in ("unlearn-uce-meta", "attack-uce-meta"):
         assert json.loads((run / "stages" / f"{stage}.json").read_text())["state"] == "done"
+
+
+def test_a_redo_killed_between_its_model_and_its_record_is_not_taken_for_the_old_model(
+        run_cli, tiny_sd_dir, tmp_path, monkeypatch):
+    from metaunlearn.runs import RunDir
+
+    out = tmp_path / "out"
+    path = uce_config(tmp_path / "a.yaml", tiny_sd_dir)
+    assert run_cli("unlearn", path, "-o", out, "-q").exit_code == 0
+    first = json.loads((out / "model" / "unlearn_config.json").read_text())["settings_key"]
+
+    def full_disk(self, stage, settings, **info):
+        raise OSError(28, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(RunDir, "mark_done", full_disk)  # the other settings' model is saved, its record is not
+    other = uce_config(tmp_path / "b.yaml", tiny_sd_dir, PROMPTS[:1])
+    assert_user_error(run_cli("unlearn", other, "-o", out, "-q", "--overwrite"), "No space left")
+    monkeypatch.undo()
+    assert json.loads((out / "model" / "unlearn_config.json").read_text())["settings_key"] != first
+    res = run_cli("unlearn", path, "-o", out, "-q")  # the original settings: their model is rebuilt, not assumed
+    assert res.exit_code == 0 and "already done" not in res.stdout, res.stderr
+    assert json.loads((out / "model" / "unlearn_config.json").read_text())["settings_key"] == first

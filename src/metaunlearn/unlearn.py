@@ -199,6 +199,16 @@ def unlearn_settings(config: UnlearnConfig, inputs: dict) -> dict:
     return {"config": cfg, "inputs": inputs, "steps": config.steps}
 
 
+def _made_with(model_dir: Path) -> str | None:
+    """The settings key a saved model records in its provenance file (``None`` when unreadable)."""
+    from metaunlearn.identity import PROVENANCE_FILE
+
+    try:
+        return json.loads((model_dir / PROVENANCE_FILE).read_text()).get("settings_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def provenance(config: UnlearnConfig, inputs: dict, settings: dict) -> dict:
     """The record saved inside the model folder: how this model was made (read back by ``attack``)."""
     return {
@@ -276,6 +286,8 @@ def _run_unlearn(config: UnlearnConfig, overwrite: bool, progress: bool, backbon
         raise UserError(f"unlearned model {out} was made with other settings ({status.describe()} changed)")
     if status.previous and main:  # the settings an unfinished --overwrite replaced: their outputs come back
         restore_aside(out, ASIDE)
+    if status.previous and status.state == "done" and _made_with(out / MODEL_DIR) != settings_key(settings):
+        status.state = "partial"  # the redo saved its model before it could record that: rebuild these settings'
     if status.state == "done":
         info = status.record or {}
         return UnlearnResult(out, out / MODEL_DIR, int(info.get("steps", config.steps)), dict(info.get("terms", {})),
