@@ -390,3 +390,21 @@ def test_a_redo_killed_between_its_model_and_its_record_is_not_taken_for_the_old
     res = run_cli("unlearn", path, "-o", out, "-q")  # the original settings: their model is rebuilt, not assumed
     assert res.exit_code == 0 and "already done" not in res.stdout, res.stderr
     assert json.loads((out / "model" / "unlearn_config.json").read_text())["settings_key"] == first
+
+
+def test_a_rendered_attack_set_never_replaces_a_folder_metaunlearn_did_not_make(tmp_path):
+    from metaunlearn.errors import UserError
+    from metaunlearn.experiment.demo import build_demo
+
+    experiment = build_demo(robust=True, run_dir=tmp_path / "run")
+    name, spec = next((n, s) for n, s in experiment.config.attack_data.items() if s.source == "render")
+    folder = experiment.attack_folders()[name]
+    folder.mkdir(parents=True)
+    (folder / "mine.png").write_bytes(b"mine")
+    with pytest.raises(UserError, match="did not make"):
+        experiment._make_attack_set(None, spec, folder, False)
+    assert (folder / "mine.png").read_bytes() == b"mine"
+    (folder / "mine.png").unlink()
+    experiment._make_attack_set(None, spec, folder, False)  # an empty folder, then its own folder, are replaced
+    experiment._make_attack_set(None, spec, folder, False)
+    assert (folder / "generation.json").is_file()

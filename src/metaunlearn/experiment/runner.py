@@ -265,8 +265,11 @@ class Experiment:
         from metaunlearn.data.generate import generate_folder
 
         if spec.source == "render":
+            from metaunlearn.runs import refuse_foreign
             from metaunlearn.toyworld.attack_data import render_folder
 
+            if folder.is_dir() and any(folder.iterdir()) and not (folder / "generation.json").is_file():
+                refuse_foreign(folder, sorted(folder.iterdir()), f"cannot replace attack set {folder.name}")
             render_folder(spec.prompts, folder, images_per_prompt=spec.images_per_prompt, seed=spec.seed)
             return
 
