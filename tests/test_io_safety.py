@@ -408,3 +408,30 @@ def test_a_rendered_attack_set_never_replaces_a_folder_metaunlearn_did_not_make(
     experiment._make_attack_set(None, spec, folder, False)  # an empty folder, then its own folder, are replaced
     experiment._make_attack_set(None, spec, folder, False)
     assert (folder / "generation.json").is_file()
+
+
+def test_a_generation_stopped_between_its_splits_reruns_without_overwrite(tiny_sd_dir, tmp_path, monkeypatch):
+    import metaunlearn.data.generate as generate
+    from metaunlearn.backbones.loading import load_backbone
+    from metaunlearn.config import validate
+    from metaunlearn.data.config import DataConfig
+
+    sd = load_backbone(tiny_sd_dir)
+    cfg = validate(DataConfig, {"root": str(tmp_path / "data"), "sampler": {"steps": 1, "guidance": 1.0},
+                                "forget": {"prompts": [PROMPTS[0]], "images_per_prompt": 4, "test_fraction": 0.25}},
+                   "c.yaml")
+    real, calls = generate.replace_directory, []
+
+    def stop_after_the_first(new, final):
+        calls.append(final)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(new, final)
+
+    monkeypatch.setattr(generate, "replace_directory", stop_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        generate.generate_role(sd, cfg, "forget", progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "data" / "forget" / "train").is_dir() and not (tmp_path / "data" / "forget" / "test").exists()
+    folders = generate.generate_role(sd, cfg, "forget", progress=False)
+    assert all((f / "metadata.jsonl").is_file() for f in folders.values())

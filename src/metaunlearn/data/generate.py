@@ -183,7 +183,8 @@ def _write_splits(
     if all(_is_current(folder, _split_spec(spec, split)) for split, folder in targets.items()):
         return targets
     for split, folder in targets.items():
-        _check_replaceable(folder, _split_spec(spec, split), overwrite)
+        if not _is_current(folder, _split_spec(spec, split)):  # a split a killed run had already put in place
+            _check_replaceable(folder, _split_spec(spec, split), overwrite)
         ensure_dir(folder.parent)
     tmps = {split: _resume_dir(f, _split_spec(spec, split)) for split, f in targets.items()}
     try:
