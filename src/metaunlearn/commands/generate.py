@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -172,6 +173,7 @@ def _generate_from_config(
     console: Console,
 ) -> None:
     from metaunlearn.data.config import ROLES
+    from metaunlearn.locking import folder_lock
 
     parsed = load_generate_file(config)
     data = parsed.data
@@ -188,10 +190,6 @@ def _generate_from_config(
     if needs_model and model is None:
         raise UserError(f"{config}: no model given (set 'model' in the config or pass a model folder)")
     backbone = _load(model, device, dtype) if needs_model else None
-    from contextlib import ExitStack
-
-    from metaunlearn.locking import folder_lock
-
     with ExitStack() as locks:
         if data.root is not None:  # one process at a time writes the data root
             locks.enter_context(folder_lock(data.root, "data folder"))
