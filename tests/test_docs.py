@@ -73,3 +73,10 @@ def test_every_docs_page_is_in_the_nav_and_linked_from_the_readme():
 
 def test_readme_is_short():
     assert len(README.read_text().splitlines()) <= 250
+
+
+def test_config_descriptions_fit_one_line():
+    _, where = docs_reference._walk()
+    long = [f"{model.__name__}.{key} ({len(field.description)})" for model in where
+            for key, field in model.model_fields.items() if field.description and len(field.description) > 100]
+    assert not long, f"descriptions over 100 characters (rationale belongs in docs/): {', '.join(long)}"
