@@ -4,7 +4,8 @@
   final path and renamed into place (the old one moved aside first, recovered if the swap was interrupted).
 * :func:`atomic_write_text` / :func:`atomic_write_bytes` — one file through a temporary file and a rename.
 * :class:`AtomicFiles` — several outputs that appear together (a report's files).
-* :func:`ensure_dir` — a folder created or one line saying why not; files get the usual permissions under the umask.
+* :func:`ensure_dir` — a folder created or one line saying why not; files get the usual permissions under the umask
+  (:func:`apply_usual_modes` for a folder written by a library).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def replace_directory(new: Path, final: Path) -> None:
     """
     new, final = Path(new), Path(final)
     old = final.with_name(f".{final.name}.old")
+    apply_usual_modes(new)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -98,6 +100,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def usual_mode(directory: bool = False) -> int:
     """The permissions a new file (or folder) gets under the current umask, e.g. ``0o644`` under umask 022."""
     return (0o777 if directory else 0o666) & ~_umask()
+
+
+def apply_usual_modes(folder: str | Path) -> None:
+    """Give every file and folder below ``folder`` (and itself) the usual permissions under the umask: libraries
+    such as safetensors write their files private to the owner whatever the umask."""
+    folder = Path(folder)
+    files, dirs = usual_mode(), usual_mode(directory=True)
+    folder.chmod(dirs)
+    for root, names, leaves in os.walk(folder):
+        for name in names:
+            Path(root, name).chmod(dirs)
+        for name in leaves:
+            path = Path(root, name)
+            if not path.is_symlink():
+                path.chmod(files)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

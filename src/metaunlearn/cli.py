@@ -18,7 +18,7 @@ import sys
 import typer
 
 from metaunlearn import __version__
-from metaunlearn.errors import UserError, os_error_message
+from metaunlearn.errors import UserError, as_os_error, is_io_error, os_error_message
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -119,6 +119,11 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         code = 130
+    except Exception as exc:  # an I/O failure a library reports as its own error (safetensors' SafetensorError)
+        if not is_io_error(exc):
+            raise
+        err.print(f"error: {os_error_message(as_os_error(exc))}", markup=False)
+        sys.exit(2)
     if code == 130:  # typer turns Ctrl-C into this exit code
         err.print("interrupted")
     if isinstance(code, int) and code:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class UserError(Exception):
@@ -38,3 +40,23 @@ def os_error_message(exc: OSError) -> str:
     if hint:
         text += f" ({hint})"
     return f"{text}; earlier outputs are unchanged"
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(exc: Exception, path: object = None) -> OSError:
+    """An :class:`OSError` for an I/O failure a library reports otherwise (``safetensors``' ``SafetensorError``:
+    ``... I/O error: File too large (os error 27)``), so it gets the same one line as any full disk."""
+    if isinstance(exc, OSError):
+        return exc
+    match = _OS_ERROR.search(str(exc))
+    code = int(match.group(1)) if match else errno.EIO
+    return OSError(code, os.strerror(code), None if path is None else str(path))
+
+
+def is_io_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an I/O failure: an :class:`OSError`, or a ``SafetensorError`` while writing or reading."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__name__ == "SafetensorError" and ("I/O error" in str(exc) or _OS_ERROR.search(str(exc)) is not None)

@@ -117,6 +117,7 @@ class StageStatus:
     state: str
     changed: list[str] = field(default_factory=list)
     record: dict | None = None
+    previous: bool = False  # the record is the one a failed ``--overwrite`` kept beside its own (see RunDir.begin)
 
     def describe(self) -> str:
         shown = ", ".join(self.changed[:3]) + (f" and {len(self.changed) - 3} more" if len(self.changed) > 3 else "")
@@ -147,11 +148,16 @@ class RunDir:
         parts = [_slug(p) for p in stage.split("/")]
         return self.path.joinpath(STAGES_DIR, *parts[:-1], f"{parts[-1]}.json")
 
-    def record(self, stage: str) -> dict | None:
-        """The marker of ``stage`` (``None`` when there is none or it is unreadable)."""
+    def _previous(self, stage: str) -> Path:
         marker = self._marker(stage)
+        return marker.with_name(marker.name[: -len(".json")] + ".previous.json")
+
+    def record(self, stage: str, previous: bool = False) -> dict | None:
+        """The marker of ``stage`` (``None`` when there is none or it is unreadable); ``previous``: the done record
+        an unfinished ``--overwrite`` kept beside its own."""
+        marker = self._previous(stage) if previous else self._marker(stage)
         legacy = marker.with_name(marker.name[: -len(".json")] + ".done.json")
-        for path, state in ((marker, None), (legacy, "done")):
+        for path, state in ((marker, None), *(() if previous else ((legacy, "done"),))):
             if path.is_file():
                 try:
                     record = json.loads(path.read_text())
@@ -168,6 +174,12 @@ class RunDir:
         these settings whose ``complete`` outputs are not all there (deleted since) is ``partial``: resumed."""
         record = self.record(stage)
         new = _jsonable(settings)
+        before = self.record(stage, previous=True)
+        if before is not None and before.get("settings_key") == settings_key(new) and not (
+                record is not None and record.get("settings_key") == before.get("settings_key")):
+            # an --overwrite that never finished: the settings it replaced are asked for again
+            done = before.get("state") == "done" and all(Path(p).exists() for p in complete)
+            return StageStatus("done" if done else "partial", record=before, previous=True)
         if record is None:
             if any(Path(p).exists() for p in outputs):
                 return StageStatus("changed", ["(no record of the settings its outputs were made with)"])
@@ -187,11 +199,13 @@ class RunDir:
         return StageStatus("changed", differ, record)
 
     def begin(self, stage: str, settings: BaseModel | dict | str, *, overwrite: bool = False, what: str = "",
-              outputs: Sequence[Path] = (), resumable: Sequence[str] = (), complete: Sequence[Path] = ()) -> StageStatus:
+              outputs: Sequence[Path] = (), resumable: Sequence[str] = (), complete: Sequence[Path] = (),
+              owned: bool = False) -> StageStatus:
         """Check ``stage`` against ``settings`` and record it as started (unless it is done).
 
         Changed settings raise a one-line :class:`UserError` unless ``overwrite``; then the caller discards the
-        old outputs (status ``changed``) before redoing the stage.
+        old outputs (status ``changed``) before redoing the stage. ``overwrite`` never discards outputs that no
+        record of metaunlearn's claims (no marker, and not ``owned`` by the caller's own evidence).
         """
         status = self.status(stage, settings, outputs=outputs, resumable=resumable, complete=complete)
         if status.state == "changed" and not overwrite:
@@ -199,6 +213,13 @@ class RunDir:
                 f"{what or stage} was made with other settings ({status.describe()} changed); "
                 "pass --overwrite to redo it, or choose another output folder"
             )
+        if status.state == "changed" and status.record is None and not owned:
+            refuse_foreign(self.path, [p for p in outputs if Path(p).exists()], what or stage)
+        if status.previous:  # back to the settings an unfinished --overwrite replaced: its record is the stage's
+            self._previous(stage).replace(self._marker(stage))
+        elif status.state == "changed" and (status.record or {}).get("state") == "done":
+            # kept beside until the redone stage is done, so a failure leaves the old settings' outputs usable
+            atomic_write_text(self._previous(stage), json.dumps(status.record, indent=2, default=str) + "\n")
         if status.state != "done":
             self._write(stage, settings, "started")
         return status
@@ -218,13 +239,61 @@ class RunDir:
 
     def mark_done(self, stage: str, settings: BaseModel | dict | str, **info: object) -> Path:
         """Record that ``stage`` finished with ``settings``; ``info`` (JSON-able) is stored alongside."""
-        return self._write(stage, settings, "done", **info)
+        path = self._write(stage, settings, "done", **info)
+        self._previous(stage).unlink(missing_ok=True)
+        return path
 
     def clear_done(self, stage: str) -> None:
         """Forget ``stage``, so the next run repeats it."""
         marker = self._marker(stage)
         marker.unlink(missing_ok=True)
         marker.with_name(marker.name[: -len(".json")] + ".done.json").unlink(missing_ok=True)
+        self._previous(stage).unlink(missing_ok=True)
+
+
+def refuse_foreign(folder: Path, found: Sequence[Path], what: str) -> None:
+    """Raise: ``found`` in ``folder`` were not made by metaunlearn (no record of it), so ``--overwrite`` keeps them."""
+    shown = ", ".join(str(Path(p).relative_to(folder)) if Path(p).is_relative_to(folder) else str(p) for p in found[:3])
+    raise UserError(f"{what}: {folder} holds files metaunlearn did not make ({shown or 'no record of its settings'}); "
+                    "--overwrite replaces only metaunlearn's own outputs: move them away or choose another folder")
+
+
+ASIDE_DIR = ".previous"
+"""A stage folder's outputs of the settings an unfinished ``--overwrite`` replaced (see :func:`set_aside`)."""
+
+
+def set_aside(folder: Path, names: Sequence[str]) -> None:
+    """Move the outputs ``names`` of ``folder`` into ``folder/.previous`` before a stage is redone with other
+    settings, so a failed redo can give them back (:func:`restore_aside`). When it already holds outputs (an earlier
+    redo never finished), those are the ones kept, and these, of the unfinished redo, are deleted."""
+    folder = Path(folder)
+    aside = folder / ASIDE_DIR
+    if aside.exists():
+        remove_outputs([folder / n for n in names])
+        return
+    staged = make_temp_dir(folder, f"{ASIDE_DIR}.tmp-")
+    for name in names:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            (folder / name).rename(staged / name)
+    staged.rename(aside)
+
+
+def restore_aside(folder: Path, names: Sequence[str]) -> None:
+    """Give back what :func:`set_aside` kept, replacing the outputs ``names`` of an unfinished redo."""
+    folder = Path(folder)
+    aside = folder / ASIDE_DIR
+    if not aside.is_dir():
+        return
+    remove_outputs([folder / n for n in names])
+    for name in names:
+        if (aside / name).exists() or (aside / name).is_symlink():
+            (aside / name).rename(folder / name)
+    shutil.rmtree(aside)
+
+
+def drop_aside(folder: Path) -> None:
+    """Delete what :func:`set_aside` kept: the stage was redone."""
+    shutil.rmtree(Path(folder) / ASIDE_DIR, ignore_errors=True)
 
 
 def remove_outputs(paths: Sequence[Path]) -> None:

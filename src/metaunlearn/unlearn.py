@@ -23,6 +23,7 @@ reads in :mod:`metaunlearn.unlearn_data`; their names are also importable from h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -198,6 +199,16 @@ def unlearn_settings(config: UnlearnConfig, inputs: dict) -> dict:
     return {"config": cfg, "inputs": inputs, "steps": config.steps}
 
 
+def _made_with(model_dir: Path) -> str | None:
+    """The settings key a saved model records in its provenance file (``None`` when unreadable)."""
+    from metaunlearn.identity import PROVENANCE_FILE
+
+    try:
+        return json.loads((model_dir / PROVENANCE_FILE).read_text()).get("settings_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def provenance(config: UnlearnConfig, inputs: dict, settings: dict) -> dict:
     """The record saved inside the model folder: how this model was made (read back by ``attack``)."""
     return {
@@ -220,14 +231,22 @@ def run_unlearn(
 
     Resumes by default: a finished run with the same settings is returned as it is, a started one continues from
     its checkpoint; earlier outputs made with other settings are refused unless ``overwrite``. Inputs are checked
-    before anything is written.
+    before anything is written. The output folder is locked (:mod:`metaunlearn.locking`) once they are.
     """
+    with contextlib.ExitStack() as locks:
+        return _run_unlearn(config, overwrite, progress, backbone, locks)
+
+
+def _run_unlearn(config: UnlearnConfig, overwrite: bool, progress: bool, backbone: Backbone | None,
+                 locks: contextlib.ExitStack) -> UnlearnResult:
     from metaunlearn.atomic import atomic_write_text
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.identity import PROVENANCE_FILE
-    from metaunlearn.runs import RunDir, remove_outputs
+    from metaunlearn.runs import RunDir, drop_aside, restore_aside, set_aside
     from metaunlearn.training.accel import make_accelerator, stage_device
     from metaunlearn.training.loop import CHECKPOINT_DIR, LOG_FILE, TrainLoop, checkpoint_step
+
+    ASIDE = (CHECKPOINT_DIR, LOG_FILE, EDIT_FILE, SIGNALS_FILE, CONFIG_FILE)  # what other settings' runs leave
 
     assert config.out is not None
     out = Path(config.out)
@@ -245,11 +264,15 @@ def run_unlearn(
     method = config.method.build()
     fingerprints = unlearn_inputs(config, backbone)  # validates every input before anything is written
     settings = unlearn_settings(config, fingerprints)
+    if main:  # one process at a time writes the folder (the other processes of a launch write nothing)
+        from metaunlearn.locking import folder_lock
+
+        locks.enter_context(folder_lock(out, "unlearn output folder"))
     outputs = [out / MODEL_DIR, out / CHECKPOINT_DIR, out / LOG_FILE]
     complete = [out / MODEL_DIR / "model_index.json"]
     status = RunDir(out, create=False).status("unlearn", settings, outputs=outputs, resumable=("steps",),
                                               complete=complete)
-    reached = checkpoint_step(out) if out.is_dir() else None
+    reached = checkpoint_step(out) if out.is_dir() and not status.previous else None
     if status.state == "partial" and reached is not None and reached > config.steps:
         raise UserError(f"{out} holds a checkpoint at step {reached}, past steps: {config.steps}; "
                         "pass --overwrite to start over")
@@ -257,15 +280,20 @@ def run_unlearn(
     run = RunDir(out)
     if main:
         status = run.begin("unlearn", settings, overwrite=overwrite, what=f"unlearned model {out}", outputs=outputs,
-                           resumable=("steps",), complete=complete)
+                           resumable=("steps",), complete=complete,
+                           owned=(out / MODEL_DIR / PROVENANCE_FILE).is_file())
     elif status.state == "changed" and not overwrite:
         raise UserError(f"unlearned model {out} was made with other settings ({status.describe()} changed)")
+    if status.previous and main:  # the settings an unfinished --overwrite replaced: their outputs come back
+        restore_aside(out, ASIDE)
+    if status.previous and status.state == "done" and _made_with(out / MODEL_DIR) != settings_key(settings):
+        status.state = "partial"  # the redo saved its model before it could record that: rebuild these settings'
     if status.state == "done":
         info = status.record or {}
         return UnlearnResult(out, out / MODEL_DIR, int(info.get("steps", config.steps)), dict(info.get("terms", {})),
                              dict(info.get("edit_stats", {})), is_main=main, skipped=True)
-    if status.state == "changed" and main:  # --overwrite: the old checkpoint and log belong to other settings
-        remove_outputs([out / CHECKPOINT_DIR, out / LOG_FILE, out / EDIT_FILE])
+    if status.state == "changed" and main:  # --overwrite: kept beside until the new settings' model is saved
+        set_aside(out, ASIDE)
     if main:
         atomic_write_text(out / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -353,6 +381,7 @@ def run_unlearn(
             (out / SIGNALS_FILE).unlink(missing_ok=True)
         backbone.save(model_dir, {PROVENANCE_FILE: provenance(config, fingerprints, settings)})
         run.mark_done("unlearn", settings, steps=steps, terms=terms, edit_stats=dict(method.edit_stats))
+        drop_aside(out)
     accelerator.wait_for_everyone()
     return UnlearnResult(out, model_dir, steps, terms, dict(method.edit_stats), is_main=main)
 

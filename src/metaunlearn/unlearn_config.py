@@ -35,8 +35,7 @@ class UnlearnData(StrictModel):
     irrelevant: SplitPaths | None = None
     attack_sets: dict[str, Path] = Field(
         default_factory=dict,
-        description="further forget sets a simulated attack may finetune on (meta.attacks[].data names one): "
-                    "name -> image folder or cached set",
+        description="further forget sets a simulated attack may finetune on: name -> image folder or cached set",
     )
     benign_split: Literal["train", "test"] = Field(
         "test", description="split of related/irrelevant used by the meta terms (the official code: test)"
@@ -61,8 +60,7 @@ class UnlearnConfig(StrictModel):
     lr: float | None = Field(None, gt=0, description="outer AdamW learning rate (default: the method's, 1e-5)")
     weight_decay: float = Field(0.0, ge=0, description="outer AdamW weight decay")
     optimizer: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="outer optimizer; adamw8bit: bitsandbytes' 8-bit AdamW (pip install 'metaunlearn[bnb]'), "
-                             "a quarter of AdamW's state memory"
+        "adamw", description="outer optimizer; adamw8bit: bitsandbytes' 8-bit AdamW (pip install 'metaunlearn[bnb]')"
     )
     clip_grad_norm: float | None = Field(None, gt=0, description="clip of plain-method gradients (meta: meta.clip)")
     seed: int = 0
@@ -75,7 +73,8 @@ class UnlearnConfig(StrictModel):
         None, description="bf16 autocast or no; null: the launcher's (accelerate launch --mixed_precision), else no"
     )
     gradient_accumulation_steps: int | None = Field(
-        None, ge=1, description="micro-batches per batch (same update, less memory); null: ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1"
+        None, ge=1,
+        description="micro-batches per batch (same update); null: ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1",
     )
     gradient_checkpointing: bool = False
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")

@@ -49,8 +49,8 @@ class AttackSpec(StrictModel):
     snapshot_steps: list[int] = Field(default_factory=lambda: [0, 50, 100, 200, 300], min_length=1)
     probe_size: int = Field(8, ge=1, description="training examples in the fixed-noise loss probe at each snapshot")
     snapshot_samples: dict[int, int] = Field(
-        default_factory=dict, description="evaluation budget: samples per prompt at these snapshot steps (fewer "
-        "than the evaluation's own at intermediate snapshots); the others get the evaluation's")
+        default_factory=dict,
+        description="evaluation budget: samples per prompt at these snapshot steps; the others get the evaluation's")
 
     _sorted_unique_steps = field_validator("snapshot_steps")(classmethod(lambda cls, v: sorted_snapshot_steps(v)))
 

@@ -15,6 +15,7 @@ Results are filed under ``name`` (default ``<method>-<variant>``, ``base`` for a
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,23 @@ def _set_settings(common: dict, set_name: str, path: Path, digest: str, specs: l
             "specs": [s.model_dump(mode="json") for s in specs]}
 
 
-def attack_model(
+def attack_model(model_dir: str | Path | None, suite: AttackSuiteConfig, run_dir: str | Path, *, lock: bool = True,
+                 **options) -> AttackOutcome:
+    """Attack the model in ``model_dir`` with every spec of ``suite`` on every (selected) set; resumable.
+
+    ``base_dir`` is the config file's folder (relative data, prompt and weight paths). ``stage_key`` names the
+    stage markers (default: ``name``; the runner adds its grid seed). ``backbone`` attacks a model in memory
+    instead of ``model_dir`` (identified by a digest of its weights). Under ``torchrun`` / ``accelerate launch``
+    every process trains its share of each batch and the main process alone evaluates, writes and returns rows. Results already in ``run_dir`` under the
+    same name and set but made with other settings — another model, batch size, prompts, data — are refused
+    with one line unless ``overwrite``, which deletes them first. The run folder is locked
+    (:mod:`metaunlearn.locking`) unless ``lock`` is false (a ``run``'s stages: their parent holds its lock).
+    """
+    with contextlib.ExitStack() as locks:
+        return _attack_model(model_dir, suite, run_dir, locks=locks if lock else None, **options)
+
+
+def _attack_model(
     model_dir: str | Path | None,
     suite: AttackSuiteConfig,
     run_dir: str | Path,
@@ -142,16 +159,8 @@ def attack_model(
     progress: bool = True,
     evaluator=None,
     backbone=None,
+    locks: contextlib.ExitStack | None = None,
 ) -> AttackOutcome:
-    """Attack the model in ``model_dir`` with every spec of ``suite`` on every (selected) set; resumable.
-
-    ``base_dir`` is the config file's folder (relative data, prompt and weight paths). ``stage_key`` names the
-    stage markers (default: ``name``; the runner adds its grid seed). ``backbone`` attacks a model in memory
-    instead of ``model_dir`` (identified by a digest of its weights). Under ``torchrun`` / ``accelerate launch``
-    every process trains its share of each batch and the main process alone evaluates, writes and returns rows. Results already in ``run_dir`` under the
-    same name and set but made with other settings — another model, batch size, prompts, data — are refused
-    with one line unless ``overwrite``, which deletes them first.
-    """
     from metaunlearn.atomic import atomic_write_text, ensure_dir
     from metaunlearn.attacks.step_zero import StepZeroEvaluations
     from metaunlearn.attacks.sweep import (
@@ -165,7 +174,8 @@ def attack_model(
     )
     from metaunlearn.backbones.loading import load_backbone
     from metaunlearn.devices import resolve_dtype
-    from metaunlearn.runs import RunDir, remove_outputs
+    from metaunlearn.locking import folder_lock, is_main_launch_process
+    from metaunlearn.runs import RunDir, refuse_foreign, remove_outputs
     from metaunlearn.training.accel import make_accelerator, stage_device
     from metaunlearn.training.parallel import Shard
 
@@ -199,6 +209,8 @@ def attack_model(
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} is a file, not a folder")
+    if locks is not None and is_main_launch_process():  # one process at a time writes the run folder
+        locks.enter_context(folder_lock(run_dir, "run folder"))
     run = RunDir(run_dir, create=False)
     todo: dict[str, Path] = {}
     outcome = AttackOutcome(name, method, variant, identity, run_dir=run_dir)
@@ -219,6 +231,8 @@ def attack_model(
             raise UserError(f"attack results '{name}' on set '{set_name}' in {run_dir} were made with other settings "
                             f"({status.describe()} changed); pass --overwrite to redo them, or choose another run "
                             "folder")
+        if status.state == "changed" and status.record is None:  # --overwrite keeps what metaunlearn did not make
+            refuse_foreign(run_dir, [p for p in outputs if p.exists()], f"attack results '{name}' on set '{set_name}'")
         checks.append((set_name, path, specs, settings, outputs, finished))
     prompts: list[tuple[str, dict, list[Path]]] = []  # one stage per prompt attack: a changed one redoes only it
     if suite.prompt_attacks:
@@ -267,9 +281,6 @@ def attack_model(
         return outcome
     info = ModelInfo(name, method, variant, identity.path, identity.fingerprint)
     resolved = {**common, "attack": suite.model_dump(mode="json"), "sets": {n: str(p) for n, p in folders.items()}}
-    record = "config.json" if key == name else f"config.{key[len(name) + 1:]}.json"
-    if main:
-        atomic_write_text(ensure_dir(run_dir / "attacks" / name) / record, json.dumps(resolved, indent=2) + "\n")
     if backbone is None:
         dev = stage_device(device, accelerator)
         backbone = load_backbone(model_dir, device=dev, dtype=dtype if isinstance(dtype, torch.dtype)
@@ -297,6 +308,9 @@ def attack_model(
                            run_dir, info, data.get(suite.concept_set), progress=progress)
         for attack_name, settings in prompt_todo.items():
             run.mark_done(f"attack/{key}/prompt-{attack_name}", settings)
+    if main:  # the resolved settings, once the work they describe is done
+        record = "config.json" if key == name else f"config.{key[len(name) + 1:]}.json"
+        atomic_write_text(ensure_dir(run_dir / "attacks" / name) / record, json.dumps(resolved, indent=2) + "\n")
     return outcome
 
 

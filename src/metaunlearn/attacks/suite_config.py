@@ -67,8 +67,7 @@ class AttackSetData(StrictModel):
     """Where one attack set's training data lives."""
 
     data: str | None = Field(
-        None, description="imagefolder with metadata.jsonl, or a cached set (.safetensors); "
-        "experiments may instead generate it (attack_data)"
+        None, description="image folder with metadata.jsonl or a cached .safetensors set (or generated: attack_data)"
     )
     description: str = ""
     modes: list[str] | None = Field(None, description="this set only: overrides the suite's modes")
@@ -146,9 +145,8 @@ class AttackSuiteConfig(StrictModel):
     )
     probe_size: int = Field(8, ge=1)
     snapshot_samples: dict[int, int] = Field(
-        default_factory=dict, description="evaluation budget: samples per prompt at these snapshot steps, e.g. "
-        "{50: 2, 200: 2} (fewer than eval.samples_per_prompt at intermediate snapshots; every other snapshot, step 0 "
-        "included, gets eval.samples_per_prompt)")
+        default_factory=dict,
+        description="samples per prompt at these snapshot steps, e.g. {50: 2}; others get eval.samples_per_prompt")
     cache_dir: str | None = Field(None, description="where imagefolders are cached as latents (default: RUN_DIR/cache)")
     grid_images: int = Field(8, ge=0, description="samples per snapshot saved as a grid PNG (0: none)")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
-from metaunlearn.errors import UserError
+from metaunlearn.errors import UserError, as_os_error, is_io_error
 
 Cond = dict[str, torch.Tensor]
 
@@ -269,6 +269,10 @@ class Backbone(abc.ABC):
             self.pipe.scheduler = self.original_scheduler
             try:
                 self.pipe.save_pretrained(tmp, safe_serialization=True)
+            except Exception as exc:  # safetensors reports a full disk as SafetensorError, not OSError
+                if is_io_error(exc):
+                    raise as_os_error(exc, out_dir) from None
+                raise
             finally:
                 self.pipe.scheduler = self.sample_scheduler
             if self.pixel_space:

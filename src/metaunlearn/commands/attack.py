@@ -95,6 +95,9 @@ def register(app: typer.Typer) -> None:
             False, "--overwrite", help="Replace results in the run folder made with other settings or another model "
             "(by default finished runs with the same settings are kept and missing ones run; others are refused)."
         ),
+        wait: bool = typer.Option(
+            False, "--wait", help="Wait for another metaunlearn process writing the same folder (default: refuse)."
+        ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         dtype: str = typer.Option("fp32", "--dtype", help="fp32 (recommended for finetuning), fp16 or bf16."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -107,13 +110,16 @@ def register(app: typer.Typer) -> None:
         from metaunlearn.api import attack as attack_api
         from metaunlearn.config import default_run_dir
 
+        from metaunlearn.locking import waiting_for_locks
+
         parsed = load_attack_file(config)
         references = [*parsed.references, *[p.resolve() for p in reference or []]]
-        result = attack_api(
-            model_dir, parsed.attack, run_dir or default_run_dir(config, parsed.run_dir), eval=parsed.eval,
-            base_dir=config.resolve().parent, name=name, method=method, variant=variant, sets=sets,
-            overwrite=overwrite, device=device, dtype=dtype, progress=not quiet, references=references,
-        )
+        with waiting_for_locks(wait):
+            result = attack_api(
+                model_dir, parsed.attack, run_dir or default_run_dir(config, parsed.run_dir), eval=parsed.eval,
+                base_dir=config.resolve().parent, name=name, method=method, variant=variant, sets=sets,
+                overwrite=overwrite, device=device, dtype=dtype, progress=not quiet, references=references,
+            )
         if not result.is_main:  # another process of a data-parallel launch: the main one writes and reports
             return
         console = Console()

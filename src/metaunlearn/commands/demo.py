@@ -19,6 +19,9 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Redo stages that ran with other settings (by default they are refused)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        wait: bool = typer.Option(
+            False, "--wait", help="Wait for another metaunlearn process writing the same folder (default: refuse)."
+        ),
         all_attacks: bool = typer.Option(False, "--all-attacks", help="Add DreamBooth, textual inversion, cross-attention SGD, related-first sequential finetuning and three prompt attacks (soft prompt, Ring-A-Bell concept vector, hard-prompt search) beside the finetuning attacks; own run dir."),
         jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Unlearn/attack stages run in this many processes at once (0: one per CPU core; with --quick: 1, its time is one meta stage that then gets every core)."),
     ) -> None:
@@ -33,6 +36,8 @@ def register(app: typer.Typer) -> None:
             print_plan(preflight.plan(experiment), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return
         from metaunlearn.commands import invocation
+        from metaunlearn.locking import waiting_for_locks
 
-        experiment.run_all(progress=not quiet, jobs=jobs or (1 if quick else os.cpu_count() or 1),
-                           command=invocation())
+        with waiting_for_locks(wait):
+            experiment.run_all(progress=not quiet, jobs=jobs or (1 if quick else os.cpu_count() or 1),
+                               command=invocation())

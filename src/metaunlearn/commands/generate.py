@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -87,8 +88,13 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        wait: bool = typer.Option(
+            False, "--wait", help="Wait for another metaunlearn process writing the same folder (default: refuse)."
+        ),
     ) -> None:
         """Sample concept images with captions from a model and write them as image folders (metadata.jsonl)."""
+        from metaunlearn.locking import waiting_for_locks
+
         console = Console()
         if dtype != "auto" and dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
@@ -96,9 +102,10 @@ def register(app: typer.Typer) -> None:
         if config is not None:
             if inline or prompt_file:
                 raise UserError("give either --config or prompts (--prompt/--prompts/--prompt-file), not both")
-            _generate_from_config(
-                config, model_dir, out, role, cache, cache_dir, overwrite, device, dtype, not quiet, console
-            )
+            with waiting_for_locks(wait):
+                _generate_from_config(
+                    config, model_dir, out, role, cache, cache_dir, overwrite, device, dtype, not quiet, console
+                )
             return
         if role:
             raise UserError("--role only applies with --config")
@@ -116,19 +123,21 @@ def register(app: typer.Typer) -> None:
         )
         from metaunlearn.atomic import ensure_dir
         from metaunlearn.data.generate import generate_folder
+        from metaunlearn.locking import folder_lock
 
         ensure_dir(out.parent)
         backbone = _load(model_dir, device, dtype)
-        folder = generate_folder(
-            backbone, texts, out, images_per_prompt=images_per_prompt, seed=seed, sampler=sampler,
-            overwrite=overwrite, progress=not quiet,
-        )
-        cache_note = ""
-        if cache:
-            from metaunlearn.data.caching import cached_set
+        with folder_lock(out, "data folder", wait=wait):
+            folder = generate_folder(
+                backbone, texts, out, images_per_prompt=images_per_prompt, seed=seed, sampler=sampler,
+                overwrite=overwrite, progress=not quiet,
+            )
+            cache_note = ""
+            if cache:
+                from metaunlearn.data.caching import cached_set
 
-            data = cached_set(backbone, folder, cache_dir or folder.parent / "cache", progress=not quiet)
-            cache_note = f"{len(data)} encoded"
+                data = cached_set(backbone, folder, cache_dir or folder.parent / "cache", progress=not quiet)
+                cache_note = f"{len(data)} encoded"
         _summary([("generated", folder, len(texts) * images_per_prompt, cache_note)], console)
 
 
@@ -164,8 +173,7 @@ def _generate_from_config(
     console: Console,
 ) -> None:
     from metaunlearn.data.config import ROLES
-    from metaunlearn.data.generate import generate_role
-    from metaunlearn.data.imagefolder import read_metadata
+    from metaunlearn.locking import folder_lock
 
     parsed = load_generate_file(config)
     data = parsed.data
@@ -182,6 +190,17 @@ def _generate_from_config(
     if needs_model and model is None:
         raise UserError(f"{config}: no model given (set 'model' in the config or pass a model folder)")
     backbone = _load(model, device, dtype) if needs_model else None
+    with ExitStack() as locks:
+        if data.root is not None:  # one process at a time writes the data root
+            locks.enter_context(folder_lock(data.root, "data folder"))
+        rows = _generate_roles(backbone, data, selected, cache, cache_dir, overwrite, progress)
+    _summary(rows, console)
+
+
+def _generate_roles(backbone, data, selected, cache, cache_dir, overwrite, progress) -> list:
+    from metaunlearn.data.generate import generate_role
+    from metaunlearn.data.imagefolder import read_metadata
+
     rows = []
     for r in selected:
         folders = generate_role(backbone, data, r, overwrite=overwrite, progress=progress)
@@ -193,4 +212,4 @@ def _generate_from_config(
                 encoded = cached_set(backbone, folder, cache_dir or data.cache_path, progress=progress)
                 note = f"{len(encoded)} encoded"
             rows.append((f"{r}/{split}", folder, len(read_metadata(folder)), note))
-    _summary(rows, console)
+    return rows

@@ -48,9 +48,30 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--out {out} is a file, not a folder")
         if page is not None and page.is_dir():
             raise UserError(f"--page {page} is a folder; give a Markdown file path")
+        _check_owned(out if out is not None else run_dir)
         files = build_report(run_dir, out, settings, page=page)
         console = Console()
         for label, path in (("results", files.results_json), ("rows (csv)", files.results_csv),
                             ("summary (csv)", files.summary_csv), ("markdown", files.markdown), ("html", files.html),
                             *([("results page", files.page)] if files.page else [])):
             console.print(f"{label:>14}: {path}")
+
+
+REPORT_NAMES = ("results.json", "results.csv", "summary.csv", "report.md", "report.html", "report_assets")
+
+
+def _check_owned(out: Path) -> None:
+    """Refuse to replace report files that an earlier report of metaunlearn did not write (its results.json)."""
+    import json
+
+    found = [n for n in REPORT_NAMES if (out / n).exists() or (out / n).is_symlink()]
+    if not found:
+        return
+    try:
+        results = json.loads((out / "results.json").read_text())
+        ours = isinstance(results, dict) and {"rows", "summary"} <= set(results)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(f"{out} holds {', '.join(found[:3])} that no metaunlearn report wrote (no results.json of "
+                        "one); choose another --out or move them away")

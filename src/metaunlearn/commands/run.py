@@ -16,6 +16,9 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate every section, print the plan and every missing input (with what provides it), and exit; creates nothing."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Redo stages that ran with other settings (by default finished stages with the same settings are skipped and others are refused)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        wait: bool = typer.Option(
+            False, "--wait", help="Wait for another metaunlearn process writing the same folder (default: refuse)."
+        ),
         jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Unlearn/attack stages run at once (worker processes; with a local --ray: its CPUs, default every core)."),
         ray: bool = typer.Option(
             False, "--ray", help="Run the unlearn/attack stages as Ray tasks: on a new local Ray instance, or on the "
@@ -38,6 +41,9 @@ def register(app: typer.Typer) -> None:
         from metaunlearn.experiment.schedule import StageResources
 
         target = ray_address or ("local" if ray else None)
-        run_experiment(config, run_dir=run_dir, dry_run=dry_run, progress=not quiet, jobs=jobs, ray=target,
-                       resources=StageResources(cpus, gpus), overwrite=overwrite, device_memory=device_memory,
-                       command=invocation())
+        from metaunlearn.locking import waiting_for_locks
+
+        with waiting_for_locks(wait):
+            run_experiment(config, run_dir=run_dir, dry_run=dry_run, progress=not quiet, jobs=jobs, ray=target,
+                           resources=StageResources(cpus, gpus), overwrite=overwrite, device_memory=device_memory,
+                           command=invocation())

@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
             False, "--overwrite", help="Redo the run when the output folder holds one made with other settings "
             "(by default a run with the same settings resumes from its checkpoint, and other settings are refused)."
         ),
+        wait: bool = typer.Option(
+            False, "--wait", help="Wait for another metaunlearn process writing the same folder (default: refuse)."
+        ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         device_memory: Optional[float] = typer.Option(
@@ -53,7 +56,10 @@ def register(app: typer.Typer) -> None:
             for line in describe(cfg, device_memory):
                 console.print(line, markup=False, highlight=False)
             return
-        result = run_unlearn(cfg, overwrite=overwrite, progress=not quiet)
+        from metaunlearn.locking import waiting_for_locks
+
+        with waiting_for_locks(wait):
+            result = run_unlearn(cfg, overwrite=overwrite, progress=not quiet)
         if not result.is_main:  # another process of a data-parallel launch
             return
         if result.skipped:

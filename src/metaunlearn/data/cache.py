@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from metaunlearn.atomic import usual_mode
 from metaunlearn.backbones.base import Cond, cond_index
-from metaunlearn.errors import UserError
+from metaunlearn.errors import UserError, as_os_error
 
 
 @dataclass
@@ -57,7 +57,10 @@ class CachedSet:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=metadata)
+            try:
+                save_file(tensors, tmp, metadata=metadata)
+            except SafetensorError as exc:  # a full disk or a file-size limit: the same one line as an OSError
+                raise as_os_error(exc, path) from None
             os.chmod(tmp, usual_mode())  # mkstemp made it private to the owner
             os.replace(tmp, path)
         finally:

@@ -89,8 +89,7 @@ class DataConfig(StrictModel):
     """The concept data sets of an experiment (any role may be left out if no stage needs it)."""
 
     root: Path | None = Field(
-        None, description="where generated image folders go: root/<role>/<split> (relative to the config file; "
-                          "default: the run folder's data/)"
+        None, description="where generated image folders go (root/<role>/<split>); default: the run folder's data/"
     )
     cache_dir: Path | None = Field(None, description="latent/conditioning cache folder (default: root/cache)")
     seed: int = Field(0, description="base sampling seed")

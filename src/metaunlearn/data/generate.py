@@ -6,19 +6,21 @@
 Image ``i`` of a generation (prompt-major order: every image of prompt 0, then prompt 1, ...) uses sampler seed
 ``seed + i``, so the result does not depend on the batch size. Each folder records its settings (the generating
 model's content fingerprint, seed, sampler, prompts) in the stage marker ``stages/generate.json`` that every stage
-uses (:class:`metaunlearn.runs.RunDir`); asking again for the same settings is a no-op, asking for different ones
+uses (:class:`metaunlearn.runs.RunDir`). A run killed part-way resumes image by image from the temporary folder it
+left (``.<folder>.tmp-<settings key>``). Asking again for the same settings is a no-op, asking for different ones
 into an existing folder needs ``overwrite=True`` and the refusal names the changed keys. Folders are written atomically: a good folder is never replaced by a partial one.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from metaunlearn.atomic import ensure_dir, make_temp_dir, replace_directory
+from metaunlearn.atomic import atomic_write_bytes, ensure_dir, replace_directory, usual_mode
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.config import SPLITS, DataConfig, SamplerSettings
 from metaunlearn.data.imagefolder import ImageRecord, check_imagefolder, read_metadata, to_pil, write_records
@@ -86,6 +88,20 @@ def _check_replaceable(folder: Path, spec: dict, overwrite: bool) -> None:
             f"{folder} already exists and was not generated with these settings ({_difference(folder, spec)}); "
             "pass --overwrite to replace it"
         )
+    if folder.is_dir() and any(folder.iterdir()) and RunDir(folder, create=False).record(STAGE) is None:
+        from metaunlearn.runs import refuse_foreign
+
+        refuse_foreign(folder, sorted(folder.iterdir()), f"cannot replace {folder}")
+
+
+def image_names(items: Sequence[tuple[str, str]]) -> list[str]:
+    """The file name of each item's image in its split folder (``000000.png``, ... per split, in item order)."""
+    counters: dict[str, int] = {}
+    names = []
+    for _, split in items:
+        names.append(f"{counters.get(split, 0):06d}.png")
+        counters[split] = counters.get(split, 0) + 1
+    return names
 
 
 def sample_items(
@@ -99,32 +115,57 @@ def sample_items(
     description: str = "generating",
 ) -> dict[str, list[ImageRecord]]:
     """Sample one image per ``(prompt, split)`` item (image ``i`` with seed ``seed + i``) and save it as a PNG into
-    ``out[split]``; returns each split's records in order."""
-    records: dict[str, list[ImageRecord]] = {split: [] for split in out}
-    counters = dict.fromkeys(out, 0)
+    ``out[split]``; returns each split's records in order. Images already in ``out`` (an interrupted run's) are
+    kept: each is written whole through a rename, and its seed depends on its index alone."""
+    names = image_names(items)
+    for folder in out.values():  # a write a kill interrupted before its rename
+        for stray in folder.glob(".*.png.*"):
+            stray.unlink()
+    todo = [i for i, (_, split) in enumerate(items) if not (out[split] / names[i]).is_file()]
     with progress_bar("img", enabled=progress) as bar:
         task = bar.add_task(description, total=len(items), info="")
-        for start in range(0, len(items), sampler.batch_size):
-            chunk = items[start : start + sampler.batch_size]
+        bar.advance(task, len(items) - len(todo))
+        for start in range(0, len(todo), sampler.batch_size):
+            chunk = todo[start : start + sampler.batch_size]
             images = backbone.sample(
-                [text for text, _ in chunk],
+                [items[i][0] for i in chunk],
                 steps=sampler.steps,
                 guidance=sampler.guidance,
                 negative_prompt=sampler.negative_prompt,
-                seed=seed + start,
+                seeds=[seed + i for i in chunk],
                 height=sampler.resolution,
                 width=sampler.resolution,
                 batch_size=len(chunk),
             )
             if not torch.isfinite(images).all():
-                raise UserError(f"the model produced non-finite images for {chunk[0][0]!r}; check the model weights")
-            for image, (text, split) in zip(images, chunk):
-                name = f"{counters[split]:06d}.png"
-                counters[split] += 1
-                to_pil(image).save(out[split] / name)
-                records[split].append(ImageRecord(name, text))
+                raise UserError(f"the model produced non-finite images for {items[chunk[0]][0]!r}; check the model weights")
+            for image, i in zip(images, chunk):
+                buffer = io.BytesIO()
+                to_pil(image).save(buffer, format="PNG")
+                atomic_write_bytes(out[items[i][1]] / names[i], buffer.getvalue())
             bar.advance(task, len(chunk))
+    records: dict[str, list[ImageRecord]] = {split: [] for split in out}
+    for (text, split), name in zip(items, names):
+        records[split].append(ImageRecord(name, text))
     return records
+
+
+def _resume_dir(folder: Path, spec: dict) -> Path:
+    """The temporary folder of ``folder``'s generation with ``spec``: an interrupted run's, when it left one with
+    these settings (its images are kept), else a new one; those of other settings are deleted."""
+    from metaunlearn.runs import settings_key
+
+    path = folder.parent / f".{folder.name}.tmp-{settings_key(spec)}"
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+        if stale != path:
+            shutil.rmtree(stale, ignore_errors=True)
+    record = RunDir(path, create=False).record(STAGE) if path.is_dir() else None
+    if record is None or record.get("settings_key") != settings_key(spec):
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=usual_mode(directory=True))
+        path.chmod(usual_mode(directory=True))
+        RunDir(path, create=False).begin(STAGE, spec)
+    return path
 
 
 def _write_splits(
@@ -142,9 +183,10 @@ def _write_splits(
     if all(_is_current(folder, _split_spec(spec, split)) for split, folder in targets.items()):
         return targets
     for split, folder in targets.items():
-        _check_replaceable(folder, _split_spec(spec, split), overwrite)
+        if not _is_current(folder, _split_spec(spec, split)):  # a split a killed run had already put in place
+            _check_replaceable(folder, _split_spec(spec, split), overwrite)
         ensure_dir(folder.parent)
-    tmps = {split: make_temp_dir(f.parent, f".{f.name}.tmp-") for split, f in targets.items()}
+    tmps = {split: _resume_dir(f, _split_spec(spec, split)) for split, f in targets.items()}
     try:
         records = sample_items(backbone, items, seed, sampler, tmps, progress=progress, description=description)
         for split, tmp in tmps.items():

@@ -59,8 +59,7 @@ class GridMethod(StrictModel):
                                                           "<label>-control (plain unlearning, pushed harder)")
     meta_from_plain: bool = Field(
         False,
-        description="the meta variant starts from this method's plain model (and keeps its base loss on), as the "
-                    "paper does for closed-form edits; needs the plain variant in the grid",
+        description="the meta variant starts from this method's plain model (needs the plain variant in the grid)",
     )
 
     @property
@@ -76,8 +75,7 @@ class GridConfig(StrictModel):
     include_base: bool = Field(True, description="also attack the base (never unlearned) model, as a reference")
     seeds: list[int] = Field(
         default_factory=lambda: [0], min_length=1,
-        description="replicates: every model is rebuilt per seed s (unlearn seed = template seed + s) and attacked "
-                    "with the attack suite's seeds + s, so mean ± std cover unlearning and attack randomness",
+        description="replicates: every model rebuilt per seed s and attacked with the suite's seeds + s",
     )
 
     @model_validator(mode="after")
@@ -101,9 +99,7 @@ class AttackDataSpec(StrictModel):
     sampler: SamplerSettings | None = None
     source: Literal["model", "render"] = Field(
         "model",
-        description="model: samples of the base model; render: procedural renders of each prompt's concept from "
-                    "the embedded concept world (metaunlearn.toyworld; its prompts only) — images the attacker "
-                    "brings, not the model's own",
+        description="model: samples of the base model; render: the toy world's procedural renders of each prompt",
     )
 
     @model_validator(mode="after")

@@ -69,8 +69,8 @@ class ReportConfig(StrictModel):
     primary_set: str | None = Field(None, description="attack set shown at every step (default: hrm-m if present)")
     set_order: list[str] | None = Field(None, description="column order of attack sets")
     budget_steps: int | None = Field(
-        None, ge=1, description="attack steps the defence is meant to hold out (marked in the tables and figures; "
-                                "the durability signals are judged at this step)"
+        None, ge=1,
+        description="attack steps the defence should hold out: marked in tables and figures, signals judged there",
     )
     payoff: PayoffConfig = Field(default_factory=PayoffConfig, description="when an attack counts as a success")
 

@@ -154,8 +154,15 @@ class Experiment:
         each with ``cpu_count // jobs`` torch threads (small models train faster this way than with every thread
         in one process); ``ray`` = ``"local"`` (a new local Ray instance with every core, or ``jobs`` stages at
         once if ``jobs`` > 1; the cluster of ``$RAY_ADDRESS`` if set) or a cluster address runs them as Ray tasks requesting ``resources``. A report is written whenever every stage of a
-        grid seed has finished (so a partial run is still a table), the final one last.
+        grid seed has finished (so a partial run is still a table), the final one last. The run folder is locked
+        for the whole run (:mod:`metaunlearn.locking`); its worker processes write under this lock.
         """
+        from metaunlearn.locking import folder_lock
+
+        with folder_lock(self.run.path, "run folder"):
+            return self._run_all(progress, jobs, ray, resources)
+
+    def _run_all(self, progress: bool, jobs: int, ray: str | None, resources: StageResources | None) -> Path | None:
         from metaunlearn.backbones.loading import load_backbone
         from metaunlearn.experiment.report import build_report
         from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
@@ -163,7 +170,8 @@ class Experiment:
         from metaunlearn.experiment import provenance
 
         preflight.check_settings(self)
-        self.run.write_config(self.config)
+        if not (self.run.path / "config.json").exists():  # another config's record is replaced once its stages ran
+            self.run.write_config(self.config)
         provenance.record(self.run.path, command)
         began = time.time()
         base_backbone = None
@@ -200,6 +208,7 @@ class Experiment:
                 self.console.print(f"report after seed {seed}: {files.html}")
 
         run_graph(self, tasks, backend, progress=progress, on_done=seed_report)
+        self.run.write_config(self.config)
         if self.config.attack is None:
             return None
         files = build_report(self.run.path, self.run.path, self.config.report)
@@ -275,8 +284,11 @@ class Experiment:
         from metaunlearn.data.generate import generate_folder
 
         if spec.source == "render":
+            from metaunlearn.runs import refuse_foreign
             from metaunlearn.toyworld.attack_data import render_folder
 
+            if folder.is_dir() and any(folder.iterdir()) and not (folder / "generation.json").is_file():
+                refuse_foreign(folder, sorted(folder.iterdir()), f"cannot replace attack set {folder.name}")
             render_folder(spec.prompts, folder, images_per_prompt=spec.images_per_prompt, seed=spec.seed)
             return
 
@@ -313,7 +325,7 @@ class Experiment:
             raise UserError(f"model {model.key} was not built: {folder} is missing")
         attack_model(folder, suite, self.run.path, eval_config=self.config.eval, base_dir=self.base, name=model.name,
                      method=model.method, variant=model.variant, stage_key=model.key, overwrite=self.overwrite,
-                     progress=progress)
+                     progress=progress, lock=False)  # the run's process holds the run folder's lock
 
 
 def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,

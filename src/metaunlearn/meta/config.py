@@ -49,14 +49,11 @@ class AttackConfig(StrictModel):
     )
     radius: float | None = Field(
         None, gt=0,
-        description="normalised-step attacker: each inner update is the optimizer's direction (SGD: the (momentum) "
-                    "gradient; AdamW: m̂/(√v̂+ε)) rescaled to global L2 norm radius (SAM-style); lr and weight decay "
-                    "are then unused",
+        description="normalised step: each inner update is the optimizer's direction rescaled to this L2 norm",
     )
     data: str = Field(
         "forget_train",
-        description="the set the attack finetunes on: forget_train, or the name of one of the unlearn stage's extra "
-                    "forget sets (data.attack_sets), so a distribution can span several forget data sets",
+        description="the set the attack finetunes on: forget_train or a name in the unlearn stage's data.attack_sets",
     )
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -99,8 +96,7 @@ class MetaConfig(StrictModel):
     """The meta objective (see :mod:`metaunlearn.meta.objective`)."""
 
     base_weight: float = Field(
-        1.0, ge=0, description="weight α of the base method's loss; 0 leaves it out (retain + meta terms only, "
-                               "e.g. after a closed-form edit or continuing from an already-erased plain model)"
+        1.0, ge=0, description="weight α of the base method's loss; 0 leaves it out (retain and meta terms only)"
     )
     gamma_irrelevant: float = Field(1.0, ge=0, description="retain weight on irrelevant data at θ")
     gamma_related: float = Field(1.0, ge=0, description="retain weight on related data at θ")
@@ -114,23 +110,17 @@ class MetaConfig(StrictModel):
     )
     trainable: Literal[TRAINABLE_SUBSETS] | None = Field(  # type: ignore[valid-type]
         None,
-        description="UNet subset the meta terms train (default: the method's); the base loss still trains only "
-                    "the method's subset, so e.g. ESD-x keeps its cross-attention edit while the meta terms shape "
-                    "the whole UNet an attacker would finetune",
+        description="UNet subset the meta terms train (default: the method's; the base loss keeps the method's)",
     )
     order: Literal["first", "second", "second_fd", "second_unrolled"] = Field(
         "first",
-        description="first: gradients at θ' applied to θ (dθ'/dθ ≈ I); second: exact, reverse mode through the inner "
-                    "steps (one double backward per step, parameter snapshots); second_fd: the same with "
-                    "finite-difference Hessian-vector products (approximate, error O(fd_eps²)); second_unrolled: exact "
-                    "by unrolling every inner step into one autograd graph (reference; memory grows with the steps)",
+        description="first: dθ'/dθ ≈ I; second: exact, reverse mode; second_fd: finite-difference HVP; second_unrolled",
     )
     fd_eps: float = Field(
         1e-3, gt=0, description="second_fd: relative step of the central difference, h = fd_eps·‖x‖/‖w‖"
     )
     offload: bool = Field(
-        True, description="keep the saved θ (and, second order, the inner-step gradients) in host memory (pinned "
-                          "when the UNet is on a GPU); no effect on CPU"
+        True, description="keep the saved θ and second-order inner gradients in host memory (no effect on CPU)"
     )
     attacks: list[AttackConfig] = Field(
         default_factory=lambda: [AttackConfig()], min_length=1,
@@ -138,49 +128,31 @@ class MetaConfig(StrictModel):
     )
     ascent_along: Literal["end", "trajectory"] = Field(
         "end",
-        description="end: ascent terms at θ' = A(θ) only; trajectory: the mean of the ascent terms at every "
-                    "trajectory_stride-th inner iterate θ_k (k >= 1) and at the end, so the defence is scored along "
-                    "the whole attack, not only where it stops",
+        description="end: ascent terms at θ' only; trajectory: their mean over every trajectory_stride-th iterate",
     )
     trajectory_stride: int = Field(1, ge=1, description="with ascent_along trajectory: every k-th inner step")
     ascent_bound: Literal["none", "cap", "tanh"] = Field(
         "none",
-        description="bound on each ascent loss L(θ'; D) so the defence cannot win by wrecking the model: cap uses "
-                    "min(L, ascent_cap) (no reward past the cap), tanh the smooth c·tanh(L/c) with c = ascent_cap",
+        description="bound on each ascent loss: cap min(L, c), tanh c·tanh(L/c); c from ascent_cap or ascent_cap_ratio",
     )
     ascent_cap: float | None = Field(
-        None, gt=0, description="absolute bound c of ascent_bound, in the denoising-loss units of this model (exactly "
-                                "one of ascent_cap and ascent_cap_ratio)",
+        None, gt=0, description="absolute bound c of ascent_bound, in this model's denoising-loss units",
     )
     ascent_cap_ratio: float | None = Field(
         None, gt=0,
-        description="relative bound of ascent_bound: per outer step and ascent term, c = ratio · L(θ; same draw), the "
-                    "unattacked model's loss on the term's very batch, noise and timesteps (no gradient through it; "
-                    "one no-grad forward per ascent term per outer step, at θ before the attack), so the defence is "
-                    "not rewarded for pushing the attacked loss past ratio × what the released model has there — free "
-                    "of loss units and of the timestep mix",
+        description="relative bound of ascent_bound: c = ratio × the unattacked model's loss on the term's same draw",
     )
     ascent_cap_reference: Literal["current", "start"] = Field(
         "current",
-        description="with ascent_cap_ratio, the model whose loss on the draw c is a multiple of: current (L(θ), the "
-                    "model at this outer step, before the attack: c rises with the loss the ascent drives up) or start "
-                    "(L(θ0), the trained parameters as the meta stage began — the erased model: a fixed reference; "
-                    "costs one copy of the trained parameters on the device)",
+        description="with ascent_cap_ratio, whose loss c multiplies: current (θ, this outer step) or start (θ0)",
     )
     forget_term: Literal["ascent", "anchor"] = Field(
         "ascent",
-        description="the forget term at θ': ascent (the paper's −β_f·L(θ'; forget-test), bounded by ascent_bound) or "
-                    "anchor (+β_f·‖ε_θ'(x_t, c) − sg[ε_θ(x_t, c)]‖² on forget-test: the attacked model's forget "
-                    "predictions held at the released model's own, taken before the attack at the same x_t, t; "
-                    "bounded below by 0, so it is never won by wrecking the model, and it knows no base method)",
+        description="ascent: the paper's −β_f·L(θ'; forget-test); anchor: +β_f·‖ε_θ' − sg ε_θ‖² on forget-test",
     )
     anchor_to: Literal["current", "start"] = Field(
         "current",
-        description="with forget_term anchor, the model whose forget predictions are the target: current (ε_θ, the "
-                    "model at this outer step, before the attack: the target moves with θ) or start (ε_θ0, the "
-                    "trained parameters as the meta stage began — after a closed-form edit, or the plain model a "
-                    "meta variant continues from: a fixed target, 'after the attack the forget predictions are still "
-                    "the erased model's'; costs one copy of the trained parameters on the device)",
+        description="with forget_term anchor, whose predictions are the target: current (ε_θ) or start (ε_θ0, fixed)",
     )
 
     @model_validator(mode="after")

@@ -94,9 +94,7 @@ class SamplerConfig(StrictModel):
         True, description="use a prompt file's evaluation_seed / evaluation_guidance columns when present (I2P)"
     )
     share_batches: bool = Field(
-        True, description="sample every prompt set in shared batches of batch_size (same images, fuller batches "
-                          "on a GPU); false: one call per set (on the toy model on CPU this was 10% cheaper). An "
-                          "evaluation on fewer samples per prompt (attack.snapshot_samples) always shares batches"
+        True, description="sample every prompt set in shared batches of batch_size; false: one call per set"
     )
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from metaunlearn.errors import UserError
+from metaunlearn.errors import UserError, as_os_error, is_io_error
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
@@ -77,7 +77,12 @@ def save_state(folder: Path, name: str, state: Any) -> None:
     """Write ``state`` as ``<name>.safetensors`` (its tensors) + ``<name>.json`` (the rest)."""
     tensors: dict[str, torch.Tensor] = {}
     document = encode_state(state, tensors)
-    save_file(tensors, str(folder / f"{name}.safetensors"))
+    try:
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    except Exception as exc:  # safetensors reports a full disk as SafetensorError, not OSError
+        if is_io_error(exc):
+            raise as_os_error(exc, folder / f"{name}.safetensors") from None
+        raise
     (folder / f"{name}.json").write_text(json.dumps(document))
 
 
