@@ -160,14 +160,14 @@ class Experiment:
         from metaunlearn.locking import folder_lock
 
         with folder_lock(self.run.path, "run folder"):
-            return self._run_all(progress, jobs, ray, resources)
+            return self._run_all(progress, jobs, ray, resources, command)
 
-    def _run_all(self, progress: bool, jobs: int, ray: str | None, resources: StageResources | None) -> Path | None:
+    def _run_all(self, progress: bool, jobs: int, ray: str | None, resources: StageResources | None,
+                 command: str | None) -> Path | None:
         from metaunlearn.backbones.loading import load_backbone
+        from metaunlearn.experiment import provenance
         from metaunlearn.experiment.report import build_report
         from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
-
-        from metaunlearn.experiment import provenance
 
         preflight.check_settings(self)
         if not (self.run.path / "config.json").exists():  # another config's record is replaced once its stages ran
