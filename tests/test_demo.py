@@ -12,6 +12,7 @@ def test_demo_plan_lists_every_stage(run_cli, tmp_path, monkeypatch):
         for variant in ("plain", "meta"):
             assert f"unlearn {method}-{variant}" in text
             assert f"attack {method}-{variant}" in text
+    assert "attack retrain" in text and "unlearn retrain" not in text  # the reference is attacked, never built
     assert "report" in text
     assert not (tmp_path / "demo" / "models").exists()  # a dry run builds nothing
 
@@ -33,7 +34,7 @@ def test_grid_entry_overrides_reach_only_its_meta_variant(tmp_path):
     })
     grid = config.grid.model_copy(update={"methods": [entry]})
     experiment = Experiment(config.model_copy(update={"grid": grid}), base, tmp_path / "run")
-    plain, meta = experiment.models()
+    plain, meta = [m for m in experiment.models() if m.entry is not None]  # the grid models, not the reference
     plain_cfg, meta_cfg = experiment.unlearn_config(plain), experiment.unlearn_config(meta)
     assert plain_cfg.meta is None
     assert plain_cfg.method.params["eta"] == entry.params["eta"] and plain_cfg.steps == entry.steps
@@ -96,7 +97,8 @@ def test_stages_wait_for_the_models_they_need(tmp_path):
     assert tasks["unlearn-esd-meta.s1"].after == ("unlearn-esd-plain.s1",)  # the demo's ESD meta starts from plain
     assert tasks["unlearn-uce-meta"].after == ()  # UCE's meta variant starts from the base model
     assert tasks["attack-sdd-meta"].after == ("unlearn-sdd-meta",)
-    assert len(tasks) == 2 * 2 * 8  # 8 models per seed, each unlearned and attacked
+    assert len(tasks) == 2 * (2 * 8 + 1)  # 8 models per seed, each unlearned and attacked, and the reference attacked
+    assert tasks["attack-retrain.s1"].after == ()
     order = [t.stage for t in experiment.tasks(0)]
     assert all(order.index(a) < order.index(s) for s, t in tasks.items() if s in order for a in t.after)
 
@@ -108,7 +110,7 @@ def test_robust_demo_plans_uce_against_a_grid_wider_than_its_simulated_attacks(r
     result = run_cli("demo", "--robust", "--dry-run", "--run-dir", tmp_path / "robust")
     assert result.exit_code == 0, result.stderr
     text = " ".join(result.stdout.split())
-    for stage in ("unlearn uce-plain", "unlearn uce-meta", "attack uce-meta", "attack data hrm-r"):
+    for stage in ("unlearn uce-plain", "unlearn uce-meta", "attack uce-meta", "attack data hrm-r", "attack retrain"):
         assert stage in text
     experiment = build_demo(robust=True, run_dir=tmp_path / "robust")
     config = experiment.config

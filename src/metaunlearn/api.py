@@ -79,6 +79,13 @@ def toy_model() -> Path:
     return Path(str(resources.files("metaunlearn") / "assets" / "toy" / "model"))
 
 
+def toy_reference() -> Path:
+    """The shipped retrain reference: the toy model's recipe without any red triangle (a diffusers folder)."""
+    from importlib import resources
+
+    return Path(str(resources.files("metaunlearn") / "assets" / "toy" / "retrain_red_triangle" / "model"))
+
+
 # ---- generate ----------------------------------------------------------------------------------------------------
 def generate(
     model: str | Path | Any,
@@ -179,6 +186,7 @@ class AttackResult:
     rows: list[dict] = field(default_factory=list)
     skipped_sets: list[str] = field(default_factory=list)
     is_main: bool = True  # False in the other processes of a data-parallel launch (no rows there)
+    references: list[AttackResult] = field(default_factory=list)  # the reference models, attacked alike
 
     def summary(self, metric: str = "forget_rate") -> list[dict]:
         """Mean, std (over seeds), min, max, n of ``metric`` per attack set × mode × lr × step."""
@@ -205,13 +213,15 @@ def attack(
     device: str = "auto",
     dtype: str | torch.dtype = "fp32",
     progress: bool = True,
+    references: list[str | Path | Mapping] | None = None,
 ) -> AttackResult:
     """Relearning attacks on ``model`` (a folder, or a diffusers pipeline in memory, left unchanged afterwards).
 
     ``config``: a YAML path with an ``attack`` section (and ``eval``, used unless ``eval`` is given), a mapping or an
     :class:`AttackSuiteConfig`. Results go to ``run_dir`` under ``name`` (default ``<method>-<variant>`` from the
     model folder's own record). Finished runs with the same settings are reused; results there from another model
-    or other settings are refused unless ``overwrite``.
+    or other settings are refused unless ``overwrite``. ``references`` (model folders, or ``{name, path}``) get the
+    identical sweep under the variant ``reference``; :func:`against_reference` compares with them.
     """
     from metaunlearn.attacks.stage import attack_model
     from metaunlearn.attacks.suite_config import AttackSuiteConfig
@@ -228,14 +238,52 @@ def attack(
 
     quiet_libraries()
     backbone = None if isinstance(model, (str, Path)) else _backbone(model)
+    refs = _references(references, base)  # checked before any attack runs
     outcome = attack_model(
         model if backbone is None else None, suite, run_dir, eval_config=eval_config, base_dir=base, name=name,
         method=method, variant=variant, sets=sets, overwrite=overwrite, device=device, dtype=dtype,
         progress=progress, backbone=backbone,
     )
     ident = outcome.identity
-    return AttackResult(outcome.name, outcome.method, outcome.variant, ident.fingerprint, Path(run_dir),
-                        outcome.rows, outcome.skipped_sets, outcome.is_main)
+    result = AttackResult(outcome.name, outcome.method, outcome.variant, ident.fingerprint, Path(run_dir),
+                          outcome.rows, outcome.skipped_sets, outcome.is_main)
+    for ref in refs:
+        result.references.append(attack(ref.path, suite, run_dir, eval=eval_config, base_dir=base, name=ref.name,
+                                        variant="reference", sets=sets, overwrite=overwrite, device=device,
+                                        dtype=dtype, progress=progress))
+    return result
+
+
+def _references(references, base: Path | None) -> list:
+    """``references`` as validated :class:`ReferenceModel` s, relative paths resolved against ``base``."""
+    from metaunlearn.attacks.reference import ReferenceModel, reference_name
+    from metaunlearn.config import resolve_path, validate
+
+    out = []
+    for ref in references or []:
+        if isinstance(ref, (str, Path)):
+            ref = {"name": reference_name(ref), "path": ref}
+        ref = ref if isinstance(ref, ReferenceModel) else validate(ReferenceModel, dict(ref), "reference")
+        path = resolve_path(ref.path, base or Path.cwd())
+        if not path.is_dir():
+            raise UserError(f"reference model not found: {path}")
+        out.append(ref.model_copy(update={"path": path}))
+    return out
+
+
+def against_reference(run_dir: str | Path, *, references: list[str] | None = None, budget: int | None = None,
+                      metric: str = "forget_rate", level: float = 0.5) -> list[dict]:
+    """Every model of ``run_dir`` against each reference (default: every model attacked as ``reference``): excess
+    relearning in points over steps 0..``budget`` and the whole curve, steps to ``level`` and their ratio, with
+    seed intervals (see :mod:`metaunlearn.attacks.reference`)."""
+    from metaunlearn.attacks.reference import against_reference as compare
+    from metaunlearn.attacks.sweep import read_rows
+
+    rows = read_rows(run_dir)
+    names = references or sorted({r["model"] for r in rows if r.get("variant") == "reference"})
+    if not names:
+        raise UserError(f"{run_dir} holds no reference model (attack one with variant 'reference')")
+    return compare(rows, names, budget=budget, metric=metric, level=level)
 
 
 # ---- evaluate ----------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ CACHE_ABOVE = 1 << 20
 PROVENANCE_FILE = "unlearn_config.json"
 """Written by ``unlearn`` at the root of the model folder it saves: method, variant (plain / meta), base model
 identity and the resolved unlearn config. Plain diffusers ignores it."""
-VARIANTS = ("base", "plain", "meta")
+VARIANTS = ("base", "plain", "meta", "reference")
 
 
 def cache_root() -> Path:

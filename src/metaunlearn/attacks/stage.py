@@ -86,7 +86,12 @@ def evaluator_inputs(evaluator) -> dict:
 
 
 def labels(identity: ModelIdentity, method: str | None, variant: str | None) -> tuple[str, str]:
-    """Method and variant of a model: its own record; ``method``/``variant`` only for a model without one."""
+    """Method and variant of a model: its own record; ``method``/``variant`` only for a model without one. Any model
+    can be attacked as a ``reference`` and a plain model as a ``control`` (roles, not provenance)."""
+    if variant == "reference":
+        return method or "reference", variant
+    if variant == "control" and identity.variant == "plain":  # a plain model in the equal-damage control's role
+        return identity.method, variant
     if identity.variant != "base":
         for given, recorded, what in ((method, identity.method, "method"), (variant, identity.variant, "variant")):
             if given is not None and given != recorded:
@@ -100,8 +105,8 @@ def labels(identity: ModelIdentity, method: str | None, variant: str | None) -> 
 
 
 def default_name(method: str, variant: str) -> str:
-    if variant == "base":
-        return "base" if method == "base" else method
+    if variant in ("base", "reference"):
+        return variant if method in ("base", "reference") else method
     return f"{method}-{variant}"
 
 

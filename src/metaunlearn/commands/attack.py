@@ -16,6 +16,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
+from metaunlearn.attacks.reference import ReferenceModel
 from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.config import StrictModel, read_yaml, validate
 from metaunlearn.errors import UserError
@@ -30,6 +31,7 @@ class AttackFile(StrictModel):
     attack: AttackSuiteConfig
     eval: Optional[EvalConfig] = Field(None)
     run_dir: Optional[str] = Field(None)
+    references: list[ReferenceModel] = Field(default_factory=list)
 
 
 def load_attack_file(path: Path) -> AttackFile:
@@ -52,6 +54,19 @@ def _summary(rows: list[dict], console: Console) -> None:
     for a in stats:
         table.add_row(a["attack_set"], a["mode"], format_lr(a["lr"]), str(a["step"]),
                       mean_std(a["mean"], a["std"], a["n"]), str(a["n"]))
+    console.print(table)
+
+
+def _reference_summary(records: list[dict], console: Console) -> None:
+    from metaunlearn.experiment.formatting import attack_label
+
+    table = Table(title="against a model that never saw the concept (excess AUC, points; steps to 50%)")
+    for column in ("reference", "attack set", "attack", "excess AUC", "steps to 50%", "reference's", "seeds"):
+        table.add_column(column)
+    for r in records:
+        steps = [("—" if s["mean"] is None else f"{s['mean']:.0f}") for s in (r["steps_to"], r["reference_steps_to"])]
+        table.add_row(r["reference"], r["attack_set"], attack_label(r["mode"], r["lr"]), f"{r['excess_all']:+.1f}",
+                      *steps, str(len(r["seeds"])))
     console.print(table)
 
 
@@ -86,6 +101,10 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         dtype: str = typer.Option("fp32", "--dtype", help="fp32 (recommended for finetuning), fp16 or bf16."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        reference: Optional[list[Path]] = typer.Option(
+            None, "--reference", help="A model that never saw the concept, attacked alike as the yardstick "
+            "(repeatable; adds to the config's references)."
+        ),
     ) -> None:
         """Finetune a model on each attack set (full / LoRA × lrs × seeds) and evaluate every snapshot step."""
         from metaunlearn.api import attack as attack_api
@@ -94,11 +113,12 @@ def register(app: typer.Typer) -> None:
         from metaunlearn.locking import waiting_for_locks
 
         parsed = load_attack_file(config)
+        references = [*parsed.references, *[p.resolve() for p in reference or []]]
         with waiting_for_locks(wait):
             result = attack_api(
                 model_dir, parsed.attack, run_dir or default_run_dir(config, parsed.run_dir), eval=parsed.eval,
                 base_dir=config.resolve().parent, name=name, method=method, variant=variant, sets=sets,
-                overwrite=overwrite, device=device, dtype=dtype, progress=not quiet,
+                overwrite=overwrite, device=device, dtype=dtype, progress=not quiet, references=references,
             )
         if not result.is_main:  # another process of a data-parallel launch: the main one writes and reports
             return
@@ -106,6 +126,13 @@ def register(app: typer.Typer) -> None:
         if result.skipped_sets:
             console.print(f"already done with these settings: {', '.join(result.skipped_sets)}")
         _summary(result.rows, console)
+        if result.references:
+            from metaunlearn.attacks.reference import against_reference
+
+            rows = result.rows + [r for ref in result.references for r in ref.rows]
+            records = against_reference(rows, [ref.name for ref in result.references],
+                                        metric="forget_rate" if any("forget_rate" in r for r in rows) else "attack_loss")
+            _reference_summary([r for r in records if r["model"] == result.name], console)
         console.print(f"results: {result.run_dir / 'attacks' / result.name}  "
                       f"({result.method} {result.variant}, model {result.fingerprint}; "
                       f"report: metaunlearn report {result.run_dir})", markup=False, highlight=False)

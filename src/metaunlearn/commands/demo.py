@@ -35,7 +35,9 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             print_plan(preflight.plan(experiment), experiment.console, title=f"demo plan -> {experiment.run.path}")
             return
+        from metaunlearn.commands import invocation
         from metaunlearn.locking import waiting_for_locks
 
         with waiting_for_locks(wait):
-            experiment.run_all(progress=not quiet, jobs=jobs or (1 if quick else os.cpu_count() or 1))
+            experiment.run_all(progress=not quiet, jobs=jobs or (1 if quick else os.cpu_count() or 1),
+                               command=invocation())

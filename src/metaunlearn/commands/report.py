@@ -32,6 +32,10 @@ def register(app: typer.Typer) -> None:
         ),
         metric: Optional[str] = typer.Option(None, "--metric", help="Row metric of the tables (default: forget_rate)."),
         title: Optional[str] = typer.Option(None, "--title", help="Report title."),
+        page: Optional[Path] = typer.Option(
+            None, "--page", help="Also write every table as one Markdown results page headed by the run's command, "
+            "commit and date (e.g. docs/results/demo.md)."
+        ),
     ) -> None:
         """Write results.json, results.csv, summary.csv, report.md and a self-contained report.html."""
         from metaunlearn.experiment.report import build_report
@@ -42,11 +46,14 @@ def register(app: typer.Typer) -> None:
             settings = settings.model_copy(update=overrides)
         if out is not None and out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file, not a folder")
+        if page is not None and page.is_dir():
+            raise UserError(f"--page {page} is a folder; give a Markdown file path")
         _check_owned(out if out is not None else run_dir)
-        files = build_report(run_dir, out, settings)
+        files = build_report(run_dir, out, settings, page=page)
         console = Console()
         for label, path in (("results", files.results_json), ("rows (csv)", files.results_csv),
-                            ("summary (csv)", files.summary_csv), ("markdown", files.markdown), ("html", files.html)):
+                            ("summary (csv)", files.summary_csv), ("markdown", files.markdown), ("html", files.html),
+                            *([("results page", files.page)] if files.page else [])):
             console.print(f"{label:>14}: {path}")
 
 

@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a whole experiment; stages finished with unchanged settings are skipped. Relative paths in the config
         are relative to the config file."""
+        from metaunlearn.commands import invocation
         from metaunlearn.experiment.runner import run_experiment
         from metaunlearn.experiment.schedule import StageResources
 
@@ -44,4 +45,5 @@ def register(app: typer.Typer) -> None:
 
         with waiting_for_locks(wait):
             run_experiment(config, run_dir=run_dir, dry_run=dry_run, progress=not quiet, jobs=jobs, ray=target,
-                           resources=StageResources(cpus, gpus), overwrite=overwrite, device_memory=device_memory)
+                           resources=StageResources(cpus, gpus), overwrite=overwrite, device_memory=device_memory,
+                           command=invocation())

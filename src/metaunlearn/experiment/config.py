@@ -10,6 +10,7 @@ Sections (each owned by its stage; see the stage modules for their keys)::
     grid:        methods x {plain, meta} the experiment compares
     attack:      relearning attacks on every model          (metaunlearn.attacks.suite_config.AttackSuiteConfig)
     eval:        what every model and snapshot is measured on (metaunlearn.metrics.config.EvalConfig)
+    references:  models attacked with the identical sweep as a yardstick (metaunlearn.attacks.reference)
     report:      tables and figures                         (metaunlearn.experiment.report.ReportConfig)
 """
 
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from metaunlearn.attacks.reference import ReferenceModel
 from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.config import StrictModel
 from metaunlearn.data.config import DataConfig, SamplerSettings
@@ -27,6 +29,14 @@ from metaunlearn.experiment.report import ReportConfig
 from metaunlearn.metrics.config import EvalConfig
 
 Variant = Literal["plain", "meta"]
+
+
+class ControlSpec(StrictModel):
+    """The equal-damage control: the plain method pushed harder until its benign accuracy matches the meta model's."""
+
+    steps: int | None = Field(None, ge=1, description="outer steps (default: the plain variant's)")
+    lr: float | None = Field(None, gt=0, description="learning rate (default: the plain variant's)")
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters replaced (e.g. erase_scale)")
 
 
 class GridMethod(StrictModel):
@@ -45,6 +55,8 @@ class GridMethod(StrictModel):
         default_factory=dict, description="meta-objective keys replaced for this method (e.g. its simulated attacks)"
     )
     label: str | None = Field(None, description="model name prefix in results (default: the method name)")
+    control: ControlSpec | None = Field(None, description="also build and attack the equal-damage control "
+                                                          "<label>-control (plain unlearning, pushed harder)")
     meta_from_plain: bool = Field(
         False,
         description="the meta variant starts from this method's plain model (needs the plain variant in the grid)",
@@ -116,10 +128,19 @@ class ExperimentConfig(StrictModel):
     grid: GridConfig | None = None
     attack: AttackSuiteConfig | None = None
     eval: EvalConfig | None = None
+    references: list[ReferenceModel] = Field(
+        default_factory=list, description="models that never saw the concept, attacked like every grid model")
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
     def _stages_fit(self) -> ExperimentConfig:
+        names = [r.name for r in self.references]
+        taken = {"base"} | {f"{m.model_label}-{v}" for m in (self.grid.methods if self.grid else [])
+                            for v in [*self.grid.variants, "control"]}
+        if len(set(names)) != len(names) or taken & set(names):
+            raise ValueError("every reference needs its own name, unlike 'base' and every grid model")
+        if self.references and self.attack is None:
+            raise ValueError("'references' are attacked: they need an 'attack' section")
         if self.grid is not None and self.unlearn is None:
             raise ValueError("'grid' needs an 'unlearn' section (the template every grid model starts from)")
         if self.attack is not None:

@@ -2,7 +2,7 @@
 
 Every figure has one column per method (or per model pair when a method appears with several settings) and one row
 per attack (attack set × mode × learning rate); in each panel the plain and the meta model are drawn in the same
-two colours everywhere, the base model (if attacked) in grey, seeds as a band of ± one std, and the attack budget
+two colours everywhere, the base model (if attacked) in grey and every reference model in green, seeds as a band of ± one std, and the attack budget
 (``report.budget_steps``) as a dotted vertical line.
 """
 
@@ -20,14 +20,14 @@ Panels = dict[tuple[str, str], list[Curve]]
 
 def column_of(rows: Sequence[Mapping]) -> dict[str, str]:
     """``{model: panel column}``: the method, or the model name without its variant suffix when a method has more
-    than one plain (or meta) model; the base model goes into every column (key ``""``)."""
+    than one plain (or meta) model; the base and reference models go into every column (key ``""``)."""
     models = {(r["model"], r["method"], r["variant"]) for r in rows}
     per_method: dict[tuple[str, str], int] = {}
     for _, method, variant in models:
         per_method[(method, variant)] = per_method.get((method, variant), 0) + 1
     out = {}
     for model, method, variant in models:
-        if variant == "base":
+        if variant in ("base", "reference"):
             out[model] = ""
         elif per_method[(method, variant)] > 1:
             out[model] = re.sub(r"[-_.](plain|meta|unlearn)$", "", model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from metaunlearn.experiment.config import GridMethod
 
@@ -13,9 +14,10 @@ class GridModel:
 
     name: str
     method: str
-    variant: str  # base | plain | meta
+    variant: str  # base | plain | meta | control | reference
     entry: GridMethod | None = None
     seed: int = 0  # the grid seed (replicate) this model belongs to
+    folder: Path | None = None  # a reference's model folder (given, never built)
 
     @property
     def key(self) -> str:

@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-VARIANT_COLOURS = {"plain": "#D55E00", "meta": "#0072B2", "base": "#7F7F7F"}
-"""Fixed colours (Okabe–Ito, safe for colour-blind readers): plain is vermilion, meta is blue, the base model grey."""
-VARIANT_LABELS = {"plain": "plain", "meta": "meta", "base": "base model (no unlearning)"}
+VARIANT_COLOURS = {"plain": "#D55E00", "meta": "#0072B2", "base": "#7F7F7F", "reference": "#009E73",
+                   "control": "#CC79A7"}
+"""Fixed colours (Okabe–Ito, colour-blind safe): plain vermilion, meta blue, base grey, reference green, control pink."""
+VARIANT_LABELS = {"plain": "plain", "meta": "meta", "base": "base model (no unlearning)",
+                  "reference": "reference (never saw the concept)", "control": "control (plain, equal damage)"}
 
 
 def image_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2, min_side: int = 64) -> np.ndarray:
@@ -126,7 +128,7 @@ def small_multiples(
                 m = 100 * np.asarray(curve.mean, dtype=float)
                 s = 100 * np.nan_to_num(np.asarray(curve.std, dtype=float))
                 colour = VARIANT_COLOURS.get(curve.variant, "#000000")
-                width = 1.2 if curve.variant == "base" else 1.8
+                width = 1.2 if curve.variant in ("base", "reference") else 1.8
                 ax.plot(x, m, "--" if curve.dashed else "-", marker="o", ms=3, lw=width, color=colour)
                 several = np.asarray(curve.n) > 1
                 if several.any():
@@ -149,7 +151,7 @@ def small_multiples(
             if budget is not None and i == 0 and j == len(cols) - 1:
                 ax.annotate("budget", (budget, 103), xytext=(3, -1), textcoords="offset points", fontsize=7.5,
                             color="#333333", va="top")
-    order = [v for v in ("plain", "meta", "base") if v in variants] + [v for v in variants if v not in VARIANT_COLOURS]
+    order = [v for v in ("plain", "control", "meta", "reference", "base") if v in variants] + [v for v in variants if v not in VARIANT_COLOURS]
     handles = [Line2D([], [], color=VARIANT_COLOURS.get(v, "#000000"), lw=2, marker="o", ms=3) for v in order]
     labels = [VARIANT_LABELS.get(v, v) for v in order]
     if line_styles:

@@ -45,6 +45,8 @@ def missing_inputs(experiment: Experiment) -> list[tuple[str, str]]:
             missing.append((str(path), fix))
 
     need(experiment.model_dir, "edit 'model': a local diffusers model folder (safetensors weights)")
+    for i, ref in enumerate(config.references):
+        need(resolve_path(ref.path, base), f"edit references.{i}.path: a local diffusers model folder")
     if data is not None:
         for role in data.roles():
             spec = data.role(role)

@@ -42,13 +42,14 @@ from pathlib import Path
 from pydantic import Field
 
 from metaunlearn.atomic import AtomicFiles
+from metaunlearn.attacks.payoff import PayoffConfig
 from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
 from metaunlearn.experiment.signals_table import signals_table
 
-VARIANT_ORDER = {"base": 0, "plain": 1, "meta": 2}
+VARIANT_ORDER = {"base": 0, "reference": 1, "plain": 2, "control": 3, "meta": 4}
 METRIC_LABELS = {
     "forget_rate": "forget rate (%)",
     "related_acc": "related-concept accuracy (%)",
@@ -71,6 +72,7 @@ class ReportConfig(StrictModel):
         None, ge=1,
         description="attack steps the defence should hold out: marked in tables and figures, signals judged there",
     )
+    payoff: PayoffConfig = Field(default_factory=PayoffConfig, description="when an attack counts as a success")
 
 
 @dataclass
@@ -83,6 +85,7 @@ class ReportFiles:
     markdown: Path
     html: Path
     figures: list[Path]
+    page: Path | None = None  # the results page written for the docs (``page=``)
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
@@ -123,9 +126,10 @@ def attack_sets_in_order(rows: Sequence[Mapping], config: ReportConfig) -> tuple
 
 
 def _model_rows(rows: Sequence[Mapping]) -> list[tuple[str, str, str]]:
-    """``(model, method, variant)`` in table order: base first, then by method, then plain before meta."""
+    """``(model, method, variant)`` in table order: base, references, then by method, plain before meta."""
     models = {(r["model"], r["method"], r["variant"]) for r in rows}
-    return sorted(models, key=lambda m: (m[2] != "base", m[1], VARIANT_ORDER.get(m[2], 9), m[0]))
+    first = {"base": 0, "reference": 1}  # the models every method is compared with come first
+    return sorted(models, key=lambda m: (first.get(m[2], 2), m[1], VARIANT_ORDER.get(m[2], 9), m[0]))
 
 
 def check_one_setting(rows: Sequence[Mapping], run_dir: Path) -> None:
@@ -239,9 +243,10 @@ def paper_table(rows: Sequence[Mapping], config: ReportConfig) -> tuple[Table, T
     return main, worst_table, data
 
 
-def reduction_table(rows: Sequence[Mapping], config: ReportConfig) -> Table | None:
-    """Meta against plain per method: ``1 − meta / plain`` of the mean metric under each attack of the primary set
-    at each snapshot step, and of the worst case over the sweep (``None`` without a method that has both)."""
+def reduction_table(rows: Sequence[Mapping], config: ReportConfig, against: str = "plain") -> Table | None:
+    """Meta against plain (or ``against`` = control) per method: ``1 − meta / plain`` of the mean metric under each
+    attack of the primary set at each snapshot step, and of the worst case over the sweep (``None`` without a
+    method that has both)."""
     from metaunlearn.attacks.sweep import aggregate, worst_case
 
     metric = config.metric
@@ -249,7 +254,7 @@ def reduction_table(rows: Sequence[Mapping], config: ReportConfig) -> Table | No
     ours = [r for r in rows if r["attack_set"] == primary and isinstance(r.get(metric), (int, float))]
     steps = sorted({r["step"] for r in ours if r["step"] > 0})
     models = {(m[1], m[2]): m[0] for m in _model_rows(ours)}
-    methods = sorted({method for method, variant in models if variant == "meta" and (method, "plain") in models})
+    methods = sorted({method for method, variant in models if variant == "meta" and (method, against) in models})
     if not methods or not steps:
         return None
     mean = {(a["model"], a["mode"], a["lr"], a["step"]): a["mean"]
@@ -264,19 +269,21 @@ def reduction_table(rows: Sequence[Mapping], config: ReportConfig) -> Table | No
     attacks = sorted({(r["mode"], r["lr"]) for r in ours})
     out = []
     for method in methods:
-        plain, meta = models[(method, "plain")], models[(method, "meta")]
+        plain, meta = models[(method, against)], models[(method, "meta")]
         for mode, lr in attacks:
             out.append([method, attack_label(mode, lr)]
                        + [cell(mean.get((plain, mode, lr, k)), mean.get((meta, mode, lr, k))) for k in steps])
         out.append([method, "worst case"] + [cell(worst.get((plain, k)), worst.get((meta, k))) for k in steps])
     what = METRIC_LABELS.get(metric, metric)
     return Table(
-        title=f"meta vs plain: relative reduction of the {what.split(' (')[0]} on {primary}",
+        title=f"meta vs {against}: relative reduction of the {what.split(' (')[0]} on {primary}",
         columns=["method", "attack"] + [f"{primary} @{k}" + (" (budget)" if k == config.budget_steps else "")
                                         for k in steps],
         rows=out,
-        note=("1 − meta / plain of the mean over seeds (worst case: of the maximum over every mode × lr × seed); "
-              "higher is better for the defender; — where plain is 0."),
+        note=(f"1 − meta / {against} of the mean over seeds (worst case: of the maximum over every mode × lr × seed); "
+              f"higher is better for the defender; — where {against} is 0."
+              + (" The control is the plain method pushed until its benign accuracy before any attack matches the "
+                 "meta model's: meta counts as a defence only where it beats it." if against == "control" else "")),
         label_columns=2,
     )
 
@@ -334,13 +341,16 @@ def grid_rows(rows: Sequence[Mapping], run_dir: Path, primary: str) -> tuple[lis
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
-def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None) -> ReportFiles:
-    """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report."""
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config: ReportConfig | None = None,
+                 page: str | Path | None = None) -> ReportFiles:
+    """Read every result row of ``run_dir`` and write the results files and the Markdown + HTML report; ``page``: also
+    a Markdown results page of every table (no figures) headed by the run's provenance (command, commit, date)."""
     from metaunlearn.attacks.prompts import read_prompt_rows
     from metaunlearn.attacks.sweep import aggregate, read_rows, worst_case
     from metaunlearn.experiment.curve_tables import auc_table, prompt_attack_table
     from metaunlearn.experiment.curve_tables import worst_table as worst_runs_table_of
     from metaunlearn.experiment.figures import report_figures
+    from metaunlearn.experiment.yardsticks import yardstick_tables
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -356,7 +366,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     summary = [{**a, "std": a["std"] if a["n"] > 1 else None} for m in metrics for a in aggregate(rows, m)]
     worst = [w for m in metrics for w in worst_case(rows, m)]
     main, worst_table, table_data = paper_table(rows, config)
-    reduction = reduction_table(rows, config)
+    reductions = [t for t in (reduction_table(rows, config), reduction_table(rows, config, "control")) if t]
     related = None
     if config.related_metric != config.metric and any(isinstance(r.get(config.related_metric), (int, float))
                                                       for r in rows):
@@ -370,6 +380,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
     prompt_rows = read_prompt_rows(run_dir)
     prompts = prompt_attack_table(prompt_rows, rows, config.metric, models)
     durability = signals_table(run_dir, rows, config.metric, primary, config.budget_steps)
+    yardstick = yardstick_tables(rows, config, models)
 
     # Every output is staged beside its final path and renamed into place together at the end: a failure (a full
     # disk, a bad path) leaves the previous report whole, and report_assets/ never keeps figures of another run.
@@ -379,13 +390,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, config:
                               config.related_metric if config.related_metric != config.metric else None,
                               primary, sets, config.budget_steps, assets)
         return _write(staged, out, config, rows, run_dir, primary, sets, metrics, summary, worst, figs, main,
-                      worst_table, table_data, reduction, related, quality, aucs, worst_runs_table, worst_runs_data,
-                      prompt_rows, prompts, durability)
+                      worst_table, table_data, reductions, related, quality, aucs, worst_runs_table, worst_runs_data,
+                      prompt_rows, prompts, durability, yardstick, page)
 
 
 def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: Path, primary: str, sets, metrics,
-           summary, worst, figs, main, worst_table, table_data, reduction, related, quality, aucs, worst_runs_table,
-           worst_runs_data, prompt_rows, prompts, durability=None) -> ReportFiles:
+           summary, worst, figs, main, worst_table, table_data, reductions, related, quality, aucs, worst_runs_table,
+           worst_runs_data, prompt_rows, prompts, durability=None, yardstick=None, page=None) -> ReportFiles:
     """Stage every report file in ``staged`` (figures are already in its temporary assets folder)."""
     from metaunlearn.attacks.curves import run_curves
     from metaunlearn.attacks.sweep import KEY_FIELDS
@@ -394,8 +405,9 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
 
     n_runs = len({(r["model"], r["attack_set"], r["mode"], r["lr"], r["seed"]) for r in rows})
     seeds = sorted({r["seed"] for r in rows})
-    subtitle = (f"{len({r['model'] for r in rows})} models · attack sets {', '.join(sets)} · "
-                f"{n_runs} attack runs · seeds {', '.join(map(str, seeds))} · source {run_dir.resolve()}")
+    counts = (f"{len({r['model'] for r in rows})} models · attack sets {', '.join(sets)} · "
+              f"{n_runs} attack runs · seeds {', '.join(map(str, seeds))}")
+    subtitle = f"{counts} · source {run_dir.resolve()}"
 
     def sections(grid_cells, final: bool) -> list[Section]:
         # HTML embeds the staged figures; Markdown links them where they will be after the commit
@@ -406,11 +418,14 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
         if relearning:
             s.append(Section("Relearning under attack", figures=relearning))
         s.append(Section("Forget rate before and after finetuning attacks", text=diverged_text(rows),
-                         tables=[main, worst_table] + ([reduction] if reduction else [])))
+                         tables=[main, worst_table, *reductions]))
         curve_tables = [t for t in (worst_runs_table, prompts, aucs) if t is not None]
         if curve_tables:
             gone = "The diverged runs named above have no curve and are left out here." if diverged_runs(rows) else ""
             s.append(Section("Relearning curves and the worst case over the sweep", text=gone, tables=curve_tables))
+        if yardstick and yardstick["tables"]:
+            s.append(Section("Yardsticks: a model that never saw the concept, the attacker's payoff, equal damage",
+                             tables=yardstick["tables"]))
         if related or destruct:
             s.append(Section("Related concepts under attack (self-destruct)", figures=destruct,
                              tables=[related] if related else []))
@@ -426,12 +441,23 @@ def _write(staged: AtomicFiles, out: Path, config: ReportConfig, rows, run_dir: 
     results = {"rows": rows, "summary": summary, "worst_case": worst, "table": table_data,
                "curves": run_curves(rows, config.metric), "worst_runs": worst_runs_data,
                "prompt_attacks": prompt_rows,
+               "against_reference": (yardstick or {}).get("against_reference", []),
+               "payoff": (yardstick or {}).get("payoff", []),
                "primary_set": primary, "attack_sets": sets}
     settings = [k for k in SETTING_FIELDS if k == "grid" or any(k in r for r in rows)]
     columns = list(KEY_FIELDS) + settings + metrics
     summary_columns = ["metric", "model", "method", "variant", "attack_set", "mode", "lr", "step",
                        "mean", "std", "min", "max", "n"]
+    page_file = None
+    if page is not None:
+        from metaunlearn.experiment import provenance
+
+        tables_only = [Section(x.title, x.text, x.tables) for x in sections(grids, True) if x.tables]
+        made = provenance.describe(provenance.read(run_dir))
+        page_file = staged.write_text(Path(page), render_markdown(config.title, f"{made} {counts}.", tables_only,
+                                                                  Path(page).parent))
     return ReportFiles(
+        page=page_file,
         results_json=staged.write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n"),
         results_csv=staged.write_text(out / "results.csv", _csv_text(rows, columns)),
         summary_csv=staged.write_text(out / "summary.csv", _csv_text(summary, summary_columns)),

@@ -68,16 +68,23 @@ class Experiment:
     def models(self) -> list[GridModel]:
         """Every model of the grid, seed by seed (a partial run thus holds whole replicates first)."""
         grid = self.config.grid
+        refs = self.config.references
         if grid is None:
-            return [GridModel("base", "base", "base")]
+            return [GridModel("base", "base", "base")] + [self._reference(r, 0) for r in refs]
         out: list[GridModel] = []
         for seed in grid.seeds:
             if grid.include_base:
                 out.append(GridModel("base", "base", "base", seed=seed))
+            out += [self._reference(r, seed) for r in refs]
             for entry in grid.methods:
                 for variant in grid.variants:
                     out.append(GridModel(f"{entry.model_label}-{variant}", entry.name, variant, entry, seed))
+                if entry.control is not None:
+                    out.append(GridModel(f"{entry.model_label}-control", entry.name, "control", entry, seed))
         return out
+
+    def _reference(self, ref, seed: int) -> GridModel:
+        return GridModel(ref.name, "reference", "reference", seed=seed, folder=_resolve(ref.path, self.base))
 
     def models_by_seed(self) -> dict[int, list[GridModel]]:
         """The grid's models by grid seed, seeds in order."""
@@ -87,6 +94,8 @@ class Experiment:
         return out
 
     def model_folder(self, model: GridModel) -> Path:
+        if model.folder is not None:
+            return model.folder
         if model.entry is None:
             return self.model_dir
         return self.run.path / "models" / model.key / "model"
@@ -99,16 +108,23 @@ class Experiment:
         section = dict(self.config.unlearn)
         entry = model.entry
         meta = model.variant == "meta"
+        control = entry.control if model.variant == "control" else None  # plain unlearning, pushed harder
         params = {**entry.params, **entry.meta_params} if meta else entry.params
+        if control is not None:
+            params = {**params, **control.params}
         section["method"] = {"name": entry.name, "params": params}
         if not meta:
             section["meta"] = None
         else:
             section["meta"] = {**(section.get("meta") or {}), **entry.meta}
         steps = entry.meta_steps if meta and entry.meta_steps else entry.steps
+        if control is not None and control.steps is not None:
+            steps = control.steps
         if steps is not None:
             section["steps"] = steps
         lr = entry.meta_lr if meta and entry.meta_lr else entry.lr
+        if control is not None and control.lr is not None:
+            lr = control.lr
         if lr is not None:
             section["lr"] = lr
         section["seed"] = int(section.get("seed", 0)) + model.seed
@@ -129,7 +145,7 @@ class Experiment:
 
     # ---- stages ----------------------------------------------------------------------------------------------
     def run_all(self, *, progress: bool = True, jobs: int = 1, ray: str | None = None,
-                resources: StageResources | None = None) -> Path | None:
+                resources: StageResources | None = None, command: str | None = None) -> Path | None:
         """Every stage, skipping finished ones; the report comes last.
 
         Data and attack sets are made here; the unlearn and attack stages of every seed (:meth:`tasks`) go to the
@@ -144,16 +160,19 @@ class Experiment:
         from metaunlearn.locking import folder_lock
 
         with folder_lock(self.run.path, "run folder"):
-            return self._run_all(progress, jobs, ray, resources)
+            return self._run_all(progress, jobs, ray, resources, command)
 
-    def _run_all(self, progress: bool, jobs: int, ray: str | None, resources: StageResources | None) -> Path | None:
+    def _run_all(self, progress: bool, jobs: int, ray: str | None, resources: StageResources | None,
+                 command: str | None) -> Path | None:
         from metaunlearn.backbones.loading import load_backbone
+        from metaunlearn.experiment import provenance
         from metaunlearn.experiment.report import build_report
         from metaunlearn.experiment.schedule import InProcess, ProcessPool, RayBackend, run_graph
 
         preflight.check_settings(self)
         if not (self.run.path / "config.json").exists():  # another config's record is replaced once its stages ran
             self.run.write_config(self.config)
+        provenance.record(self.run.path, command)
         began = time.time()
         base_backbone = None
 
@@ -231,7 +250,7 @@ class Experiment:
             cfg = self.unlearn_config(m)
             return self._unlearn_settings(m), lambda: self._unlearn(cfg, progress)
         suite = self._suite(m.seed)
-        settings = {"model": self._unlearn_settings(m) if m.entry is not None else str(self.model_dir),
+        settings = {"model": self._unlearn_settings(m) if m.entry is not None else str(self.model_folder(m)),
                     "suite": suite.model_dump(mode="json"),
                     "eval": self.config.eval.model_dump(mode="json") if self.config.eval else None}
         return settings, lambda: self._attack(m, suite, progress)
@@ -312,7 +331,7 @@ class Experiment:
 def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_run: bool = False,
                    progress: bool = True, console: Console | None = None, jobs: int = 1, ray: str | None = None,
                    resources: StageResources | None = None, overwrite: bool = False,
-                   device_memory: float | None = None) -> Path | None:
+                   device_memory: float | None = None, command: str | None = None) -> Path | None:
     """``metaunlearn run CONFIG``: every stage the config names, skipping finished ones.
 
     The run folder is ``run_dir``, else the config's ``run_dir`` (relative to the config file), else
@@ -333,4 +352,4 @@ def run_experiment(path: str | Path, *, run_dir: str | Path | None = None, dry_r
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("run schedules whole stages itself: start it as one process (--jobs N or --ray for stages at "
                         "once); torchrun / accelerate launch are for one unlearn or attack stage")
-    return experiment.run_all(progress=progress, jobs=jobs, ray=ray, resources=resources)
+    return experiment.run_all(progress=progress, jobs=jobs, ray=ray, resources=resources, command=command)

@@ -14,6 +14,8 @@ ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
 MODEL_SUBDIR = "model"
 DETECTOR_FILE = "detector.safetensors"
 EVAL_FILE = "eval.json"
+RETRAIN_DIR = ASSET_DIR / "retrain_red_triangle"
+"""The retrain reference: the shipped recipe without any red triangle (``toy pretrain --exclude red_triangle``)."""
 
 
 def model_dir(root: str | Path = ASSET_DIR) -> Path:
