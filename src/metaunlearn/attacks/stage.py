@@ -174,6 +174,7 @@ def attack_model(
     method, variant = labels(identity, method, variant)
     name = check_name(name or default_name(method, variant), "model name")
     key = stage_key or name
+    _check_tokens(suite, model_dir, backbone)
     folders = set_folders(suite, base, sets)
     # sets sequential kinds train on first and the soft prompt attacks' image set are inputs too
     needed = {**folders, **set_folders(suite, base, sorted(suite.stage_sets() - set(folders)))}
@@ -293,6 +294,21 @@ def attack_model(
         for attack_name, settings in prompt_todo.items():
             run.mark_done(f"attack/{key}/prompt-{attack_name}", settings)
     return outcome
+
+
+def _check_tokens(suite: AttackSuiteConfig, model_dir, backbone) -> None:
+    """Every textual-inversion token must be new to the model's tokenizers (refused before any work)."""
+    from metaunlearn.attacks.tokens import check_new_tokens, folder_tokenizers
+
+    specs = [spec for set_name in suite.sets for spec in suite.specs(set_name)]
+    tokens = sorted({spec.textual_inversion.token for spec in specs if spec.mode == "textual_inversion"})
+    if not tokens:
+        return
+    if backbone is not None:
+        tokenizers = [getattr(backbone.pipe, n, None) for n in ("tokenizer", "tokenizer_2")]
+    else:
+        tokenizers = folder_tokenizers(model_dir)
+    check_new_tokens(tokenizers, tokens, str(model_dir) if backbone is None else "the model")
 
 
 def _shared(accelerator, names: list[str] | None) -> list[str]:
