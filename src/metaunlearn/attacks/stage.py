@@ -42,8 +42,9 @@ class AttackOutcome:
 
 
 def resolve(path: str | Path, base: Path | None) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or base is None else Path(base) / p
+    from metaunlearn.config import resolve_path
+
+    return resolve_path(path, base)
 
 
 def data_digest(path: Path, where: str) -> str:

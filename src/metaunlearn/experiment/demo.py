@@ -62,7 +62,7 @@ def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None,
     grid = config.grid.model_copy(update={"seeds": list(range(seeds))})
     attack = config.attack
     ev = config.eval
-    default_dir = Path("runs/demo")  # in the working directory, not beside the packaged config
+    default_dir = Path("runs/demo-robust" if robust else "runs/demo")  # in the working directory, not in the package
     if quick:  # one method, the primary attack only: the meta effect in a few minutes
         grid = grid.model_copy(update={"methods": [m for m in grid.methods if m.name == QUICK_METHOD]})
         primary = config.report.primary_set or "hrm-m"
