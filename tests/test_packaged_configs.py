@@ -110,3 +110,22 @@ def test_the_demo_writes_nothing_into_the_package(kind, tmp_path, monkeypatch):
     assert run.parent == tmp_path / "runs" and run.name.startswith("demo")
     assert experiment.data.root == run / "data" and experiment.data.cache_dir == run / "cache"
     assert build_demo(create=False, robust=True).run.path != build_demo(create=False).run.path
+
+
+def test_config_init_writes_an_editable_copy(run_cli, tmp_path, monkeypatch):
+    from metaunlearn.config import read_yaml
+
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("config", "init", "toy_demo")
+    assert result.exit_code == 0, result.stderr
+    copy = tmp_path / "toy_demo.yaml"
+    assert copy.read_text() == (PACKAGE / "configs" / "toy_demo.yaml").read_text()
+    assert read_yaml(copy)["model"] == str(PACKAGE / "assets" / "toy" / "model")
+    again = run_cli("config", "init", "toy_demo")
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert run_cli("config", "init", "toy_demo", "--overwrite").exit_code == 0
+    (tmp_path / "mine").mkdir()
+    assert run_cli("config", "init", "toy_robust", tmp_path / "mine").exit_code == 0
+    assert (tmp_path / "mine" / "toy_robust.yaml").is_file()
+    unknown = run_cli("config", "init", "nope")
+    assert unknown.exit_code == 2 and "toy_demo, toy_robust" in unknown.stderr

@@ -22,6 +22,26 @@ def demo_config_path(robust: bool = False) -> Path:
     return Path(str(resources.files("metaunlearn") / "configs" / name))
 
 
+TEMPLATES = ("toy_demo", "toy_robust")
+"""Packaged experiment configs ``metaunlearn config init`` copies (their toy:// paths resolve wherever they go)."""
+
+
+def init_config(name: str, dest: Path | None = None, overwrite: bool = False) -> Path:
+    """Write a copy of the packaged config ``name`` to ``dest`` (a file, or a folder for ``NAME.yaml``; default
+    ``NAME.yaml`` in the working directory) and return its path; an existing file is kept unless ``overwrite``."""
+    from metaunlearn.atomic import atomic_write_text
+
+    if name not in TEMPLATES:
+        raise UserError(f"no packaged config {name!r} (choose {', '.join(TEMPLATES)})")
+    source = demo_config_path(robust=name == "toy_robust")
+    target = Path(dest) if dest is not None else Path(f"{name}.yaml")
+    if target.is_dir():
+        target = target / f"{name}.yaml"
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it, or give another DEST")
+    return atomic_write_text(target, source.read_text())
+
+
 def attack_suite_path() -> Path:
     """The wider attack suite ``--all-attacks`` adds (``configs/toy_attack_suite.yaml``)."""
     return Path(str(resources.files("metaunlearn") / "configs" / "toy_attack_suite.yaml"))
