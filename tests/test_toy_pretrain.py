@@ -65,8 +65,8 @@ def test_pretrain_refuses_a_folder_of_other_files(run_cli, tmp_path, monkeypatch
 
 
 def test_pretrain_writes_toy_assets_in_the_working_directory(run_cli, tmp_path, monkeypatch):
-    """Tiny sizes (few images, 2 training and sampling steps); the shipped folder is untouched. --overwrite-shipped lets it write into
-    the (here stand-in) shipped folder."""
+    """Tiny sizes (few images, 2 training and sampling steps); the shipped folder is untouched.
+    --overwrite-shipped lets it write into the (here stand-in) shipped folder."""
     from metaunlearn.toyworld import cli, detector, pretrain
 
     monkeypatch.setattr(pretrain, "ToyModelConfig",
@@ -89,4 +89,5 @@ def test_pretrain_writes_toy_assets_in_the_working_directory(run_cli, tmp_path, 
             "--eval-samples", "1", "--exclude", "red_triangle")
     assert run_cli(*args).exit_code == 2
     assert run_cli(*args, "--overwrite-shipped").exit_code == 0
-    assert "--exclude red_triangle" in json.loads((stand_in / "retrain_red_triangle" / "eval.json").read_text())["command"]
+    reference = json.loads((stand_in / "retrain_red_triangle" / "eval.json").read_text())
+    assert "--exclude red_triangle" in reference["command"]

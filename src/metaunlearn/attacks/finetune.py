@@ -263,7 +263,7 @@ def _run_attack(backbone: Backbone, data: CachedSet, spec: AttackSpec, evaluate:
             unquantize()
         raise
     try:
-        shard.broadcast_(params)  # e.g. a LoRA adapter initialised from each process's own RNG
+        shard.broadcast_(params)  # alike already (seeded by the run), kept as a guarantee
         captions = _captions(backbone, spec)
         optimizer = build_optimizer(params, spec, decay=spec.mode != "textual_inversion")
         schedule = build_schedule(optimizer, spec)
