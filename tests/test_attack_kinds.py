@@ -4,6 +4,7 @@ schedules, and every kind from one config through ``metaunlearn attack``."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -389,3 +390,35 @@ def test_demo_all_attacks_adds_the_kinds_and_prompt_attacks(tmp_path, quick):
     before = {(s.kind, s.lr, tuple(s.snapshot_steps)) for s in plain.config.attack.specs("hrm-m")}
     assert before <= {(s.kind, s.lr, tuple(s.snapshot_steps)) for s in suite.specs("hrm-m")}
     assert set(wide.config.attack_data) == set(plain.config.attack_data)
+
+
+def test_a_textual_inversion_token_that_is_already_a_word_is_refused_before_any_work(tmp_path, run_cli, tiny_sd_dir):
+    """'triangle' is one vocabulary entry ('triangle</w>'): as a new token it would take the word over in every
+    prompt. Refused with one line before any marker or result is written; SDXL's second tokenizer counts too."""
+    from metaunlearn.attacks.tokens import check_new_tokens, folder_tokenizers, known_token
+    from metaunlearn.errors import UserError
+    from metaunlearn.toyworld.assets import model_dir
+
+    (toy,) = folder_tokenizers(model_dir())
+    assert known_token(toy, "triangle") and known_token(toy, "<|endoftext|>")
+    assert not known_token(toy, "<rt>") and not known_token(toy, "<concept>")
+    backbone = _backbone("sd")
+    _cached(backbone).save(tmp_path / "hrm.safetensors")
+    config = {"attack": {"sets": {"hrm": {"data": "hrm.safetensors"}}, "modes": ["full", "ti"], "lrs": [1e-3],
+                         "snapshot_steps": [0, 1], "batch_size": 2, "grid_images": 0,
+                         "kinds": {"ti": {"mode": "textual_inversion", "textual_inversion": {"token": "person"}}}}}
+    (tmp_path / "attack.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli("attack", tiny_sd_dir, tmp_path / "attack.yaml", "--run-dir", tmp_path / "run", "--quiet",
+                     "--name", "x-plain")
+    assert result.exit_code == 2 and "'person' is already in the vocabulary" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+    xl = _backbone("sdxl")
+    xl.pipe.tokenizer_2 = copy.deepcopy(xl.pipe.tokenizer_2)
+    xl.pipe.tokenizer_2.add_tokens(["<second>"])
+    with pytest.raises(UserError, match="'<second>' is already in the vocabulary"):
+        check_new_tokens([xl.pipe.tokenizer, xl.pipe.tokenizer_2], ["<second>"], "tiny-sdxl")
+    with pytest.raises(UserError, match="already in the vocabulary"):
+        run_attack(xl, _cached(xl), AttackSpec(mode="textual_inversion", snapshot_steps=[1], batch_size=2,
+                                               textual_inversion={"token": "<second>"}), progress=False)
+    assert "<second>" not in xl.pipe.tokenizer.get_vocab()  # nothing added to the first tokenizer either

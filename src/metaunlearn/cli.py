@@ -58,6 +58,7 @@ COMMAND_MODULES = [
     "metaunlearn.commands.run",
     "metaunlearn.commands.demo",
     "metaunlearn.commands.toy",
+    "metaunlearn.commands.config",
 ]
 
 for _name in COMMAND_MODULES:

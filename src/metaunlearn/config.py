@@ -7,6 +7,7 @@ and the file rather than something silently ignored.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from metaunlearn.errors import UserError
 
 M = TypeVar("M", bound=BaseModel)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TOY_SCHEME = "toy://"
+TOY_ASSET_DIR = PACKAGE_DIR / "assets" / "toy"
+TOY_ALIASES = {"detector": "detector.safetensors"}
+"""``toy://NAME`` names a shipped toy asset (``toy://model``, ``toy://reference``, ``toy://detector``, sub-paths)."""
 
 
 class StrictModel(BaseModel):
@@ -42,6 +49,35 @@ def read_yaml(path: str | Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys to values")
+    return _toy_paths_relative(data, path.resolve().parent, str(path))
+
+
+def toy_asset(value: str | Path, source: str = "config") -> Path | None:
+    """The shipped asset a ``toy://NAME`` value names (``toy:/NAME`` too: a path made of it), else ``None``."""
+    text = str(value)
+    if not text.startswith(TOY_SCHEME[:-1]):
+        return None
+    name = text[len(TOY_SCHEME[:-1]):].lstrip("/")
+    parts = Path(name).parts
+    if not parts or ".." in parts:
+        raise UserError(f"{source}: {text!r} names no shipped toy asset (toy://model, toy://reference, toy://detector)")
+    return TOY_ASSET_DIR / TOY_ALIASES.get(name, name)
+
+
+def _inside_package(folder: Path) -> bool:
+    return folder == PACKAGE_DIR or PACKAGE_DIR in folder.parents
+
+
+def _toy_paths_relative(data, base: Path, source: str):
+    """Every ``toy://NAME`` string of a config file as the asset's path: absolute, or for a packaged config relative
+    to its folder (``../assets/toy/NAME``, the paths its stage markers have always recorded)."""
+    if isinstance(data, dict):
+        return {k: _toy_paths_relative(v, base, source) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_toy_paths_relative(v, base, source) for v in data]
+    if isinstance(data, str) and data.startswith(TOY_SCHEME):
+        asset = toy_asset(data, source)
+        return os.path.relpath(asset, base) if _inside_package(base) else str(asset)
     return data
 
 
@@ -79,17 +115,22 @@ def write_resolved(config: BaseModel, path: str | Path) -> Path:
     return path
 
 
-def resolve_path(path: str | Path, base: str | Path) -> Path:
+def resolve_path(path: str | Path, base: str | Path | None) -> Path:
     """``path`` (``~`` expanded) if absolute, else relative to ``base`` — a config file's folder: every relative
-    path in a config means the same thing in every command."""
+    path in a config means the same thing in every command; ``toy://NAME`` is the shipped asset."""
+    asset = toy_asset(path)
+    if asset is not None:
+        return asset
     p = Path(path).expanduser()
-    return p if p.is_absolute() else Path(base) / p
+    return p if p.is_absolute() or base is None else Path(base) / p
 
 
 def default_run_dir(config_path: str | Path, run_dir: str | Path | None = None) -> Path:
     """The run folder of a config file: its ``run_dir`` (relative to the file), else ``runs/<file name>`` in the
-    working directory."""
+    working directory. A packaged config's relative ``run_dir`` is taken in the working directory: a run folder is
+    never inside the installed package."""
     config_path = Path(config_path)
     if run_dir:
-        return resolve_path(run_dir, config_path.resolve().parent)
+        base = config_path.resolve().parent
+        return Path(run_dir).expanduser() if _inside_package(base) else resolve_path(run_dir, base)
     return Path("runs") / config_path.stem

@@ -92,10 +92,9 @@ class UnlearnConfig(StrictModel):
 
 # ---- config files ---------------------------------------------------------------------------------------------------
 def _resolve_path(path: Path | None, base: Path) -> Path | None:
-    if path is None:
-        return None
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else base / path
+    from metaunlearn.config import resolve_path
+
+    return None if path is None else resolve_path(path, base)
 
 
 def unlearn_section(raw: dict, base: Path, source: str, data_root: Path | None = None) -> dict:
@@ -136,7 +135,8 @@ def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> 
     raw = read_yaml(path)
     base = path.resolve().parent
     run_dir = default_run_dir(path, raw.get("run_dir") if isinstance(raw.get("run_dir"), str) else None)
-    data = unlearn_section(raw, base, str(path), run_dir / "data") if "unlearn" in raw else dict(raw)
+    # the data root absolute: relative paths of the section are resolved against the config's folder below
+    data = unlearn_section(raw, base, str(path), run_dir.absolute() / "data") if "unlearn" in raw else dict(raw)
     overrides = dict(overrides or {})
     cli_out = overrides.pop("out", None)
     for key, value in overrides.items():

@@ -58,6 +58,8 @@ EvalCallback = Callable[[Backbone, int], Mapping[str, float]]
 
 LORA_ADAPTER = "metaunlearn_attack"
 PROBE_SEED_OFFSET = 1_000_003
+GLOBAL_SEED_OFFSET = 2_000_003
+"""The global random state during an attack (adapter initialisation, dropout) is seeded by ``seed + this``."""
 
 
 @dataclass
@@ -241,7 +243,18 @@ def run_attack(
     class images are cached (None: generated each time). The backbone is returned to its original weights (and
     module structure, tokenizers and embeddings) afterwards, even on error. With a data-parallel ``shard`` every
     process computes its share of each batch (see the module docstring); only the main process calls ``evaluate``.
+    Whatever draws from torch's global random state (a LoRA adapter's initialisation, dropout) draws from one seeded
+    by ``spec.seed``, so a run gives the same result whatever ran before it in the process.
     """
+    from metaunlearn.seeding import seeded
+
+    with seeded(spec.seed + GLOBAL_SEED_OFFSET, backbone.device):
+        return _run_attack(backbone, data, spec, evaluate, sets, cache_dir, progress, description, shard, autocast)
+
+
+def _run_attack(backbone: Backbone, data: CachedSet, spec: AttackSpec, evaluate: EvalCallback | None,
+                sets: Mapping[str, CachedSet] | None, cache_dir: str | Path | None, progress: bool, description: str,
+                shard: Shard, autocast: Callable[[], AbstractContextManager]) -> AttackResult:
     if len(data) == 0:
         raise UserError("the attack data set is empty")
     stages = [(end, d.to(backbone.device), own) for end, d, own in _stages(data, spec, sets)]
@@ -265,7 +278,7 @@ def run_attack(
             unquantize()
         raise
     try:
-        shard.broadcast_(params)  # e.g. a LoRA adapter initialised from each process's own RNG
+        shard.broadcast_(params)  # alike already (seeded by the run), kept as a guarantee
         captions = _captions(backbone, spec)
         optimizer = build_optimizer(params, spec, decay=spec.mode != "textual_inversion")
         schedule = build_schedule(optimizer, spec)

@@ -180,15 +180,17 @@ def run_prompt_attack(backbone: Backbone, name: str, spec: PromptAttackSpec, eva
     """Run one prompt attack; the model's weights, tokenizers and embeddings are unchanged afterwards."""
     if evaluator is None:
         raise UserError(f"prompt attack {name!r} needs an 'eval' section (its result is the detector's verdict)")
-    torch.manual_seed(seed)
-    if spec.kind == "soft_prompt":
-        if concept is None:
-            raise UserError(f"prompt attack {name!r} needs the concept's images (prompt_attack_set)")
-        result = soft_prompt(backbone, spec, evaluator, concept, seed, progress)
-    elif spec.kind == "concept_vector":
-        result = concept_vector(backbone, spec, evaluator, seed)
-    else:
-        result = hard_prompt(backbone, spec, evaluator, seed, progress)
+    from metaunlearn.seeding import seeded
+
+    if spec.kind == "soft_prompt" and concept is None:
+        raise UserError(f"prompt attack {name!r} needs the concept's images (prompt_attack_set)")
+    with seeded(seed, backbone.device):  # the caller's random state is left as it was
+        if spec.kind == "soft_prompt":
+            result = soft_prompt(backbone, spec, evaluator, concept, seed, progress)
+        elif spec.kind == "concept_vector":
+            result = concept_vector(backbone, spec, evaluator, seed)
+        else:
+            result = hard_prompt(backbone, spec, evaluator, seed, progress)
     result.name = name
     return result
 

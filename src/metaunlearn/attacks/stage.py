@@ -43,8 +43,9 @@ class AttackOutcome:
 
 
 def resolve(path: str | Path, base: Path | None) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or base is None else Path(base) / p
+    from metaunlearn.config import resolve_path
+
+    return resolve_path(path, base)
 
 
 def data_digest(path: Path, where: str) -> str:
@@ -189,6 +190,7 @@ def _attack_model(
     method, variant = labels(identity, method, variant)
     name = check_name(name or default_name(method, variant), "model name")
     key = stage_key or name
+    _check_tokens(suite, model_dir, backbone)
     folders = set_folders(suite, base, sets)
     # sets sequential kinds train on first and the soft prompt attacks' image set are inputs too
     needed = {**folders, **set_folders(suite, base, sorted(suite.stage_sets() - set(folders)))}
@@ -312,6 +314,21 @@ def _attack_model(
         record = "config.json" if key == name else f"config.{key[len(name) + 1:]}.json"
         atomic_write_text(ensure_dir(run_dir / "attacks" / name) / record, json.dumps(resolved, indent=2) + "\n")
     return outcome
+
+
+def _check_tokens(suite: AttackSuiteConfig, model_dir, backbone) -> None:
+    """Every textual-inversion token must be new to the model's tokenizers (refused before any work)."""
+    from metaunlearn.attacks.tokens import check_new_tokens, folder_tokenizers
+
+    specs = [spec for set_name in suite.sets for spec in suite.specs(set_name)]
+    tokens = sorted({spec.textual_inversion.token for spec in specs if spec.mode == "textual_inversion"})
+    if not tokens:
+        return
+    if backbone is not None:
+        tokenizers = [getattr(backbone.pipe, n, None) for n in ("tokenizer", "tokenizer_2")]
+    else:
+        tokenizers = folder_tokenizers(model_dir)
+    check_new_tokens(tokenizers, tokens, str(model_dir) if backbone is None else "the model")
 
 
 def _shared(accelerator, names: list[str] | None) -> list[str]:

@@ -26,6 +26,42 @@ from metaunlearn.errors import UserError
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
+def known_token(tokenizer, token: str) -> bool:
+    """Whether ``token`` is already in the vocabulary: an entry as written, or a word encoded as one known token
+    (``triangle`` is ``triangle</w>`` in a CLIP vocabulary); adding it would take that word over in every prompt."""
+    if token in tokenizer.get_vocab():
+        return True
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
+def check_new_tokens(tokenizers, tokens, where: str) -> None:
+    """Refuse with one line any of ``tokens`` that one of ``tokenizers`` (SDXL: both) already knows."""
+    for token in tokens:
+        if any(known_token(t, token) for t in tokenizers if t is not None):
+            raise UserError(f"token {token!r} is already in the vocabulary of {where}: it would take that word over "
+                            "in every prompt; pick a new one, e.g. '<concept>'")
+
+
+def folder_tokenizers(model_dir) -> list:
+    """The tokenizers of a diffusers model folder (``tokenizer``, and ``tokenizer_2`` for SDXL), of the classes its
+    ``model_index.json`` names."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    index_file = Path(model_dir) / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    out = []
+    for name, _ in ENCODERS:
+        entry = index.get(name)
+        if (Path(model_dir) / name).is_dir() and isinstance(entry, list) and len(entry) == 2 and entry[1]:
+            cls = getattr(transformers, entry[1], transformers.AutoTokenizer)
+            out.append(cls.from_pretrained(Path(model_dir) / name))
+    return out
+
+
 class NewTokens:
     """Tokens added to a backbone's tokenizers with one trainable embedding vector per token and text encoder."""
 
@@ -49,9 +85,7 @@ class NewTokens:
 
     def _add(self, tok_name: str, tokenizer, encoder, init_words: Sequence[str]) -> None:
         pipe = self.backbone.pipe
-        for token in self.tokens:
-            if token in tokenizer.get_vocab():
-                raise UserError(f"token {token!r} is already in the vocabulary of {self.backbone.source}; pick another")
+        check_new_tokens([tokenizer], self.tokens, str(self.backbone.source))
         embedding = encoder.get_input_embeddings()
         weight = embedding.weight
         init = []

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="UCE plain and meta under the primary attack only (a few minutes)."),
         robust: bool = typer.Option(False, "--robust", help="UCE plain and meta against a wide grid of attacks the defence never simulated (configs/toy_robust.yaml)."),
         seeds: int = typer.Option(1, "--seeds", help="Replicates of the whole grid (unlearning + attacks) under seeds 0..N-1; mean ± std in the report."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo, runs/demo-quick or runs/demo-Nseeds in the working directory)."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run folder (default: runs/demo, runs/demo-quick, runs/demo-robust or runs/demo-Nseeds in the working directory)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Redo stages that ran with other settings (by default they are refused)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

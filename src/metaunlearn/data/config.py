@@ -145,7 +145,9 @@ class DataConfig(StrictModel):
         base_dir = Path(base_dir)
 
         def fix(p: Path | None) -> Path | None:
-            return None if p is None else (p if p.is_absolute() else base_dir / p)
+            from metaunlearn.config import resolve_path
+
+            return None if p is None else resolve_path(p, base_dir)
 
         root = fix(self.root) if self.root is not None else (Path(default_root) if default_root is not None else None)
         update: dict = {"root": root, "cache_dir": fix(self.cache_dir)}

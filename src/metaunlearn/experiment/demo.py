@@ -22,6 +22,26 @@ def demo_config_path(robust: bool = False) -> Path:
     return Path(str(resources.files("metaunlearn") / "configs" / name))
 
 
+TEMPLATES = ("toy_demo", "toy_robust")
+"""Packaged experiment configs ``metaunlearn config init`` copies (their toy:// paths resolve wherever they go)."""
+
+
+def init_config(name: str, dest: Path | None = None, overwrite: bool = False) -> Path:
+    """Write a copy of the packaged config ``name`` to ``dest`` (a file, or a folder for ``NAME.yaml``; default
+    ``NAME.yaml`` in the working directory) and return its path; an existing file is kept unless ``overwrite``."""
+    from metaunlearn.atomic import atomic_write_text
+
+    if name not in TEMPLATES:
+        raise UserError(f"no packaged config {name!r} (choose {', '.join(TEMPLATES)})")
+    source = demo_config_path(robust=name == "toy_robust")
+    target = Path(dest) if dest is not None else Path(f"{name}.yaml")
+    if target.is_dir():
+        target = target / f"{name}.yaml"
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it, or give another DEST")
+    return atomic_write_text(target, source.read_text())
+
+
 def attack_suite_path() -> Path:
     """The wider attack suite ``--all-attacks`` adds (``configs/toy_attack_suite.yaml``)."""
     return Path(str(resources.files("metaunlearn") / "configs" / "toy_attack_suite.yaml"))
@@ -62,7 +82,7 @@ def build_demo(quick: bool = False, seeds: int = 1, run_dir: Path | None = None,
     grid = config.grid.model_copy(update={"seeds": list(range(seeds))})
     attack = config.attack
     ev = config.eval
-    default_dir = Path("runs/demo")  # in the working directory, not beside the packaged config
+    default_dir = Path("runs/demo-robust" if robust else "runs/demo")  # in the working directory, not in the package
     if quick:  # one method, the primary attack only: the meta effect in a few minutes
         grid = grid.model_copy(update={"methods": [m for m in grid.methods if m.name == QUICK_METHOD]})
         primary = config.report.primary_set or "hrm-m"

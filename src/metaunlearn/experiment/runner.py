@@ -35,8 +35,9 @@ STAGES = ("data", "unlearn", "attack", "report")
 
 
 def _resolve(path: str | Path, base: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else base / p
+    from metaunlearn.config import resolve_path
+
+    return resolve_path(path, base)
 
 
 def load_experiment(path: str | Path) -> tuple[ExperimentConfig, dict[str, Any], Path]:

@@ -91,9 +91,10 @@ class EvalOutcome:
 
 
 def resolve_path(path: str | Path, base_dir: str | Path | None) -> Path:
-    """``path`` as given if absolute, else relative to ``base_dir`` (the config file's folder)."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+    """``path`` as given if absolute, else relative to ``base_dir`` (the config file's folder); ``toy://`` assets."""
+    from metaunlearn.config import resolve_path as resolve
+
+    return resolve(path, base_dir)
 
 
 def read_prompt_file(path: Path) -> list[PromptItem]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from metaunlearn.config import TOY_ASSET_DIR
+
 if TYPE_CHECKING:  # loaded on use: importing this module stays free of torch and diffusers
     from diffusers import StableDiffusionPipeline
 
     from .detector import ConceptDetector
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
+ASSET_DIR = TOY_ASSET_DIR  # config files name its contents toy://model, toy://reference, toy://detector
 MODEL_SUBDIR = "model"
 DETECTOR_FILE = "detector.safetensors"
 EVAL_FILE = "eval.json"

@@ -18,7 +18,7 @@ from metaunlearn.errors import UserError
 from metaunlearn.progress import progress_bar
 
 from .assets import ASSET_DIR, DETECTOR_FILE, EVAL_FILE, MODEL_SUBDIR, detector_path, model_dir
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, PRETRAIN_STEPS
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_PRETRAIN_OUT, DEFAULT_STEPS, PRETRAIN_STEPS, PRETRAIN_THREADS
 from .taxonomy import CLASS_NAMES, CONCEPTS
 
 if TYPE_CHECKING:
@@ -66,6 +66,21 @@ def _check_assets(assets: Path, detector: bool = True) -> None:
         raise UserError(f"toy detector not found: {detector_path(assets)}")
 
 
+def _check_out(out: Path, overwrite_shipped: bool) -> None:
+    """Refuse (one line) an ``--out`` that would replace the shipped assets or a folder that holds none."""
+    shipped, out = ASSET_DIR.resolve(), out.resolve()
+    if out in shipped.parents:
+        raise UserError(f"--out {out} holds the shipped toy assets ({shipped}); give a folder of its own")
+    if (out == shipped or shipped in out.parents) and not overwrite_shipped:
+        raise UserError(f"--out {out} is in the shipped toy assets ({shipped}); pass --overwrite-shipped to replace "
+                        "them, or give another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / EVAL_FILE).is_file() or model_dir(out).is_dir()):
+        raise UserError(f"--out {out} holds other files (no toy assets), which writing would replace; give a new "
+                        "or empty folder")
+
+
 def _replace_dir(built: Path, out: Path) -> None:
     """Move ``built`` into place at ``out`` (old contents removed only after the new ones are there)."""
     for path in [built, *built.rglob("*")]:  # mkdtemp and some writers create owner-only files
@@ -76,12 +91,16 @@ def _replace_dir(built: Path, out: Path) -> None:
 
 @app.command()
 def pretrain(
-    out: Path = typer.Option(ASSET_DIR, help="Asset directory to write (model/, detector.*, eval.json)."),
+    out: Path = typer.Option(Path(DEFAULT_PRETRAIN_OUT), help="Asset directory to write (model/, detector.*, "
+                             "eval.json); the shipped assets only with --overwrite-shipped."),
+    overwrite_shipped: bool = typer.Option(False, "--overwrite-shipped", help="Allow --out to be the shipped asset "
+                                           "folder or a folder in it (e.g. the retrain reference)."),
     seed: int = typer.Option(0, help="Seed for data, initialisation and sampling."),
     steps: int = typer.Option(PRETRAIN_STEPS, help="Diffusion model training steps."),
     detector_steps: int = typer.Option(1500, help="Detector training steps."),
     eval_samples: int = typer.Option(32, help="Samples per prompt in the final evaluation."),
-    threads: int = typer.Option(2, help="torch threads (1 is faster when other jobs share the 2 cores)."),
+    threads: int = typer.Option(PRETRAIN_THREADS, help="torch threads: the weights depend on it (the shipped "
+                                "assets: 1)."),
     exclude: list[str] = typer.Option(
         [], help="A concept (e.g. red_triangle) whose images the model never sees: the retrain-from-scratch "
                  "reference an unlearned model is compared with. Repeatable."),
@@ -89,8 +108,9 @@ def pretrain(
     """Train the detector and the toy text-to-image model, evaluate them, write the assets atomically.
 
     Writes model/ (diffusers folder), detector.safetensors + detector.json, eval.json (the per-prompt table,
-    detector accuracy and wall times) and samples.png under --out.
+    detector accuracy and wall times) and samples.png under --out. The defaults are the shipped assets' recipe.
     """
+    _check_out(out, overwrite_shipped)
     import torch
     from PIL import Image
 
