@@ -60,7 +60,7 @@ def toy_asset(value: str | Path, source: str = "config") -> Path | None:
     name = text[len(TOY_SCHEME[:-1]):].lstrip("/")
     parts = Path(name).parts
     if not parts or ".." in parts:
-        raise UserError(f"{source}: {text!r} names no shipped toy asset (toy://model, toy://reference, toy://detector)")
+        raise UserError(f"{source}: {text!r} names no shipped toy asset (toy://model, toy://reference, toy://detector, ...)")
     return TOY_ASSET_DIR / TOY_ALIASES.get(name, name)
 
 
