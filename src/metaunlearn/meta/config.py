@@ -4,7 +4,7 @@ Library defaults: retain γ = 1 on both benign sets, ascent β_f = 0.1, β_rel =
 ratios the official scripts probably meant, with retain weights strong enough to hold benign concepts in place (a
 proxy run of the official weights, γ_ir 0.1 / γ_rel 0.01, collapsed the model before any attack).
 On the toy world these first-order settings did not slow relearning; the demo uses exact second order with γ = 2,
-β = 1/1/0.1 and 5 inner AdamW steps (README, "How the meta settings were chosen"). Second order is computed in
+β = 1/1/0.1 and 5 inner AdamW steps (docs/results.md, "How the meta settings were chosen"). Second order is computed in
 reverse mode (:mod:`metaunlearn.meta.reverse`): memory of about 1.5 first-order steps plus host-side snapshots.
 
 The official simulated attack is one epoch of AdamW (lr 1e-5, clip 1.0, weight decay 1e-4, fresh state every
