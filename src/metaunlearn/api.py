@@ -34,7 +34,7 @@ def _to_pandas(rows: list[dict]):
 
 def _section(config: Any, key: str, model_cls, required: bool = True):
     """``(section model or None, base folder)`` from a YAML path, a whole-file mapping, a section mapping or model."""
-    from metaunlearn.config import read_yaml, validate
+    from metaunlearn.config import check_sections, read_yaml, validate
 
     if config is None:
         return None, None
@@ -49,6 +49,8 @@ def _section(config: Any, key: str, model_cls, required: bool = True):
     else:
         raise TypeError(f"expected a YAML path, a mapping or a {model_cls.__name__}, got {type(config).__name__}")
     if key in data:
+        if base is not None:  # a config file of sections: a top-level typo is refused, not ignored
+            check_sections(data, source)
         data = data[key]
     elif required and not isinstance(config, Mapping):
         raise UserError(f"{source}: no '{key}' section")

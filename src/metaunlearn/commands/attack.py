@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from metaunlearn.attacks.suite_config import AttackSuiteConfig
-from metaunlearn.config import StrictModel, read_yaml, validate
+from metaunlearn.config import StrictModel, read_sections, validate
 from metaunlearn.errors import UserError
 from metaunlearn.metrics.config import EvalConfig
 
@@ -33,7 +33,7 @@ class AttackFile(StrictModel):
 
 
 def load_attack_file(path: Path) -> AttackFile:
-    data = read_yaml(path)
+    data = read_sections(path)
     if "attack" not in data:
         raise UserError(f"{path}: no 'attack' section")
     return validate(AttackFile, data, str(path))
