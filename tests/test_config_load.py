@@ -100,3 +100,14 @@ def test_api_refuses_a_top_level_typo_in_a_config_file(tmp_path):
     with pytest.raises(UserError, match="unknown key 'evl'"):
         _section(path, "attack", AttackSuiteConfig)
     assert _section({"attack": {"sets": SETS}, "other": 1}, "attack", AttackSuiteConfig)[0].sets  # a mapping: as given
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_attack_refuses_a_dtype_the_cpu_cannot_finetune_in(run_cli, tmp_path, tiny_sd_dir, dtype):
+    """Half-precision weights on the CPU met the float32 cached data in the UNet's first matmul (a traceback after
+    the run folder was written); now refused before anything is loaded or written, naming what works."""
+    path = write(tmp_path, {"attack": {"sets": SETS}})
+    result = run_cli("attack", tiny_sd_dir, path, "-o", tmp_path / "run", "--device", "cpu", "--dtype", dtype, "-q")
+    assert_user_error(result, f"dtype {dtype} cannot finetune on cpu", "what works there: fp32")
+    assert not (tmp_path / "run").exists()
+    assert_user_error(run_cli("attack", tiny_sd_dir, path, "--dtype", "fp17"), "unknown dtype 'fp17'")
