@@ -70,7 +70,8 @@ def test_a_sequential_kind_past_a_sets_last_snapshot_is_refused_at_load(run_cli,
     """The suite's snapshots leave room after the 10 'before' steps, set 'short''s own do not: refused when the
     file is read, naming the set and the kind, not when that run starts."""
     attack = {"sets": {"hrm": {"data": "a"}, "short": {"data": "b", "snapshot_steps": [0, 10]}},
-              "snapshot_steps": [0, 20], "modes": ["full", "seq"], "kinds": {"seq": {"before": [{"set": "hrm", "steps": 10}]}}}
+              "snapshot_steps": [0, 20], "modes": ["full", "seq"],
+              "kinds": {"seq": {"before": [{"set": "hrm", "steps": 10}]}}}
     path = write(tmp_path, {"attack": attack})
     assert_user_error(run_cli("attack", tiny_sd_dir, path, "-q"), "attack set 'short', kind 'seq'", "'before' stages")
     warm = {"sets": SETS, "modes": ["w"], "kinds": {"w": {"warmup_steps": 5}}}  # the suite's schedule: constant
@@ -81,7 +82,8 @@ def test_a_sequential_kind_past_a_sets_last_snapshot_is_refused_at_load(run_cli,
 def test_top_level_typos_are_refused_by_every_command(run_cli, tmp_path, tiny_sd_dir):
     attack = write(tmp_path, {"attack": {"sets": SETS}, "evl": {"samples_per_prompt": 1}}, "attack.yaml")
     assert_user_error(run_cli("attack", tiny_sd_dir, attack, "-q"), str(attack), "unknown key 'evl'", "eval")
-    generate = write(tmp_path, {"model": str(tiny_sd_dir), "data": {"forget": {"prompts": ["a"]}}, "atack": {}}, "gen.yaml")
+    generate = write(tmp_path, {"model": str(tiny_sd_dir), "data": {"forget": {"prompts": ["a"]}}, "atack": {}},
+                     "gen.yaml")
     assert_user_error(run_cli("generate", "--config", generate), "unknown key 'atack'")
     unlearn = write(tmp_path, {"model": str(tiny_sd_dir), "unlearn": {"forget_prompts": ["a"]}, "gird": {}}, "unl.yaml")
     assert_user_error(run_cli("unlearn", unlearn, "--dry-run"), "unknown key 'gird'")

@@ -19,7 +19,8 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
-    """Base of every config section: unknown keys and non-finite numbers are errors; values are validated on assignment too."""
+    """Base of every config section: unknown keys and non-finite numbers (nan, inf) are errors; values are validated
+    on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True, allow_inf_nan=False)
 

@@ -82,7 +82,7 @@ def _read_csv_rows(text: str, path: Path) -> list[dict[str, str]]:
             raise UserError(f"prompt file {path} has no 'prompt' column (columns: {shown})")
         rows = []
         for row in reader:
-            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(k, str) and isinstance(v, str)}
+            row = {k.strip().lower(): v.strip() for k, v in row.items() if isinstance(k, str) and isinstance(v, str)}
             if row.get("prompt"):
                 rows.append(row)
         return rows
