@@ -28,7 +28,8 @@ BASE = {
     "attack": {"sets": {"hrm": {}}, "snapshot_steps": [0, 4], "modes": ["full", "seq"],
                "kinds": {"seq": {"before": [{"set": "hrm", "steps": 2}]}}},
     "eval": {"detector": {"kind": "toy"}, "samples_per_prompt": 1,
-             "prompt_sets": [{"name": "forget", "role": "forget", "concept": "red_triangle", "prompts": ["a red triangle"]}]},
+             "prompt_sets": [{"name": "forget", "role": "forget", "concept": "red_triangle",
+                              "prompts": ["a red triangle"]}]},
 }
 
 # (model, validator) -> (changes to BASE: dotted key -> value, None deletes the key), fragment of the one-line error
@@ -41,7 +42,8 @@ CASES: dict[tuple[str, str], tuple[dict, str]] = {
     ("AttackSuiteConfig", "_positive_lrs"): ({"attack.lrs": [-1e-4]}, "learning rates must be > 0"),
     ("AttackSuiteConfig", "_sorted_unique_steps"): ({"attack.snapshot_steps": [-1, 4]}, "snapshot steps must be >= 0"),
     ("AttackSuiteConfig", "_unique_lists"): ({"attack.modes": ["full", "nope"]}, "neither full, lora"),
-    ("AttackSetData", "_sorted_unique_steps"): ({"attack.sets.hrm.snapshot_steps": [-2]}, "snapshot steps must be >= 0"),
+    ("AttackSetData", "_sorted_unique_steps"): ({"attack.sets.hrm.snapshot_steps": [-2]},
+                                                "snapshot steps must be >= 0"),
     ("AttackSetData", "_positive_lrs"): ({"attack.sets.hrm.lrs": [0.0]}, "learning rates must be > 0"),
     ("AttackKind", "_one_lr_source"): ({"attack.kinds.seq.lrs": [1e-4], "attack.kinds.seq.lr_multiples": [2.0],
                                         "attack.reference_lr": 1e-4}, "either 'lrs' or 'lr_multiples'"),
@@ -55,7 +57,8 @@ CASES: dict[tuple[str, str], tuple[dict, str]] = {
     ("PromptSetConfig", "_has_prompts"): ({"eval.prompt_sets": [{"name": "f", "role": "forget"}]},
                                           "needs 'prompts' or 'prompts_file'"),
     ("QualityConfig", "_fid_complete"): ({"eval.quality": {"fid_features": "toy"}}, "needs 'fid_reference'"),
-    ("UnlearnConfig", "_consistent"): ({"unlearn.meta.order": "second_unrolled", "unlearn.gradient_checkpointing": True},
+    ("UnlearnConfig", "_consistent"): ({"unlearn.meta.order": "second_unrolled",
+                                        "unlearn.gradient_checkpointing": True},
                                        "cannot be combined with gradient_checkpointing"),
     ("MethodSpec", "_known"): ({"unlearn.method": {"name": "nope"}}, "nope"),
     ("MethodSpec", "_resolve_params"): ({"grid.methods": [{"name": "esd", "params": {"etta": 1}}]}, "etta"),
