@@ -81,7 +81,9 @@ def register(app: typer.Typer) -> None:
             "(by default finished runs with the same settings are kept and missing ones run; others are refused)."
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        dtype: str = typer.Option("fp32", "--dtype", help="fp32 (recommended for finetuning; the only one on CPU), fp16 or bf16 (GPU)."),
+        dtype: str = typer.Option(
+            "fp32", "--dtype", help="fp32 (recommended for finetuning; the only one on CPU), fp16 or bf16 (GPU)."
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Finetune a model on each attack set (full / LoRA × lrs × seeds) and evaluate every snapshot step."""
