@@ -113,3 +113,14 @@ def test_attack_refuses_a_dtype_the_cpu_cannot_finetune_in(run_cli, tmp_path, ti
     assert_user_error(result, f"dtype {dtype} cannot finetune on cpu", "what works there: fp32")
     assert not (tmp_path / "run").exists()
     assert_user_error(run_cli("attack", tiny_sd_dir, path, "--dtype", "fp17"), "unknown dtype 'fp17'")
+
+
+def test_the_api_refuses_a_torch_dtype_the_cpu_cannot_finetune_in(tmp_path, tiny_sd_dir):
+    import torch
+
+    import metaunlearn
+    from metaunlearn.errors import UserError
+
+    with pytest.raises(UserError, match="dtype bf16 cannot finetune on cpu"):
+        metaunlearn.attack(tiny_sd_dir, {"attack": {"sets": SETS}}, tmp_path / "run", device="cpu", dtype=torch.bfloat16)
+    assert not (tmp_path / "run").exists()

@@ -229,10 +229,9 @@ def attack(
     from metaunlearn.progress import quiet_libraries
 
     quiet_libraries()
-    if isinstance(dtype, str):
-        from metaunlearn.devices import check_finetune_dtype, resolve_device
+    from metaunlearn.devices import check_finetune_dtype, resolve_device
 
-        check_finetune_dtype(dtype, resolve_device(device))
+    check_finetune_dtype(dtype, resolve_device(device))
     backbone = None if isinstance(model, (str, Path)) else _backbone(model)
     outcome = attack_model(
         model if backbone is None else None, suite, run_dir, eval_config=eval_config, base_dir=base, name=name,

@@ -36,8 +36,12 @@ def finetune_dtypes(device: str) -> tuple[str, ...]:
     return ("fp32",) if device == "cpu" else tuple(DTYPES)
 
 
-def check_finetune_dtype(dtype: str, device: str) -> None:
-    """Refuse (one line) a ``--dtype`` the attack cannot finetune in on ``device``, before anything is loaded."""
+def check_finetune_dtype(dtype: str | torch.dtype, device: str) -> None:
+    """Refuse (one line) a ``--dtype`` (or torch dtype) the attack cannot finetune in on ``device``, before anything
+    is loaded."""
+    if not isinstance(dtype, str):  # a torch dtype: its option name (float64 and others are the caller's choice)
+        names = {torch_name: option for option, torch_name in DTYPES.items()}
+        dtype = names.get(str(dtype).removeprefix("torch."), "auto")
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
     works = finetune_dtypes(device)
