@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from metaunlearn.config import EXPERIMENT_SECTIONS
+from metaunlearn.errors import UserError
 
 from cli_checks import assert_user_error
 
@@ -124,3 +125,15 @@ def test_the_api_refuses_a_torch_dtype_the_cpu_cannot_finetune_in(tmp_path, tiny
     with pytest.raises(UserError, match="dtype bf16 cannot finetune on cpu"):
         metaunlearn.attack(tiny_sd_dir, {"attack": {"sets": SETS}}, tmp_path / "run", device="cpu", dtype=torch.bfloat16)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_api_config_file_without_the_optional_eval_section(tmp_path):
+    """``metaunlearn.attack(model, FILE)`` reads ``eval`` only when the file has one (as the command does); a file
+    without it was validated whole as the eval section ("missing required key 'prompt_sets'")."""
+    from metaunlearn.api import _section
+    from metaunlearn.metrics.config import EvalConfig
+
+    path = write(tmp_path, {"attack": {"sets": SETS}})
+    assert _section(path, "eval", EvalConfig, required=False) == (None, tmp_path.resolve())
+    with pytest.raises(UserError, match="no 'eval' section"):
+        _section(path, "eval", EvalConfig)

@@ -52,8 +52,10 @@ def _section(config: Any, key: str, model_cls, required: bool = True):
         if base is not None:  # a config file of sections: a top-level typo is refused, not ignored
             check_sections(data, source)
         data = data[key]
-    elif required and not isinstance(config, Mapping):
-        raise UserError(f"{source}: no '{key}' section")
+    elif base is not None:  # a config file without this section
+        if required:
+            raise UserError(f"{source}: no '{key}' section")
+        return None, base
     if data is None:
         return None, base
     if not isinstance(data, Mapping):
