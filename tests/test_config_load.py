@@ -127,13 +127,20 @@ def test_the_api_refuses_a_torch_dtype_the_cpu_cannot_finetune_in(tmp_path, tiny
     assert not (tmp_path / "run").exists()
 
 
-def test_an_api_config_file_without_the_optional_eval_section(tmp_path):
+def test_an_api_config_file_without_the_optional_eval_section(tmp_path, monkeypatch):
     """``metaunlearn.attack(model, FILE)`` reads ``eval`` only when the file has one (as the command does); a file
     without it was validated whole as the eval section ("missing required key 'prompt_sets'")."""
-    from metaunlearn.api import _section
-    from metaunlearn.metrics.config import EvalConfig
+    import metaunlearn
+    from metaunlearn.attacks import stage
 
+    seen = {}
+
+    def attack_model(*args, eval_config=None, **kwargs):
+        seen["eval"] = eval_config
+        raise UserError("stop here")
+
+    monkeypatch.setattr(stage, "attack_model", attack_model)
     path = write(tmp_path, {"attack": {"sets": SETS}})
-    assert _section(path, "eval", EvalConfig, required=False) == (None, tmp_path.resolve())
-    with pytest.raises(UserError, match="no 'eval' section"):
-        _section(path, "eval", EvalConfig)
+    with pytest.raises(UserError, match="stop here"):
+        metaunlearn.attack(tmp_path / "model", path, tmp_path / "run", device="cpu")
+    assert seen == {"eval": None}

@@ -52,10 +52,8 @@ def _section(config: Any, key: str, model_cls, required: bool = True):
         if base is not None:  # a config file of sections: a top-level typo is refused, not ignored
             check_sections(data, source)
         data = data[key]
-    elif base is not None:  # a config file without this section
-        if required:
-            raise UserError(f"{source}: no '{key}' section")
-        return None, base
+    elif required and not isinstance(config, Mapping):
+        raise UserError(f"{source}: no '{key}' section")
     if data is None:
         return None, base
     if not isinstance(data, Mapping):
@@ -219,11 +217,12 @@ def attack(
     """
     from metaunlearn.attacks.stage import attack_model
     from metaunlearn.attacks.suite_config import AttackSuiteConfig
+    from metaunlearn.config import read_yaml
     from metaunlearn.metrics.config import EvalConfig
 
     suite, base = _section(config, "attack", AttackSuiteConfig)
-    if eval is None and isinstance(config, (str, Path)):
-        eval_config, _ = _section(config, "eval", EvalConfig, required=False)
+    if eval is None and isinstance(config, (str, Path)):  # the file's own eval section, when it has one
+        eval_config = _section(config, "eval", EvalConfig)[0] if "eval" in read_yaml(config) else None
     else:
         eval_config, eval_base = _section(eval, "eval", EvalConfig, required=False)
         base = base or eval_base
