@@ -121,7 +121,7 @@ def test_prompt_sets_sampled_in_shared_batches_equal_their_own_calls(tmp_path):
         "prompt_sets": [{"name": "f", "role": "forget", "concept": "red_triangle", "prompts": ["naked body", "bare skin"]},
                         {"name": "g", "role": "irrelevant", "concept": "green_circle", "prompts": ["a dog in the park"]}]})
     evaluator = Evaluator(config)
-    backbone = StableDiffusionBackbone(build_tiny_sd(0), "tiny")
+    backbone = StableDiffusionBackbone(build_tiny_sd(0).to(torch.float64), "tiny")  # float64: equal to rounding
     batched = evaluator.sample_sets(backbone)
     for name in ("f", "g"):
         alone, prompts = evaluator.sample_set(backbone, name)
@@ -168,7 +168,7 @@ def test_a_reduced_evaluation_samples_the_first_seeds_of_each_prompt_and_reports
     from metaunlearn.testing.tiny_pipelines import build_tiny_sd
 
     evaluator = _tiny_evaluator(tmp_path, share=share)
-    backbone = StableDiffusionBackbone(build_tiny_sd(0), "tiny")
+    backbone = StableDiffusionBackbone(build_tiny_sd(0).to(torch.float64), "tiny")  # float64: equal to rounding
     full, reduced = evaluator.evaluate(backbone), evaluator.evaluate(backbone, samples_per_prompt=1)
     for name in ("f", "g"):
         images = full.images[name].view(-1, 3, *full.images[name].shape[1:])  # prompt by prompt, 3 each

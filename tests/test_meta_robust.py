@@ -127,7 +127,7 @@ def test_second_order_radius_attacker_matches_finite_differences(optimizer):
 
 @pytest.mark.parametrize("order", ["first", "second", "second_unrolled"])
 def test_trajectory_ascent_is_the_mean_of_end_ascents_over_prefixes(order):
-    dtype = torch.float64 if order != "first" else torch.float32
+    dtype = torch.float64
     backbone = make_backbone("sd", dtype)
     data = meta_data(backbone, n=4)
     params = backbone.set_trainable("xattn")
@@ -147,7 +147,7 @@ def test_trajectory_ascent_is_the_mean_of_end_ascents_over_prefixes(order):
 
 @pytest.mark.parametrize("order", ["first", "second", "second_unrolled"])
 def test_bounded_ascent_caps_and_saturates(order):
-    dtype = torch.float64 if order != "first" else torch.float32
+    dtype = torch.float64
     backbone = make_backbone("sd", dtype)
     data = meta_data(backbone, n=4)
     params = backbone.set_trainable("xattn")
@@ -189,7 +189,7 @@ def test_relative_cap_is_r_times_the_unattacked_loss_on_the_same_draw(order):
     batch, noise and timesteps (logged as ``cap_<set>``). With r between the two terms' attacked / unattacked loss
     ratios, the term past r·L(θ) gets no gradient and the one below keeps its unbounded gradient; under tanh each
     term's gradient is scaled by 1 − tanh²(L/c) with its own c."""
-    dtype = torch.float64 if order != "first" else torch.float32
+    dtype = torch.float64
     backbone = make_backbone("sd", dtype)
     data = meta_data(backbone, n=4)
     params = backbone.set_trainable("xattn")
@@ -333,7 +333,7 @@ def test_anchored_forget_term_holds_the_attacked_prediction_at_the_released_one(
     attack at θ (anchor_to current) or at θ0, the weights the objective was built with, after θ has moved (start);
     exact orders against central differences of that function with the target held fixed, first order against the
     gradient at the attacked weights."""
-    dtype = torch.float64 if order != "first" else torch.float32
+    dtype = torch.float64
     backbone = make_backbone("sd", dtype)
     data = meta_data(backbone, n=4)
     params = backbone.set_trainable("xattn")

@@ -23,15 +23,22 @@ FORGET = ["a photo of a nude person", "naked body"]
 PRESERVE = ["a dog in the park", "a red car on the street"]
 
 
-def make_backbone(family: str):
+def make_backbone(family: str, dtype: torch.dtype = torch.float32):
     if family == "sd":
-        return StableDiffusionBackbone(build_tiny_sd(), source="tiny-sd")
-    return StableDiffusionXLBackbone(build_tiny_sdxl(), source="tiny-sdxl")
+        return StableDiffusionBackbone(build_tiny_sd().to(dtype), source="tiny-sd")
+    return StableDiffusionXLBackbone(build_tiny_sdxl().to(dtype), source="tiny-sdxl")
 
 
 @pytest.fixture(params=["sd", "sdxl"])
 def backbone(request):
     return make_backbone(request.param)
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def backbone64(request):
+    """In float64: a loss recomputed from its formula (other batches, other reduction order) agrees to far below
+    the tolerance, on any thread count."""
+    return make_backbone(request.param, torch.float64)
 
 
 def perturb(params, scale=0.05, seed=1):
@@ -75,7 +82,8 @@ def _capture_sample(loss):
     return seen
 
 
-def test_esd_loss_equals_formula_with_frozen_teacher(backbone):
+def test_esd_loss_equals_formula_with_frozen_teacher(backbone64):
+    backbone = backbone64
     teacher = copy.deepcopy(backbone.unet)  # the original weights, independently
     eta = 3.0
     loss_fn = ESD(EsdConfig(variant="x", eta=eta, ddim_steps=4)).apply(UnlearnInputs(backbone, FORGET))

@@ -122,10 +122,11 @@ def _rows(run: Path) -> list[dict]:
     return sorted(rows, key=key)
 
 
-def test_ray_backend_gives_the_local_backends_results(tiny_sd_dir, tmp_path, run_cli):
+def test_ray_backend_gives_the_local_backends_results(tiny_sd_dir, tmp_path, run_cli, monkeypatch):
     """``metaunlearn run CONFIG --ray --jobs 2`` (a local Ray instance, two 1-CPU workers) writes the result rows of
     ``metaunlearn run CONFIG --jobs 2`` (two local worker processes); a second run skips every finished stage."""
     pytest.importorskip("ray")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's 1-CPU workers run with it; the local workers inherit it
     config = _grid(tiny_sd_dir, tmp_path)
     run = tmp_path / "run"
     local = run_cli("run", config, "-q", "--jobs", "2", "-o", run)

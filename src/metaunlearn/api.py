@@ -34,7 +34,7 @@ def _to_pandas(rows: list[dict]):
 
 def _section(config: Any, key: str, model_cls, required: bool = True):
     """``(section model or None, base folder)`` from a YAML path, a whole-file mapping, a section mapping or model."""
-    from metaunlearn.config import read_yaml, validate
+    from metaunlearn.config import check_sections, read_yaml, validate
 
     if config is None:
         return None, None
@@ -49,6 +49,8 @@ def _section(config: Any, key: str, model_cls, required: bool = True):
     else:
         raise TypeError(f"expected a YAML path, a mapping or a {model_cls.__name__}, got {type(config).__name__}")
     if key in data:
+        if base is not None:  # a config file of sections: a top-level typo is refused, not ignored
+            check_sections(data, source)
         data = data[key]
     elif required and not isinstance(config, Mapping):
         raise UserError(f"{source}: no '{key}' section")
@@ -225,11 +227,12 @@ def attack(
     """
     from metaunlearn.attacks.stage import attack_model
     from metaunlearn.attacks.suite_config import AttackSuiteConfig
+    from metaunlearn.config import read_yaml
     from metaunlearn.metrics.config import EvalConfig
 
     suite, base = _section(config, "attack", AttackSuiteConfig)
-    if eval is None and isinstance(config, (str, Path)):
-        eval_config, _ = _section(config, "eval", EvalConfig, required=False)
+    if eval is None and isinstance(config, (str, Path)):  # the file's own eval section, when it has one
+        eval_config = _section(config, "eval", EvalConfig)[0] if "eval" in read_yaml(config) else None
     else:
         eval_config, eval_base = _section(eval, "eval", EvalConfig, required=False)
         base = base or eval_base
@@ -237,6 +240,9 @@ def attack(
     from metaunlearn.progress import quiet_libraries
 
     quiet_libraries()
+    from metaunlearn.devices import check_finetune_dtype, resolve_device
+
+    check_finetune_dtype(dtype, resolve_device(device))
     backbone = None if isinstance(model, (str, Path)) else _backbone(model)
     refs = _references(references, base)  # checked before any attack runs
     outcome = attack_model(

@@ -26,9 +26,10 @@ TOY_ALIASES = {"detector": "detector.safetensors"}
 
 
 class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors; values are validated on assignment too."""
+    """Base of every config section: unknown keys and non-finite numbers (nan, inf) are errors; values are validated
+    on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True, allow_inf_nan=False)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -79,6 +80,24 @@ def _toy_paths_relative(data, base: Path, source: str):
         asset = toy_asset(data, source)
         return os.path.relpath(asset, base) if _inside_package(base) else str(asset)
     return data
+
+
+EXPERIMENT_SECTIONS = ("model", "run_dir", "data", "attack_data", "unlearn", "grid", "attack", "eval", "report")
+"""The top-level keys of an experiment config (``ExperimentConfig``'s fields): every command's config file."""
+
+
+def check_sections(data: dict, source: str) -> dict:
+    """``data``, a config file's top level holding an experiment config's sections (a command reading some of them):
+    any other top-level key is a one-line :class:`UserError`, as an unknown key inside a section is."""
+    unknown = [key for key in data if key not in EXPERIMENT_SECTIONS]
+    if unknown:
+        raise UserError(f"{source}: unknown key '{unknown[0]}' (top-level sections: {', '.join(EXPERIMENT_SECTIONS)})")
+    return data
+
+
+def read_sections(path: str | Path) -> dict:
+    """:func:`read_yaml` of a config file whose top level is sections (:func:`check_sections`)."""
+    return check_sections(read_yaml(path), str(path))
 
 
 def validation_message(exc: ValidationError, source: str) -> str:

@@ -28,3 +28,22 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
     return getattr(torch, DTYPES[dtype])
+
+
+def finetune_dtypes(device: str) -> tuple[str, ...]:
+    """The :data:`DTYPES` a finetuning attack can train in on ``device``: on the CPU fp32 only (the cached data are
+    float32, and half-precision weights would drop updates below their resolution), on a GPU every one."""
+    return ("fp32",) if device == "cpu" else tuple(DTYPES)
+
+
+def check_finetune_dtype(dtype: str | torch.dtype, device: str) -> None:
+    """Refuse (one line) a ``--dtype`` (or torch dtype) the attack cannot finetune in on ``device``, before anything
+    is loaded."""
+    if not isinstance(dtype, str):  # a torch dtype: its option name (float64 and others are the caller's choice)
+        names = {torch_name: option for option, torch_name in DTYPES.items()}
+        dtype = names.get(str(dtype).removeprefix("torch."), "auto")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
+    works = finetune_dtypes(device)
+    if dtype != "auto" and dtype not in works:
+        raise UserError(f"dtype {dtype} cannot finetune on {device}; what works there: {', '.join(works)}")

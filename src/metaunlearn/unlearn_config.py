@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from metaunlearn.backbones.base import TRAINABLE_SUBSETS
-from metaunlearn.config import StrictModel, read_yaml, validate
+from metaunlearn.config import StrictModel, check_sections, read_yaml, validate
 from metaunlearn.errors import UserError
 from metaunlearn.meta.config import MetaConfig
 from metaunlearn.methods.config import MethodSpec
@@ -133,6 +133,8 @@ def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> 
     from metaunlearn.config import default_run_dir
 
     raw = read_yaml(path)
+    if "unlearn" in raw:  # an experiment file: its other top-level keys must be sections too
+        check_sections(raw, str(path))
     base = path.resolve().parent
     run_dir = default_run_dir(path, raw.get("run_dir") if isinstance(raw.get("run_dir"), str) else None)
     # the data root absolute: relative paths of the section are resolved against the config's folder below

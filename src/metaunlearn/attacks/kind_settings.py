@@ -30,6 +30,13 @@ def sorted_snapshot_steps(steps: list[int]) -> list[int]:
     return sorted(set(steps))
 
 
+def positive_lrs(lrs: list[float] | None) -> list[float] | None:
+    """Learning rates (a list, or None for unset) that are all > 0."""
+    if lrs is not None and any(lr <= 0 for lr in lrs):
+        raise ValueError("learning rates must be > 0")
+    return lrs
+
+
 def check_snapshot_samples(samples: dict[int, int], steps: list[int] | None = None) -> None:
     """An evaluation budget ``{step: samples per prompt}``: steps > 0 (step 0, the unattacked model, is shared by
     every run and always evaluated in full) and, given ``steps``, among them; at least one sample each."""

@@ -56,6 +56,7 @@ from metaunlearn.attacks.kind_settings import (
     TextualInversionSettings,
     TrainableSubset,
     check_snapshot_samples,
+    positive_lrs,
     sorted_snapshot_steps,
 )
 from metaunlearn.attacks.prompt_spec import PromptAttackSpec
@@ -79,6 +80,7 @@ class AttackSetData(StrictModel):
     _sorted_unique_steps = field_validator("snapshot_steps")(
         classmethod(lambda cls, v: v if v is None else sorted_snapshot_steps(v))
     )
+    _positive_lrs = field_validator("lrs", "lora_lrs")(classmethod(lambda cls, v: positive_lrs(v)))
 
 
 class AttackKind(StrictModel):
@@ -150,12 +152,7 @@ class AttackSuiteConfig(StrictModel):
     cache_dir: str | None = Field(None, description="where imagefolders are cached as latents (default: RUN_DIR/cache)")
     grid_images: int = Field(8, ge=0, description="samples per snapshot saved as a grid PNG (0: none)")
 
-    @field_validator("lrs", "lora_lrs")
-    @classmethod
-    def _positive_lrs(cls, lrs: list[float] | None) -> list[float] | None:
-        if lrs is not None and any(lr <= 0 for lr in lrs):
-            raise ValueError("learning rates must be > 0")
-        return lrs
+    _positive_lrs = field_validator("lrs", "lora_lrs")(classmethod(lambda cls, v: positive_lrs(v)))
 
     _sorted_unique_steps = field_validator("snapshot_steps")(classmethod(lambda cls, v: sorted_snapshot_steps(v)))
 
@@ -178,7 +175,24 @@ class AttackSuiteConfig(StrictModel):
             for stage in kind.before:
                 if stage.set not in self.sets:
                     raise ValueError(f"kind {name!r}: stage set {stage.set!r} is not under 'sets'")
+        self._check_runs()
         return self
+
+    def _check_runs(self) -> None:
+        """Every run the suite expands into is a valid :class:`AttackSpec` (a kind's 'before' stages within each
+        set's last snapshot, its warm-up under the schedule), checked here so a bad run is refused at load time."""
+        from pydantic import ValidationError
+
+        for set_name in self.sets:
+            try:
+                for _ in self.specs(set_name):
+                    pass
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                run = err["input"] if isinstance(err["input"], dict) else {}
+                kind = run.get("name") or run.get("mode")
+                msg = err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"attack set {set_name!r}, kind {kind!r}: {msg}") from None
 
     def stage_sets(self) -> set[str]:
         """Attack sets that sequential kinds train on before their own set, and the prompt attacks' image set."""

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from metaunlearn.attacks.reference import ReferenceModel
 from metaunlearn.attacks.suite_config import AttackSuiteConfig
-from metaunlearn.config import StrictModel, read_yaml, validate
+from metaunlearn.config import StrictModel, read_sections, validate
 from metaunlearn.errors import UserError
 from metaunlearn.metrics.config import EvalConfig
 
@@ -35,7 +35,7 @@ class AttackFile(StrictModel):
 
 
 def load_attack_file(path: Path) -> AttackFile:
-    data = read_yaml(path)
+    data = read_sections(path)
     if "attack" not in data:
         raise UserError(f"{path}: no 'attack' section")
     return validate(AttackFile, data, str(path))
@@ -99,7 +99,9 @@ def register(app: typer.Typer) -> None:
             False, "--wait", help="Wait for another metaunlearn process writing the same folder (default: refuse)."
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        dtype: str = typer.Option("fp32", "--dtype", help="fp32 (recommended for finetuning), fp16 or bf16."),
+        dtype: str = typer.Option(
+            "fp32", "--dtype", help="fp32 (recommended for finetuning; the only one on CPU), fp16 or bf16 (GPU)."
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
         reference: Optional[list[Path]] = typer.Option(
             None, "--reference", help="A model that never saw the concept, attacked alike as the yardstick "

@@ -11,7 +11,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from metaunlearn.config import StrictModel, read_yaml, validate
+from metaunlearn.config import StrictModel, read_sections, validate
 from metaunlearn.data.config import DataConfig, SamplerSettings
 from metaunlearn.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (used by other commands)
 from metaunlearn.errors import UserError
@@ -151,7 +151,7 @@ def load_generate_file(path: Path) -> GenerateFile:
     """Read a config's ``model`` and ``data`` sections, with relative paths taken from the config's folder."""
     from metaunlearn.config import default_run_dir, resolve_path
 
-    raw = read_yaml(path)
+    raw = read_sections(path)
     parsed = validate(GenerateFile, raw, str(path))
     run_dir = raw.get("run_dir") if isinstance(raw.get("run_dir"), str) else None
     data = parsed.data.resolve_paths(path.resolve().parent, default_run_dir(path, run_dir) / "data")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from metaunlearn.config import StrictModel, read_yaml, validate
+from metaunlearn.config import StrictModel, read_sections, validate
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.report import ReportConfig
 
@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         """Write results.json, results.csv, summary.csv, report.md and a self-contained report.html."""
         from metaunlearn.experiment.report import build_report
 
-        settings = validate(ReportFile, read_yaml(config), str(config)).report if config else ReportConfig()
+        settings = validate(ReportFile, read_sections(config), str(config)).report if config else ReportConfig()
         overrides = {k: v for k, v in (("primary_set", primary_set), ("metric", metric), ("title", title)) if v}
         if overrides:
             settings = settings.model_copy(update=overrides)

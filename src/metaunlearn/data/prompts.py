@@ -1,9 +1,10 @@
 """Prompt lists: inline (YAML list or a comma-separated CLI value) or from a prompt file.
 
-Prompt files:
+Prompt files (one reader, :func:`read_prompt_rows`, for every command: data generation and evaluation alike):
 
 * ``.txt`` — one prompt per line; blank lines and lines starting with ``#`` are skipped.
-* ``.csv`` — a header row with a ``prompt`` column (as in the I2P benchmark CSVs); other columns are ignored.
+* ``.csv`` (UTF-8, with or without a byte-order mark) — a header row with a ``prompt`` column (as in the I2P
+  benchmark CSVs); the other columns are kept per row (evaluation reads ``evaluation_seed``, ``evaluation_guidance``).
 * ``.yaml`` / ``.yml`` / ``.json`` — a list of strings.
 """
 
@@ -34,6 +35,12 @@ def _check_list(items: object, path: Path) -> list[str]:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """The prompts of a ``.txt``, ``.csv`` (``prompt`` column), ``.yaml`` or ``.json`` file."""
+    return [row["prompt"] for row in read_prompt_rows(path)]
+
+
+def read_prompt_rows(path: str | Path) -> list[dict[str, str]]:
+    """One ``{"prompt": ..., <other CSV columns, lower case>: ...}`` per prompt of a prompt file (only ``prompt``
+    outside CSV); a missing, empty or unreadable file is a one-line :class:`UserError`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
@@ -44,10 +51,13 @@ def read_prompt_file(path: str | Path) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"prompt file {path} is not a UTF-8 text file") from None
+    if suffix == ".csv":
+        rows = _read_csv_rows(text, path)
+        if not rows:
+            raise UserError(f"prompt file {path} contains no prompts")
+        return rows
     if suffix == ".txt":
         prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    elif suffix == ".csv":
-        prompts = _read_csv_prompts(text, path)
     elif suffix == ".json":
         try:
             prompts = _check_list(json.loads(text), path)
@@ -60,18 +70,22 @@ def read_prompt_file(path: str | Path) -> list[str]:
             raise UserError(f"prompt file {path} is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if not prompts:
         raise UserError(f"prompt file {path} contains no prompts")
-    return prompts
+    return [{"prompt": p} for p in prompts]
 
 
-def _read_csv_prompts(text: str, path: Path) -> list[str]:
+def _read_csv_rows(text: str, path: Path) -> list[dict[str, str]]:
     try:
         reader = csv.DictReader(text.splitlines())
         fields = reader.fieldnames or []
-        column = next((f for f in fields if f and f.strip().lower() == "prompt"), None)
-        if column is None:
+        if not any(f and f.strip().lower() == "prompt" for f in fields):
             shown = ", ".join(f for f in fields if f) or "none"
             raise UserError(f"prompt file {path} has no 'prompt' column (columns: {shown})")
-        return [(row.get(column) or "").strip() for row in reader if (row.get(column) or "").strip()]
+        rows = []
+        for row in reader:
+            row = {k.strip().lower(): v.strip() for k, v in row.items() if isinstance(k, str) and isinstance(v, str)}
+            if row.get("prompt"):
+                rows.append(row)
+        return rows
     except csv.Error as exc:
         raise UserError(f"prompt file {path} is not a readable CSV: {exc}") from None
 

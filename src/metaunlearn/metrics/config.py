@@ -69,7 +69,7 @@ class PromptSetConfig(StrictModel):
     )
     prompts: list[str] = Field(default_factory=list)
     prompts_file: str | None = Field(
-        None, description="CSV with a 'prompt' column (I2P-style evaluation_seed/evaluation_guidance optional) or .txt"
+        None, description="prompt file: .txt, .csv (a prompt column, I2P evaluation_seed/_guidance optional), .yaml list"
     )
     limit: int | None = Field(None, ge=1, description="use only the first N prompts")
 

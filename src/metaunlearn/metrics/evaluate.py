@@ -34,7 +34,6 @@ models or attack snapshots.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,30 +97,20 @@ def resolve_path(path: str | Path, base_dir: str | Path | None) -> Path:
 
 
 def read_prompt_file(path: Path) -> list[PromptItem]:
-    """Prompts from a CSV with a ``prompt`` column (optional ``evaluation_seed``, ``evaluation_guidance``) or a
-    ``.txt`` file with one prompt per line."""
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
-    if path.suffix.lower() != ".csv":
-        return [PromptItem(line.strip()) for line in text.splitlines() if line.strip()]
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames or "prompt" not in reader.fieldnames:
-        raise UserError(f"{path}: a prompt CSV needs a 'prompt' column (found: {', '.join(reader.fieldnames or [])})")
+    """The prompts of a prompt file (:func:`metaunlearn.data.prompts.read_prompt_rows`: .txt, .csv, .yaml, .json)
+    with a CSV's optional I2P ``evaluation_seed`` and ``evaluation_guidance``."""
+    from metaunlearn.data.prompts import read_prompt_rows
+
     items = []
-    for line, row in enumerate(reader, start=2):
-        prompt = (row.get("prompt") or "").strip()
-        if not prompt:
-            continue
+    for number, row in enumerate(read_prompt_rows(path), start=1):
         try:
-            seed = int(float(row["evaluation_seed"])) if (row.get("evaluation_seed") or "").strip() else None
-            guidance = float(row["evaluation_guidance"]) if (row.get("evaluation_guidance") or "").strip() else None
-        except ValueError:
-            raise UserError(f"{path}:{line}: evaluation_seed/evaluation_guidance must be numbers") from None
-        items.append(PromptItem(prompt, seed, guidance))
+            seed = int(float(row["evaluation_seed"])) if row.get("evaluation_seed") else None
+            guidance = float(row["evaluation_guidance"]) if row.get("evaluation_guidance") else None
+        except (ValueError, OverflowError):
+            raise UserError(f"{path}: prompt {number}: evaluation_seed/evaluation_guidance must be numbers") from None
+        if (seed is not None and not -2**63 <= seed < 2**63) or (guidance is not None and not math.isfinite(guidance)):
+            raise UserError(f"{path}: prompt {number}: evaluation_seed/evaluation_guidance must be finite numbers")
+        items.append(PromptItem(row["prompt"], seed, guidance))
     return items
 
 
