@@ -179,3 +179,21 @@ def test_shipped_model_draws_the_prompted_concept(predictions: dict[str, list[st
     target = taxonomy.concept_of_prompt(prompt).name
     hits = sum(p == target for p in predictions[prompt])
     assert hits / SAMPLES_PER_PROMPT >= RELAXED_THRESHOLD, (prompt, predictions[prompt])
+
+
+def test_the_retrain_reference_ships_and_never_learned_the_concept(detector: ConceptDetector) -> None:
+    """The shipped retrain reference is the shipped recipe minus every red triangle (its eval.json says how it was
+    made), loads with plain diffusers, and does not draw the concept it never saw."""
+    from metaunlearn.toyworld.assets import RETRAIN_DIR, load_toy_pipeline
+
+    made = json.loads((RETRAIN_DIR / "eval.json").read_text())
+    shipped = json.loads((ASSET_DIR / "eval.json").read_text())
+    assert made["command"] == shipped["command"] + " --exclude red_triangle"
+    assert made["model_config"] == {**shipped["model_config"], "exclude": ["red_triangle"]}
+    reference = load_toy_pipeline(RETRAIN_DIR)
+    reference.set_progress_bar_config(disable=True)
+    images = sample(reference, [FORGET.prompt, "a red circle"], SAMPLES_PER_PROMPT, seed=11)
+    predicted = detector.predict(images)
+    forget, related = predicted[:SAMPLES_PER_PROMPT], predicted[SAMPLES_PER_PROMPT:]
+    assert sum(p == FORGET.name for p in forget) <= 2, forget
+    assert sum(p == "red_circle" for p in related) / SAMPLES_PER_PROMPT >= RELAXED_THRESHOLD, related
