@@ -368,7 +368,7 @@ def test_generate_config_through_cli(run_cli, tiny_sd_dir, tmp_path):
     config = tmp_path / "exp.yaml"
     config.write_text(
         f"model: {tiny_sd_dir}\n"
-        "methods: {esd: {eta: 1.0}}   # another command's section: not generate's business\n"
+        "report: {title: t}   # another command's section: not generate's business\n"
         "data:\n"
         "  root: out\n"
         "  sampler: {steps: 2, guidance: 3.0}\n"

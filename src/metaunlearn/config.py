@@ -82,7 +82,8 @@ def _toy_paths_relative(data, base: Path, source: str):
     return data
 
 
-EXPERIMENT_SECTIONS = ("model", "run_dir", "data", "attack_data", "unlearn", "grid", "attack", "eval", "report")
+EXPERIMENT_SECTIONS = ("model", "run_dir", "data", "attack_data", "unlearn", "grid", "attack", "eval", "references",
+                       "report")
 """The top-level keys of an experiment config (``ExperimentConfig``'s fields): every command's config file."""
 
 
