@@ -15,7 +15,8 @@ Layers, bottom to top (a module may import its own layer and the layers below):
 
 Read from the source with ``ast``: imports inside functions count (lazy imports are still dependencies), imports
 under ``if TYPE_CHECKING:`` do not; ``from package import name`` counts as importing ``package.name`` when that is
-a module. A circle is a cycle of the module graph.
+a module; a module imported by name (``importlib``, as ``cli`` loads ``commands``) is not seen. A circle is a cycle of
+the module graph.
 """
 
 from __future__ import annotations
