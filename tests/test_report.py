@@ -16,8 +16,8 @@ import yaml
 from metaunlearn.attacks.sweep import write_jsonl
 from metaunlearn.errors import UserError
 from metaunlearn.experiment.plots import image_grid, save_png
-from metaunlearn.experiment.formatting import format_lr
 from metaunlearn.experiment.report import ReportConfig, build_report
+from metaunlearn.formatting import format_lr
 
 torch.set_num_threads(1)
 

@@ -61,19 +61,6 @@ def _section(config: Any, key: str, model_cls, required: bool = True):
     return validate(model_cls, dict(data), source), base
 
 
-def _backbone(model, device: str | None = None, dtype: torch.dtype = torch.float32):
-    """A backbone for a model folder or an in-memory diffusers pipeline."""
-    from metaunlearn.backbones.loading import backbone_from_pipeline, load_backbone
-    from metaunlearn.progress import quiet_libraries
-
-    quiet_libraries()  # diffusers' own loading bars; the stages show theirs
-
-    if isinstance(model, (str, Path)):
-        return load_backbone(model, device=device or "cpu", dtype=dtype)
-    backbone = backbone_from_pipeline(model)
-    return backbone.to(device) if device else backbone
-
-
 def toy_model() -> Path:
     """The shipped toy text-to-image model (a diffusers ``StableDiffusionPipeline`` folder; see the README)."""
     from importlib import resources
@@ -106,13 +93,14 @@ def generate(
     ``sampler``: ``steps``, ``guidance``, ``negative_prompt``, ``batch_size``, ``resolution``. A folder generated
     with the same settings is kept as it is; one made with other settings is refused unless ``overwrite``.
     """
+    from metaunlearn.backbones.loading import backbone_for
     from metaunlearn.config import validate
     from metaunlearn.data.config import SamplerSettings
     from metaunlearn.data.generate import generate_folder
 
     if sampler is not None and not isinstance(sampler, SamplerSettings):
         sampler = validate(SamplerSettings, dict(sampler), "sampler")
-    return generate_folder(_backbone(model, device), list(prompts), out, images_per_prompt=images_per_prompt,
+    return generate_folder(backbone_for(model, device), list(prompts), out, images_per_prompt=images_per_prompt,
                            seed=seed, sampler=sampler, overwrite=overwrite, progress=progress)
 
 
@@ -136,43 +124,10 @@ def unlearn(
     (``steps=10``, ``seed=1``) override the config. Resumes a run with the same settings in ``out``; another
     run there is refused unless ``overwrite``.
     """
-    from metaunlearn.config import validate
-    from metaunlearn.unlearn import UnlearnConfig, load_unlearn_config, run_unlearn
+    from metaunlearn.unlearn import unlearn_from
 
-    overrides: dict[str, Any] = dict(settings)
-    if method is not None:
-        from metaunlearn.methods import get_method
-
-        get_method(method)
-        overrides["method_name"] = method
-    if meta is not None:
-        overrides["meta"] = meta
-    if out is not None:
-        overrides["out"] = Path(out)
-    pipeline = None
-    if model is not None and not isinstance(model, (str, Path)):
-        pipeline, model = model, Path(getattr(getattr(model, "config", None), "_name_or_path", "") or "in-memory")
-    if model is not None:
-        overrides["model"] = Path(model).resolve() if pipeline is None else model
-    if isinstance(config, (str, Path)):
-        cfg = load_unlearn_config(Path(config), overrides)
-    else:
-        data = config.model_dump() if isinstance(config, UnlearnConfig) else dict(config)
-        for key, value in overrides.items():
-            if key == "method_name":
-                data["method"] = {"name": value}
-            elif key == "meta":
-                data["meta"] = (data.get("meta") or {}) if value else None
-            else:
-                data[key] = value
-        cfg = validate(UnlearnConfig, data, "unlearn settings")
-    if cfg.out is None:
-        raise UserError("give an output folder (out=...)")
-    from metaunlearn.progress import quiet_libraries
-
-    quiet_libraries()
-    backbone = _backbone(pipeline) if pipeline is not None else None
-    return run_unlearn(cfg, overwrite=overwrite, progress=progress, backbone=backbone)
+    return unlearn_from(config, model=model, method=method, meta=meta, out=out, overwrite=overwrite,
+                        progress=progress, **settings)
 
 
 # ---- attack ------------------------------------------------------------------------------------------------------
@@ -227,6 +182,7 @@ def attack(
     """
     from metaunlearn.attacks.stage import attack_model
     from metaunlearn.attacks.suite_config import AttackSuiteConfig
+    from metaunlearn.backbones.loading import backbone_for
     from metaunlearn.config import read_yaml
     from metaunlearn.metrics.config import EvalConfig
 
@@ -243,7 +199,7 @@ def attack(
     from metaunlearn.devices import check_finetune_dtype, resolve_device
 
     check_finetune_dtype(dtype, resolve_device(device))
-    backbone = None if isinstance(model, (str, Path)) else _backbone(model)
+    backbone = None if isinstance(model, (str, Path)) else backbone_for(model)
     refs = _references(references, base)  # checked before any attack runs
     outcome = attack_model(
         model if backbone is None else None, suite, run_dir, eval_config=eval_config, base_dir=base, name=name,
@@ -321,10 +277,11 @@ def evaluate(
 
     Nothing is written; the same seeds give the same numbers as the attack stage's step 0.
     """
+    from metaunlearn.backbones.loading import backbone_for
     from metaunlearn.metrics.config import EvalConfig
     from metaunlearn.metrics.evaluate import Evaluator
 
     eval_config, base = _section(config, "eval", EvalConfig)
     evaluator = Evaluator(eval_config, base_dir=Path(base_dir) if base_dir is not None else base)
-    outcome = evaluator.evaluate(_backbone(model, device))
+    outcome = evaluator.evaluate(backbone_for(model, device))
     return EvalResult(dict(outcome.metrics), dict(outcome.images), dict(outcome.prompts))

@@ -13,10 +13,18 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # option na
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu`` (see :func:`metaunlearn.training.accel.resolve_device`)."""
-    from metaunlearn.training.accel import resolve_device as resolve
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked by torch."""
+    import torch
 
-    return resolve(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:1, ...)") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but no CUDA GPU is available")
+    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -36,7 +36,7 @@ import torch
 
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.errors import UserError
-from metaunlearn.experiment.formatting import format_lr
+from metaunlearn.formatting import format_lr
 from metaunlearn.meta.objective import MetaObjective, PlainObjective, autocast_factory
 from metaunlearn.methods import Method, UnlearnInputs
 from metaunlearn.runs import settings_key
@@ -46,6 +46,7 @@ from metaunlearn.unlearn_config import (  # noqa: F401  (also importable from he
     UnlearnConfig,
     UnlearnData,
     load_unlearn_config,
+    resolve_unlearn_config,
     unlearn_section,
 )
 from metaunlearn.unlearn_data import (  # noqa: F401  (also importable from here)
@@ -386,13 +387,22 @@ def _run_unlearn(config: UnlearnConfig, overwrite: bool, progress: bool, backbon
     return UnlearnResult(out, model_dir, steps, terms, dict(method.edit_stats), is_main=main)
 
 
+def unlearn_from(config: Any, *, overwrite: bool = False, progress: bool = True, **given: Any) -> UnlearnResult:
+    """:func:`metaunlearn.unlearn`: the stage on a config path, mapping or model with overrides (see there)."""
+    from metaunlearn.backbones.loading import backbone_for
+    from metaunlearn.progress import quiet_libraries
+
+    cfg, pipeline = resolve_unlearn_config(config, **given)
+    quiet_libraries()
+    backbone = backbone_for(pipeline) if pipeline is not None else None
+    return run_unlearn(cfg, overwrite=overwrite, progress=progress, backbone=backbone)
+
+
 # ``metaunlearn.unlearn`` is both this module and the API function :func:`metaunlearn.api.unlearn`: importing the
-# module binds it as the package attribute, so the module itself forwards calls to the function.
+# module binds it as the package attribute, so the module itself runs the stage when called.
 class _UnlearnModule(sys.modules[__name__].__class__):
     def __call__(self, *args: Any, **kwargs: Any) -> UnlearnResult:
-        from metaunlearn.api import unlearn
-
-        return unlearn(*args, **kwargs)
+        return unlearn_from(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _UnlearnModule

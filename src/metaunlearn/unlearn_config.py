@@ -175,3 +175,38 @@ def load_unlearn_config(path: Path, overrides: dict[str, Any] | None = None) -> 
     attack_sets = {name: _resolve_path(p, base) for name, p in config.data.attack_sets.items()}
     update["data"] = config.data.model_copy(update={**splits, "cache_dir": cache, "attack_sets": attack_sets})
     return config.model_copy(update=update)
+
+
+def resolve_unlearn_config(config: Any, *, model: Any = None, method: str | None = None, meta: bool | None = None,
+                           out: str | Path | None = None, **settings: Any) -> tuple[UnlearnConfig, Any]:
+    """``(config, in-memory pipeline or None)`` from what :func:`metaunlearn.unlearn` was given (see there)."""
+    overrides: dict[str, Any] = dict(settings)
+    if method is not None:
+        from metaunlearn.methods import get_method
+
+        get_method(method)
+        overrides["method_name"] = method
+    if meta is not None:
+        overrides["meta"] = meta
+    if out is not None:
+        overrides["out"] = Path(out)
+    pipeline = None
+    if model is not None and not isinstance(model, (str, Path)):
+        pipeline, model = model, Path(getattr(getattr(model, "config", None), "_name_or_path", "") or "in-memory")
+    if model is not None:
+        overrides["model"] = Path(model).resolve() if pipeline is None else model
+    if isinstance(config, (str, Path)):
+        cfg = load_unlearn_config(Path(config), overrides)
+    else:
+        data = config.model_dump() if isinstance(config, UnlearnConfig) else dict(config)
+        for key, value in overrides.items():
+            if key == "method_name":
+                data["method"] = {"name": value}
+            elif key == "meta":
+                data["meta"] = (data.get("meta") or {}) if value else None
+            else:
+                data[key] = value
+        cfg = validate(UnlearnConfig, data, "unlearn settings")
+    if cfg.out is None:
+        raise UserError("give an output folder (out=...)")
+    return cfg, pipeline

@@ -43,6 +43,7 @@ from metaunlearn.attacks.suite_config import AttackSuiteConfig
 from metaunlearn.backbones.base import Backbone
 from metaunlearn.data.cache import CachedSet
 from metaunlearn.errors import UserError
+from metaunlearn.images import image_grid, pixelate, save_png
 
 ATTACKS_DIR = "attacks"
 GRIDS_DIR = "grids"
@@ -126,8 +127,6 @@ def read_rows(run_dir: str | Path) -> list[dict]:
 
 
 def _save_grid(images: torch.Tensor, path: Path, pixelated: bool) -> None:
-    from metaunlearn.experiment.plots import image_grid, pixelate, save_png
-
     if pixelated:
         images = pixelate(images)
     save_png(image_grid(images, ncol=min(len(images), 4)), path)

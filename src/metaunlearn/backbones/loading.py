@@ -90,3 +90,15 @@ def backbone_from_pipeline(pipe, pixel_space: bool | None = None) -> Backbone:
         pixel_space = marker.is_file() and bool(json.loads(marker.read_text()).get("pixel_space", False))
     family = "toy" if pixel_space else PIPELINE_FAMILIES[class_name]
     return BACKBONES[family](pipe, source=source, pixel_space=pixel_space)
+
+
+def backbone_for(model, device: str | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
+    """A backbone for a model folder or an in-memory diffusers pipeline."""
+    from metaunlearn.progress import quiet_libraries
+
+    quiet_libraries()  # diffusers' own loading bars; the stages show theirs
+
+    if isinstance(model, (str, Path)):
+        return load_backbone(model, device=device or "cpu", dtype=dtype)
+    backbone = backbone_from_pipeline(model)
+    return backbone.to(device) if device else backbone

@@ -44,7 +44,7 @@ def load_attack_file(path: Path) -> AttackFile:
 def _summary(rows: list[dict], console: Console) -> None:
     from metaunlearn.attacks.sweep import aggregate
 
-    from metaunlearn.experiment.formatting import format_lr, mean_std, seeds_phrase
+    from metaunlearn.formatting import format_lr, mean_std, seeds_phrase
 
     metric = "forget_rate" if any("forget_rate" in r for r in rows) else "attack_loss"
     stats = aggregate(rows, metric, by=("attack_set", "mode", "lr", "step"))
@@ -58,7 +58,7 @@ def _summary(rows: list[dict], console: Console) -> None:
 
 
 def _reference_summary(records: list[dict], console: Console) -> None:
-    from metaunlearn.experiment.formatting import attack_label
+    from metaunlearn.formatting import attack_label
 
     table = Table(title="against a model that never saw the concept (excess AUC, points; steps to 50%)")
     for column in ("reference", "attack set", "attack", "excess AUC", "steps to 50%", "reference's", "seeds"):

@@ -8,8 +8,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 from metaunlearn.attacks.curves import run_curves, worst_runs
-from metaunlearn.experiment.formatting import attack_label, canonical_variant, seeds_phrase
 from metaunlearn.experiment.html import Table
+from metaunlearn.formatting import attack_label, canonical_variant, seeds_phrase
 
 QUALITY_METRICS = ("related_acc", "irrelevant_acc", "none_rate", "fid")
 

@@ -12,8 +12,8 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from metaunlearn.experiment.formatting import attack_label, seeds_phrase
 from metaunlearn.experiment.plots import Curve, save_figure, small_multiples
+from metaunlearn.formatting import attack_label, seeds_phrase
 
 Panels = dict[tuple[str, str], list[Curve]]
 

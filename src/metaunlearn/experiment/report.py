@@ -45,9 +45,9 @@ from metaunlearn.atomic import AtomicFiles
 from metaunlearn.attacks.payoff import PayoffConfig
 from metaunlearn.config import StrictModel
 from metaunlearn.errors import UserError
-from metaunlearn.experiment.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 from metaunlearn.experiment.html import Section, Table, render_html, render_markdown
 from metaunlearn.experiment.signals_table import signals_table
+from metaunlearn.formatting import attack_label, canonical_variant, format_lr, percent, seeds_phrase
 
 VARIANT_ORDER = {"base": 0, "reference": 1, "plain": 2, "control": 3, "meta": 4}
 METRIC_LABELS = {

@@ -79,11 +79,13 @@ def _output_to(path: Path):
             os.close(saved[1])
 
 
-def run_task_in_worker(config, base: Path, run_dir: Path, task: Task, threads: int, attempt: int) -> str:
-    """One unlearn or attack stage in a worker process (pool or Ray), output to its log; returns the stage."""
+def run_task_in_worker(experiment_cls: type[Experiment], config, base: Path, run_dir: Path, task: Task, threads: int,
+                       attempt: int) -> str:
+    """One unlearn or attack stage in a worker process (pool or Ray), output to its log; returns the stage.
+
+    ``experiment_cls`` is the submitting experiment's class, which the worker rebuilds from the config."""
     import torch
 
-    from metaunlearn.experiment.runner import Experiment
     from metaunlearn.progress import quiet_libraries
 
     torch.set_num_threads(threads)
@@ -92,7 +94,7 @@ def run_task_in_worker(config, base: Path, run_dir: Path, task: Task, threads: i
         print(f"== {task.stage}, attempt {attempt} of {ATTEMPTS}, {time.strftime('%Y-%m-%d %H:%M:%S')}, "
               f"host {os.uname().nodename}, {threads} thread(s)", flush=True)
         try:
-            experiment = Experiment(config, base, run_dir, Console(file=None, stderr=True, force_terminal=False))
+            experiment = experiment_cls(config, base, run_dir, Console(file=None, stderr=True, force_terminal=False))
             experiment.run_task(task, progress=False)
         except BaseException:
             traceback.print_exc()
@@ -163,7 +165,7 @@ class ProcessPool:
 
     def submit(self, task: Task, attempt: int):
         e = self.experiment
-        return self.pool.submit(run_task_in_worker, e.config, e.base, e.run.path, task, self.threads, attempt)
+        return self.pool.submit(run_task_in_worker, type(e), e.config, e.base, e.run.path, task, self.threads, attempt)
 
     def wait(self, handles):
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -213,7 +215,7 @@ class RayBackend:
 
     def submit(self, task: Task, attempt: int):
         e = self.experiment
-        return self.remote.remote(e.config, e.base, e.run.path, task, self.resources.cpus, attempt)
+        return self.remote.remote(type(e), e.config, e.base, e.run.path, task, self.resources.cpus, attempt)
 
     def wait(self, handles):
         ready, _ = self.ray.wait(list(handles), num_returns=1)

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 from metaunlearn.attacks.payoff import PayoffConfig, payoff_summary
 from metaunlearn.attacks.reference import against_reference, worst_excess
-from metaunlearn.experiment.formatting import attack_label
 from metaunlearn.experiment.html import Table
+from metaunlearn.formatting import attack_label
 
 
 def reference_models(rows: Sequence[Mapping]) -> list[str]:

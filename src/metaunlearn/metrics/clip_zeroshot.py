@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from metaunlearn.errors import UserError
-from metaunlearn.metrics.detectors import check_concept, check_images
+from metaunlearn.metrics.detection import check_concept, check_images
 
 
 def load_local_clip(path: str | Path, device: str | torch.device = "cpu"):

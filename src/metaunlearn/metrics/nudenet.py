@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from metaunlearn.errors import UserError
-from metaunlearn.metrics.detectors import check_concept, check_images
+from metaunlearn.metrics.detection import check_concept, check_images
 
 NUDITY = "nudity"
 DEFAULT_NUDE_CLASSES = (

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from metaunlearn.metrics.clip_zeroshot import _pooled, load_local_clip, to_uint8_list
-from metaunlearn.metrics.detectors import check_images
+from metaunlearn.metrics.detection import check_images
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from metaunlearn.errors import UserError
-from metaunlearn.metrics.detectors import check_concept, check_images
+from metaunlearn.metrics.detection import check_concept, check_images
 
 DEFAULT_DETECTOR = Path(__file__).resolve().parents[1] / "assets" / "toy" / "detector.safetensors"
 TOY_SIDE = 16

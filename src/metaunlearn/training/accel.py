@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
+from metaunlearn.devices import resolve_device  # noqa: F401  (also importable from here)
 from metaunlearn.errors import UserError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -61,19 +62,6 @@ def launcher_accumulation() -> int:
         return int(parse_choice_from_env("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1))
     except ValueError:
         raise UserError("ACCELERATE_GRADIENT_ACCUMULATION_STEPS must be a whole number") from None
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked by torch."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UserError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:1, ...)") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but no CUDA GPU is available")
-    return device
 
 
 def stage_device(device: str, accelerator: Accelerator) -> str:

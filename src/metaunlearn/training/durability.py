@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from metaunlearn.backbones.base import TRAINABLE_SUBSETS, Backbone
 from metaunlearn.config import StrictModel
 from metaunlearn.data.cache import CachedSet
-from metaunlearn.meta.plan import draw, subset_index
+from metaunlearn.training.draws import draw, subset_index
 
 SIGNALS_FILE = "signals.json"
 
