@@ -97,7 +97,9 @@ def test_stages_wait_for_the_models_they_need(tmp_path):
     assert tasks["unlearn-esd-meta.s1"].after == ("unlearn-esd-plain.s1",)  # the demo's ESD meta starts from plain
     assert tasks["unlearn-uce-meta"].after == ()  # UCE's meta variant starts from the base model
     assert tasks["attack-sdd-meta"].after == ("unlearn-sdd-meta",)
-    assert len(tasks) == 2 * (2 * 8 + 1)  # 8 models per seed, each unlearned and attacked, and the reference attacked
+    # 8 models and 2 equal-damage controls per seed, each unlearned and attacked, and the reference attacked
+    assert len(tasks) == 2 * (2 * 10 + 1)
+    assert tasks["attack-sdd-control.s1"].after == ("unlearn-sdd-control.s1",)
     assert tasks["attack-retrain.s1"].after == ()
     order = [t.stage for t in experiment.tasks(0)]
     assert all(order.index(a) < order.index(s) for s, t in tasks.items() if s in order for a in t.after)
