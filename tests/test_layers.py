@@ -9,7 +9,7 @@ Layers, bottom to top (a module may import its own layer and the layers below):
 4. the meta objective: ``meta``
 5. the stages: ``unlearn``, ``unlearn_config``, ``unlearn_data``, ``attacks``, ``metrics``
 6. the Python API: ``api`` and the package itself (``metaunlearn.__version__``, the lazy API names)
-7. the report: ``experiment/`` report, curve_tables, signals_table, yardsticks, figures, plots, html, provenance
+7. the report: ``experiment/`` report, paper_tables, curve_tables, signals_table, yardsticks, figures, plots, html, provenance
 8. the experiment: the rest of ``experiment/`` (config, grid, preflight, runner, schedule, demo)
 9. the front ends: ``cli``, ``__main__``, ``commands``, ``docs_reference``, ``testing``
 
@@ -25,7 +25,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "metaunlearn"
-REPORT = ("report", "curve_tables", "signals_table", "yardsticks", "figures", "plots", "html",
+REPORT = ("report", "paper_tables", "curve_tables", "signals_table", "yardsticks", "figures", "plots", "html",
           "provenance")
 LAYERS = [
     ["errors", "atomic", "config", "runs", "progress", "devices", "locking", "seeding", "tokenizer", "formatting",

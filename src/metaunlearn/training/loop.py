@@ -70,6 +70,7 @@ from metaunlearn.training.checkpoint import (
     save_state,
     set_rng_state,
 )
+from metaunlearn.training.finite import diverged_message, diverged_weights_message, first_nonfinite, state_tensors
 from metaunlearn.training.parallel import Shard
 
 CHECKPOINT_DIR = "checkpoint"
@@ -306,11 +307,11 @@ class TrainLoop:
                 terms = self._step(step_fn, step)
                 bad = [k for k, v in terms.items() if not math.isfinite(v)]
                 if bad:
-                    raise TrainingDiverged(self._diverged_message(bad[0], terms[bad[0]], step, last_good))
+                    raise TrainingDiverged(diverged_message(bad[0], terms[bad[0]], step, last_good))
                 saving = step == self.steps or (self.checkpoint_every and step % self.checkpoint_every == 0)
                 broken = self._nonfinite_tensor(everything=bool(saving))
                 if broken is not None:
-                    raise TrainingDiverged(self._diverged_weights_message(broken, step, last_good))
+                    raise TrainingDiverged(diverged_weights_message(broken, step, last_good))
                 if self.is_main and (step % self.log_every == 0 or step == self.steps):
                     self._log({"step": step, **terms, "elapsed_s": round(time.time() - began, 3)})
                 bar.update(task, advance=1, info=" ".join(f"{k} {v:.4g}" for k, v in terms.items()))
@@ -348,22 +349,8 @@ class TrainLoop:
                 named += [(f"{name}.{k}", p) for k, p in module.named_parameters() if p.requires_grad]
         if everything:
             for name, obj in self._tracked.states.items():
-                named += [(f"{name}.{k}", v) for k, v in _state_tensors(obj.state_dict())]
-        named = [(k, v) for k, v in named if v.is_floating_point() or v.is_complex()]
-        if not named:
-            return None
-        finite = torch.stack([v.detach().isfinite().all() for _, v in named]).cpu()
-        return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
-
-    def _diverged_message(self, name: str, value: float, step: int, last_good: Path | None) -> str:
-        kept = f"last good checkpoint kept at {last_good}" if last_good else "no checkpoint had been written yet"
-        what = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        return f"loss term '{name}' became {what} at step {step}; {kept} (lower the learning rate or check the data)"
-
-    def _diverged_weights_message(self, tensor: str, step: int, last_good: Path | None) -> str:
-        kept = f"last good checkpoint kept at {last_good}" if last_good else "no checkpoint had been written yet"
-        return (f"'{tensor}' became non-finite (nan or inf) at step {step}; {kept} "
-                "(lower the learning rate or clip the gradients)")
+                named += [(f"{name}.{k}", v) for k, v in state_tensors(obj.state_dict())]
+        return first_nonfinite(named)
 
     # ---- training log ---------------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -385,17 +372,6 @@ class TrainLoop:
         tmp = self.log_file.with_name(f".{LOG_FILE}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.log_file)
-
-
-def _state_tensors(obj: Any, path: str = "") -> list[tuple[str, torch.Tensor]]:
-    """Every tensor inside a (nested) state dict, with its path."""
-    if isinstance(obj, torch.Tensor):
-        return [(path, obj)]
-    if isinstance(obj, dict):
-        return [t for k, v in obj.items() for t in _state_tensors(v, f"{path}.{k}" if path else str(k))]
-    if isinstance(obj, (list, tuple)):
-        return [t for i, v in enumerate(obj) for t in _state_tensors(v, f"{path}.{i}" if path else str(i))]
-    return []
 
 
 def read_log(out_dir: str | Path) -> list[dict]:
