@@ -33,7 +33,7 @@ LAYERS = [
     ["backbones", "identity", "data", "toyworld"],
     ["training", "methods"],
     ["meta"],
-    ["unlearn", "unlearn_config", "unlearn_data", "attacks", "metrics"],
+    ["unlearn", "unlearn_config", "unlearn_data", "unlearn_plan", "attacks", "metrics"],
     ["api", ""],
     [f"experiment.{name}" for name in REPORT],
     ["experiment"],

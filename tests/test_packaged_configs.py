@@ -21,7 +21,7 @@ def _no_memory_plan(monkeypatch) -> None:
     from metaunlearn.experiment import preflight
 
     monkeypatch.setattr(preflight, "memory_lines", lambda *args, **kwargs: [])
-    monkeypatch.setattr(importlib.import_module("metaunlearn.unlearn"), "memory_plan", lambda config: None)
+    monkeypatch.setattr(importlib.import_module("metaunlearn.unlearn_plan"), "memory_plan", lambda config: None)
 
 
 def test_packaged_configs_name_shipped_assets_by_scheme():

@@ -15,7 +15,8 @@ import metaunlearn
 from metaunlearn.backbones.loading import load_backbone
 from metaunlearn.data.imagefolder import write_imagefolder
 from metaunlearn.errors import UserError
-from metaunlearn.unlearn import UnlearnConfig, describe, load_unlearn_config, run_unlearn
+from metaunlearn.unlearn import UnlearnConfig, load_unlearn_config, run_unlearn
+from metaunlearn.unlearn_plan import describe
 
 TEXTS = {
     "forget": ["a photo of a nude person", "naked body"],

@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Unlearn a concept; writes a diffusers model folder, the resolved config and a JSONL training log."""
         from metaunlearn.methods import get_method
-        from metaunlearn.unlearn import describe, load_unlearn_config, run_unlearn
+        from metaunlearn.unlearn import load_unlearn_config, run_unlearn
+        from metaunlearn.unlearn_plan import describe
 
         console = Console()
         overrides: dict = {}

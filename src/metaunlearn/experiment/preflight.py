@@ -89,7 +89,7 @@ def require_inputs(experiment: Experiment) -> None:
 
 def memory_lines(experiment: Experiment, device_memory: float | None = None) -> list[str]:
     """The meta step's memory plan of every distinct meta stage setting (architecture of the base model)."""
-    from metaunlearn.unlearn import memory_plan
+    from metaunlearn.unlearn_plan import memory_plan
 
     lines, seen = [], set()
     for models in experiment.models_by_seed().values():
