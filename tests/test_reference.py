@@ -228,3 +228,8 @@ def test_a_results_page_is_written_from_the_run_with_its_provenance(tmp_path, ru
     assert (entry["commit"] or "an unknown commit")[:10] in page
     assert "| meta | meta | uce-meta | retrain | hrm | full lr 1e-4 | +25.0 |" in page
     assert "![" not in page and str(tmp_path) not in page  # tables only, no machine paths
+
+
+def test_runs_under_other_seeds_are_never_compared():
+    rows = _rows("m", "meta", {0: 0.0, 10: 1.0}, seed=1) + _rows("ref", "reference", {0: 0.0, 10: 0.0}, seed=0)
+    assert against_reference(rows, ["ref"]) == []

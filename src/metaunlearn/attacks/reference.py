@@ -94,12 +94,8 @@ def _steps_summary(values: Sequence[float | None]) -> dict:
 
 
 def _pairs(model_runs: Mapping[object, Mapping], ref_runs: Mapping[object, Mapping]) -> list[tuple[Mapping, Mapping]]:
-    """Runs paired by seed; an unpaired model seed is paired with the reference's runs in seed order."""
-    common = sorted(set(model_runs) & set(ref_runs), key=str)
-    if common:
-        return [(model_runs[s], ref_runs[s]) for s in common]
-    refs = [ref_runs[s] for s in sorted(ref_runs, key=str)]
-    return [(model_runs[s], refs[i % len(refs)]) for i, s in enumerate(sorted(model_runs, key=str))] if refs else []
+    """Runs paired by attack seed (the identical sweep); seeds only one side ran are left out."""
+    return [(model_runs[s], ref_runs[s]) for s in sorted(set(model_runs) & set(ref_runs), key=str)]
 
 
 def against_reference(rows: Iterable[Mapping], references: Sequence[str], *, budget: int | None = None,
@@ -122,6 +118,8 @@ def against_reference(rows: Iterable[Mapping], references: Sequence[str], *, bud
             if not ref_runs:
                 continue
             pairs = _pairs(runs, ref_runs)
+            if not pairs:  # attacked under other seeds: not the identical sweep, nothing to compare
+                continue
             out.append(_compare(model, ref, dict(zip(ATTACK_FIELDS, attack)), pairs, budget, level, metric))
     return out
 
